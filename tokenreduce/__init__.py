@@ -1,0 +1,22 @@
+"""tokenreduce: token pruning and merging for pretrained timm Vision Transformers."""
+
+from tokenreduce import flops
+from tokenreduce.api import apply, last_info, methods, remove
+from tokenreduce.info import ReductionInfo
+from tokenreduce.methods import EViTConfig, MethodConfig, PPTConfig, ToMeConfig, TopKConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EViTConfig",
+    "MethodConfig",
+    "PPTConfig",
+    "ReductionInfo",
+    "ToMeConfig",
+    "TopKConfig",
+    "apply",
+    "flops",
+    "last_info",
+    "methods",
+    "remove",
+]

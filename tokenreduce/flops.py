@@ -1,0 +1,88 @@
+"""Analytic multiply-accumulate counts from the token counts of a forward pass.
+
+Matrix products only (norms, softmax, GELU and adds ignored), per image, as measurement.md §1:
+patch embedding + per block 4NC^2 + 2N^2C + 2N'C*hidden (qkv, scores, attention x V, proj, MLP
+after the reduction) + head. The reduction's own cost (similarities, class-attention rows, ...)
+is reported separately as overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenreduce.info import ReductionInfo
+from tokenreduce.patch import adapter_for
+from tokenreduce.state import ModelDims
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Per-image GMACs [B] (float64): `gmacs` (matmuls of the network), `overhead_gmacs` (the
+    reduction's own decisions), `total_gmacs` (both)."""
+
+    gmacs: torch.Tensor
+    overhead_gmacs: torch.Tensor
+
+    @property
+    def total_gmacs(self) -> torch.Tensor:
+        return self.gmacs + self.overhead_gmacs
+
+    @property
+    def mean(self) -> float:
+        return float(self.gmacs.mean())
+
+    @property
+    def mean_total(self) -> float:
+        return float(self.total_gmacs.mean())
+
+
+def block_macs(dims: ModelDims, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
+    """MACs of one block with n_in tokens entering and n_out after its reduction."""
+    return (
+        n_in * dims.attn_linear_macs_per_token
+        + 2 * n_in * n_in * dims.attn_dim
+        + n_out * dims.mlp_macs_per_token
+    )
+
+
+def network_macs(dims: ModelDims, tokens_in: int, tokens_per_block: torch.Tensor) -> torch.Tensor:
+    """Per-image MACs [B] from tokens after each block [B, L] and the N0 entering block 0."""
+    counts = tokens_per_block.to(torch.float64)
+    entering = torch.cat([torch.full_like(counts[:, :1], tokens_in), counts[:, :-1]], dim=1)
+    macs = block_macs(dims, entering, counts).sum(dim=1)
+    macs = macs + dims.patch_embed_macs + dims.head_macs
+    if dims.pool_attn_queries:
+        pooled = counts[:, -1] - (0 if dims.pool_include_prefix else dims.num_prefix)
+        macs = macs + pooled * dims.pool_macs_per_token + dims.pool_fixed_macs
+    return macs
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    return adapter_for(model).describe(model)
+
+
+def dense_gmacs(model: nn.Module) -> float:
+    """GMACs per image of the unreduced model at its configured image size."""
+    dims = model_dims(model)
+    counts = torch.full((1, dims.depth), dims.num_tokens, dtype=torch.long)
+    return float(network_macs(dims, dims.num_tokens, counts)[0]) / 1e9
+
+
+def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
+    """Per-image GMACs of the forward pass described by `info` (from `last_info(model)`)."""
+    dims = model_dims(model)
+    counts = info.tokens_per_block
+    macs = network_macs(dims, info.tokens_in, counts)
+    overhead = torch.zeros_like(macs)
+    entering = torch.cat(
+        [torch.full_like(counts[:, :1], info.tokens_in), counts[:, :-1]], dim=1
+    ).to(torch.float64)
+    for slot, block in enumerate(info.reduce_blocks):
+        record = {key: value[:, slot] for key, value in info.records.items()}
+        overhead = overhead + info.config.overhead_macs(
+            entering[:, block], dims, info.steps[block], record, info.fused_attention[block]
+        )
+    return FlopsReport(gmacs=macs / 1e9, overhead_gmacs=overhead / 1e9)

@@ -1,0 +1,148 @@
+"""The method interface and registry.
+
+A method is a frozen config dataclass that knows which blocks reduce (`schedule`), what each
+reducing block needs from its attention (`needs`), how to reduce (`reduce`), and what its own
+decision costs (`overhead_macs`). It never touches a model class: it sees tokens, attention
+by-products and the token state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+Record = dict[str, torch.Tensor]
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Base of every method config. `trace_source` records original-token maps per block."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    requires_class_token: ClassVar[bool] = False
+    sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool(self.name, "trace_source", self.trace_source)
+
+    @property
+    def uses_prop_attn(self) -> bool:
+        return bool(getattr(self, "prop_attn", False))
+
+    def validate(self, dims: ModelDims) -> None:
+        """Raise ValueError when the options do not fit this model."""
+        if self.requires_class_token and not dims.has_class_token:
+            raise ValueError(
+                f"method {self.name!r} scores tokens by class attention and needs a model with a "
+                "class token (model.cls_token is not None); this model has none. Accepted: a model "
+                "with a class token, or method 'tome'."
+            )
+
+    def schedule(self, dims: ModelDims) -> list[Any | None]:
+        """Per block: the argument of its reduction step, or None when the block does not reduce."""
+        raise NotImplementedError
+
+    def reduce(
+        self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Any
+    ) -> tuple[torch.Tensor, TokenState, Record]:
+        """Reduce post-attention tokens x [B, N, C]; returns new tokens, state and a record."""
+        raise NotImplementedError
+
+    def overhead_macs(
+        self, n_in: torch.Tensor, dims: ModelDims, step: Any, record: Record, fused: bool
+    ) -> torch.Tensor:
+        """Per-image MACs [B] of this block's reduction decision itself (methods.md §4)."""
+        raise NotImplementedError
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
+    """A config from a registered name or an existing config, with options applied."""
+    if isinstance(method, MethodConfig):
+        cls, base = type(method), method
+    elif isinstance(method, str):
+        if method not in _REGISTRY:
+            raise ValueError(
+                f"method={method!r} is not a registered method; accepted: {method_names()}"
+            )
+        cls, base = _REGISTRY[method], None
+    else:
+        raise TypeError(
+            f"method must be a method name (str) or a MethodConfig, got {type(method).__name__}"
+        )
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in options:
+        if key not in accepted:
+            raise ValueError(
+                f"option {key!r} is not an option of method {cls.name!r}; accepted: {accepted}"
+            )
+    if base is not None:
+        return dataclasses.replace(base, **options)
+    return cls(**options)
+
+
+def check_bool(method: str, option: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: option {option}={value!r} must be True or False")
+
+
+def check_keep_rate(method: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            f"{method}: option keep_rate={value!r} is not accepted; accepted: a number in (0, 1]"
+        )
+
+
+def resolve_layers(method: str, layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """Reducing block indices; default (L//4, L//2, 3L//4) = (3, 6, 9) for 12 blocks."""
+    if layers is None:
+        return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+    if bad or len(set(layers)) != len(layers):
+        raise ValueError(
+            f"{method}: option layers={tuple(layers)!r} is not accepted; accepted: distinct block "
+            f"indices in 0..{depth - 1}"
+        )
+    return tuple(sorted(layers))
+
+
+def check_layers_type(method: str, layers: Any) -> None:
+    ok = layers is None or (
+        isinstance(layers, (list, tuple))
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    )
+    if not ok:
+        raise ValueError(
+            f"{method}: option layers={layers!r} is not accepted; accepted: a tuple of block indices"
+        )
+
+
+def class_attention_macs(n_in: torch.Tensor, dims: ModelDims, fused: bool) -> torch.Tensor:
+    """q_cls . K^T on the fused path (the explicit path already has the row)."""
+    return n_in * dims.attn_dim if fused else torch.zeros_like(n_in)
+
+
+def matching_macs(n_in: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+    """Bipartite similarity of head-mean keys plus the size-weighted merge (x*s and /s)."""
+    half_up = torch.div(n_in + 1, 2, rounding_mode="floor")
+    half_down = torch.div(n_in, 2, rounding_mode="floor")
+    return half_up * half_down * dims.head_dim + 2 * n_in * dims.embed_dim

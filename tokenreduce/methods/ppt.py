@@ -1,0 +1,145 @@
+"""PPT: per image, prune or pool (merge) tokens, chosen by the variance of importance scores
+(Wu et al., arXiv 2310.01812). Official code: xjwu1024/PPT, ppt_deit.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokenreduce.methods.base import (
+    MethodConfig,
+    Record,
+    check_bool,
+    check_layers_type,
+    class_attention_macs,
+    matching_macs,
+    register,
+    resolve_layers,
+)
+from tokenreduce.ops import (
+    bipartite_soft_matching,
+    gather_tokens,
+    keep_top_tokens,
+    merge_source,
+    merge_wavg,
+)
+from tokenreduce.ops.merging import max_merges
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+
+def importance_scores(
+    cls_attn: torch.Tensor, values: torch.Tensor, num_prefix: int
+) -> torch.Tensor:
+    """PPT/ATS importance of the non-prefix tokens, normalised to sum 1: [B, N - P].
+
+    cls_attn: [B, H, N] class-query attention; values: [B, H, N, d]. Score of token j =
+    (sum over heads of A_h[0, j]) * ||v_j|| with v_j all heads' values concatenated.
+    """
+    batch, heads, tokens, head_dim = values.shape
+    value_norm = values.transpose(1, 2).reshape(batch, tokens, heads * head_dim).norm(dim=-1)
+    score = (cls_attn.sum(dim=1) * value_norm)[:, num_prefix:]
+    return score / score.sum(dim=-1, keepdim=True)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class PPTConfig(MethodConfig):
+    """PPT: in each of `layers`, every image removes r tokens, by pooling or by pruning.
+
+    Per image, V = unbiased variance of the normalised importance scores. V < threshold: pool
+    (ToMe bipartite matching on head-mean keys, size-weighted average); otherwise prune (keep the
+    highest-scoring tokens, in descending score order). r' = min(r, (N - P) // 2) so both branches
+    remove the same number and the batch keeps one shape. r: one int, or one per reducing layer.
+    threshold: 7e-5 off the shelf (official eval), 6e-5 when fine-tuning. prop_attn (default on):
+    log(size) in the attention logits; when off, sizes are still carried (they weight later
+    merges and average pooling) but attention ignores them. Every prefix token is protected in
+    both branches (the official code can prune a distillation token).
+    """
+
+    name: ClassVar[str] = "ppt"
+    needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean", "values"})
+    requires_class_token: ClassVar[bool] = True
+    sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (20, 35, 50, 65, 80))
+
+    r: int | tuple[int, ...] = 50
+    layers: tuple[int, ...] | None = None
+    threshold: float = 7e-5
+    prop_attn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        values = self.r if isinstance(self.r, (list, tuple)) else (self.r,)
+        if not values or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
+        ):
+            raise ValueError(
+                f"ppt: option r={self.r!r} is not accepted; accepted: an int >= 0 or a list of "
+                "ints >= 0, one per reducing layer"
+            )
+        check_layers_type(self.name, self.layers)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"ppt: option threshold={self.threshold!r} must be a number")
+        check_bool(self.name, "prop_attn", self.prop_attn)
+
+    def _layer_r(self, dims: ModelDims) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        layers = resolve_layers(self.name, self.layers, dims.depth)
+        if isinstance(self.r, int):
+            return layers, (self.r,) * len(layers)
+        if len(self.r) != len(layers):
+            raise ValueError(
+                f"ppt: option r={tuple(self.r)!r} has {len(self.r)} values but there are "
+                f"{len(layers)} reducing layers {layers}; accepted: one int, or one per layer"
+            )
+        return layers, tuple(self.r)
+
+    def validate(self, dims: ModelDims) -> None:
+        super().validate(dims)
+        self._layer_r(dims)
+
+    def schedule(self, dims: ModelDims) -> list[int | None]:
+        layers, rs = self._layer_r(dims)
+        per_block: list[int | None] = [None] * dims.depth
+        for layer, r in zip(layers, rs):
+            per_block[layer] = r
+        return per_block
+
+    def reduce(
+        self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int
+    ) -> tuple[torch.Tensor, TokenState, Record]:
+        num_prefix = state.num_prefix
+        score = importance_scores(attn.cls_attn, attn.values, num_prefix)
+        variance = score.var(dim=-1)
+        pool = variance < self.threshold
+        record = {"policy": (~pool).long(), "score_variance": variance}
+        r = min(step, max_merges(x.shape[1], num_prefix))
+        if r <= 0:
+            return x, state, record
+
+        size = state.sizes_like(x)
+        matching = bipartite_soft_matching(attn.key_mean, r, num_prefix, sort_unmerged=True)
+        x_pool, size_pool = merge_wavg(matching, x, size)
+
+        keep = x.shape[1] - num_prefix - r
+        x_prune, idx = keep_top_tokens(x, score, keep, num_prefix)
+        size_prune = torch.cat([size[:, :num_prefix], gather_tokens(size[:, num_prefix:], idx)], 1)
+
+        choose_pool = pool.view(-1, 1, 1)
+        source = state.source
+        if source is not None:
+            source_prune = torch.cat(
+                [source[:, :num_prefix], gather_tokens(source[:, num_prefix:], idx)], dim=1
+            )
+            source = torch.where(choose_pool, merge_source(matching, source), source_prune)
+        x = torch.where(choose_pool, x_pool, x_prune)
+        size = torch.where(choose_pool, size_pool, size_prune)
+        return x, state.with_tokens(size, source), record
+
+    def overhead_macs(
+        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: Record, fused: bool
+    ) -> torch.Tensor:
+        pooled = (record["policy"] == 0).to(n_in.dtype)
+        macs = class_attention_macs(n_in, dims, fused) + n_in * dims.attn_dim + n_in
+        return macs + pooled * matching_macs(n_in, dims)

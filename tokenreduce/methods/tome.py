@@ -1,0 +1,104 @@
+"""ToMe: bipartite token merging in every block (Bolya et al., ICLR 2023).
+
+Official code: facebookresearch/ToMe, tome/merge.py and tome/patch/timm.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokenreduce.methods.base import (
+    MethodConfig,
+    Record,
+    check_bool,
+    matching_macs,
+    register,
+)
+from tokenreduce.ops import bipartite_soft_matching, merge_source, merge_wavg
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+
+def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]:
+    """Per-block merge counts, as ToMe's `parse_r`.
+
+    int r: r in every block. (r, inflect): linear from lo = int(r(1 - inflect)) to 2r - lo over the
+    blocks (inflect -1: 2r at block 0 down to 0). A list: per-block values padded with zeros.
+    """
+    if isinstance(r, int):
+        return [r] * depth
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        lo = int(r[0] * (1.0 - r[1]))
+        hi = 2 * r[0] - lo
+        return [int(lo + (hi - lo) * i / max(depth - 1, 1)) for i in range(depth)]
+    return list(r) + [0] * (depth - len(r))
+
+
+def _check_r(r: object) -> None:
+    def is_count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = is_count(r)
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        ok = is_count(r[0]) and -1.0 <= r[1] <= 1.0
+    elif isinstance(r, (list, tuple)):
+        ok = all(is_count(v) for v in r)
+    if not ok:
+        raise ValueError(
+            f"tome: option r={r!r} is not accepted; accepted: an int >= 0, a tuple (r, inflect) "
+            "with inflect a float in [-1, 1], or a list of per-block ints >= 0"
+        )
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ToMeConfig(MethodConfig):
+    """ToMe: merge r tokens per block by bipartite soft matching of head-mean keys.
+
+    r: int, (r, inflect) or per-block list (see `parse_r`); 13 is the DeiT-S setting of the paper.
+    prop_attn: add log(size) to the attention logits (proportional attention), on by default for
+    off-the-shelf models.
+    """
+
+    name: ClassVar[str] = "tome"
+    needs: ClassVar[frozenset[str]] = frozenset({"key_mean"})
+    sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (4, 8, 13, 16))
+
+    r: int | tuple[int, float] | tuple[int, ...] = 13
+    prop_attn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_r(self.r)
+        check_bool(self.name, "prop_attn", self.prop_attn)
+
+    def validate(self, dims: ModelDims) -> None:
+        super().validate(dims)
+        if isinstance(self.r, (list, tuple)) and not isinstance(self.r[-1], float):
+            if len(self.r) > dims.depth:
+                raise ValueError(
+                    f"tome: option r has {len(self.r)} per-block values but the model has "
+                    f"{dims.depth} blocks; accepted: at most {dims.depth} values"
+                )
+
+    def schedule(self, dims: ModelDims) -> list[int | None]:
+        return [r if r > 0 else None for r in parse_r(dims.depth, self.r)]
+
+    def reduce(
+        self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int
+    ) -> tuple[torch.Tensor, TokenState, Record]:
+        matching = bipartite_soft_matching(
+            attn.key_mean, step, state.num_prefix, sort_unmerged=state.num_prefix > 0
+        )
+        if matching is None:
+            return x, state, {}
+        x, size = merge_wavg(matching, x, state.sizes_like(x))
+        return x, state.with_tokens(size, merge_source(matching, state.source)), {}
+
+    def overhead_macs(
+        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: Record, fused: bool
+    ) -> torch.Tensor:
+        return matching_macs(n_in, dims)

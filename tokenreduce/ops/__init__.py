@@ -1,0 +1,24 @@
+"""Shared token-reduction mechanisms: pure functions over tensors."""
+
+from tokenreduce.ops.attention import class_attention_row, size_bias
+from tokenreduce.ops.merging import (
+    Matching,
+    bipartite_soft_matching,
+    merge_source,
+    merge_tokens,
+    merge_wavg,
+)
+from tokenreduce.ops.selection import fuse_dropped, gather_tokens, keep_top_tokens
+
+__all__ = [
+    "Matching",
+    "bipartite_soft_matching",
+    "class_attention_row",
+    "fuse_dropped",
+    "gather_tokens",
+    "keep_top_tokens",
+    "merge_source",
+    "merge_tokens",
+    "merge_wavg",
+    "size_bias",
+]

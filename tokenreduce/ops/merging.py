@@ -1,0 +1,111 @@
+"""Bipartite soft matching (ToMe) and size-weighted merging.
+
+Tokens at even positions form set A, odd positions set B. Each A token proposes its most similar B
+token; the r best proposals are merged. Prefix tokens are never merged and never receive a merge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class Matching(NamedTuple):
+    """A merge map over N tokens that removes r of them.
+
+    unm_idx: [B, N_A - r] kept A tokens (indices into A); src_idx: [B, r] merged A tokens;
+    dst_idx: [B, r] their B partners; order: a permutation of the N - r outputs that puts the
+    prefix tokens first in their original order, or None when [unmerged A, B] already does.
+    """
+
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    order: tuple[int, ...] | None
+
+
+def max_merges(num_tokens: int, num_prefix: int) -> int:
+    """Largest r bipartite matching can use: half the non-prefix tokens, within set A."""
+    non_prefix_in_a = math.ceil(num_tokens / 2) - math.ceil(num_prefix / 2)
+    return max(0, min((num_tokens - num_prefix) // 2, non_prefix_in_a))
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, num_prefix: int, sort_unmerged: bool = True
+) -> Matching | None:
+    """Choose r merges by cosine similarity of `metric` [B, N, d]; None when r clips to 0.
+
+    Scores A x B by cosine similarity; prefix rows of A and prefix columns of B get -inf; the r A
+    tokens with the best match are merged into their match (several may share a partner). With
+    `sort_unmerged` (models with a prefix) the kept A tokens stay in their original order; without
+    it they are in descending best-match order, as ToMe does for models with no class token.
+    """
+    num_tokens = metric.shape[1]
+    r = min(r, max_merges(num_tokens, num_prefix))
+    if r <= 0:
+        return None
+    prefix_in_a = math.ceil(num_prefix / 2)
+    prefix_in_b = num_prefix // 2
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        if prefix_in_a:
+            scores[:, :prefix_in_a, :] = -math.inf
+        if prefix_in_b:
+            scores[:, :, :prefix_in_b] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+        unm_idx = edge_idx[:, r:]
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)
+        if sort_unmerged:
+            unm_idx = unm_idx.sort(dim=-1).values
+    return Matching(
+        unm_idx, src_idx, dst_idx, _prefix_first_order(num_tokens - r, unm_idx.shape[1], num_prefix)
+    )
+
+
+def _prefix_first_order(num_out: int, num_unmerged: int, num_prefix: int) -> tuple[int, ...] | None:
+    """Output permutation of cat([unmerged A, B]) restoring prefix order (needed for P >= 2)."""
+    if num_prefix <= 1:
+        return None
+    prefix_in_a = math.ceil(num_prefix / 2)
+    prefix_in_b = num_prefix // 2
+    prefix = [p // 2 if p % 2 == 0 else num_unmerged + p // 2 for p in range(num_prefix)]
+    rest_a = list(range(prefix_in_a, num_unmerged))
+    rest_b = list(range(num_unmerged + prefix_in_b, num_out))
+    return tuple(prefix + rest_a + rest_b)
+
+
+def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tensor:
+    """Apply a matching to any per-token tensor y [B, N, C]: reduce merged A rows into B rows."""
+    batch, _, channels = y.shape
+    y_a, y_b = y[:, ::2], y[:, 1::2]
+    unm = y_a.gather(1, m.unm_idx.unsqueeze(-1).expand(batch, -1, channels))
+    src = y_a.gather(1, m.src_idx.unsqueeze(-1).expand(batch, -1, channels))
+    y_b = y_b.scatter_reduce(
+        1, m.dst_idx.unsqueeze(-1).expand(batch, -1, channels), src, reduce=mode
+    )
+    out = torch.cat([unm, y_b], dim=1)
+    if m.order is not None:
+        out = out[:, torch.tensor(m.order, device=out.device)]
+    return out
+
+
+def merge_wavg(
+    m: Matching, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: x [B, N, C], size [B, N, 1] -> merged x and summed sizes."""
+    channels = x.shape[-1]
+    merged = merge_tokens(torch.cat([x * size, size], dim=-1), m, "sum")
+    x, size = merged[..., :channels], merged[..., channels:]
+    return x / size, size
+
+
+def merge_source(m: Matching, source: torch.Tensor | None) -> torch.Tensor | None:
+    """Merge the 0/1 source map [B, N, N0] with logical OR (amax); None stays None."""
+    if source is None:
+        return None
+    return merge_tokens(source, m, "amax")

@@ -1,0 +1,33 @@
+"""Keeping a subset of tokens by score, with an optional fused token for the rest (EViT)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [B, K] of y [B, N, C] -> [B, K, C]."""
+    return y.gather(1, idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+
+def keep_top_tokens(
+    y: torch.Tensor, score: torch.Tensor, keep: int, num_prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix tokens, then the `keep` non-prefix tokens of y [B, N, C] with the largest score.
+
+    score: [B, N - P] over the non-prefix tokens. Kept tokens come in descending score order.
+    Returns the new tokens [B, P + keep, C] and the kept indices [B, keep] into the non-prefix part.
+    """
+    idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
+    kept = torch.cat([y[:, :num_prefix], gather_tokens(y[:, num_prefix:], idx)], dim=1)
+    return kept, idx
+
+
+def fuse_dropped(y: torch.Tensor, weight: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
+    """One token per image: the sum of the dropped rows of y [B, M, C] weighted by weight [B, M].
+
+    Dropped = not in kept_idx [B, K]. The weights are used as given (EViT: raw class attention).
+    Returns [B, 1, C].
+    """
+    weight = weight.to(y.dtype).scatter(1, kept_idx, 0.0)
+    return weight.unsqueeze(1) @ y

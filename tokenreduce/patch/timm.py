@@ -1,0 +1,319 @@
+"""The timm adapter: runs timm VisionTransformer blocks with a token reduction inside.
+
+`TimmAdapter.attach` swaps the model's class for a subclass whose `forward_features` runs the
+blocks through `block_forward` (attention -> reduction -> MLP) and whose `pool` weights average
+pooling by token size. Blocks and parameters are not modified; `detach` restores the class, so
+the model is bit-for-bit the original again. Per-forward state lives in local variables; the
+record of the last forward is kept per thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, AttentionPoolLatent, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from tokenreduce.info import ReductionInfo
+from tokenreduce.methods.base import MethodConfig
+from tokenreduce.ops.attention import class_attention_row, size_bias, softmax_dtype
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+SUPPORTED = (
+    "timm VisionTransformer (and subclasses such as VisionTransformerDistilled) whose blocks are "
+    "timm.models.vision_transformer.Block with timm.layers.Attention"
+)
+
+
+def _linear_macs(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_forward(
+    attn: Attention, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str]
+) -> tuple[torch.Tensor, AttentionOutputs]:
+    """timm `Attention.forward` with an additive key bias and the by-products a method needs.
+
+    Mirrors timm's computation op for op, so with no bias the output equals timm's. The fused path
+    stays fused; the class-attention row then comes from `class_attention_row` (no N x N matrix).
+    """
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = (
+        attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    )
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+
+    full = None
+    cls_attn = None
+    fused = attn.fused_attn and "attn" not in needs
+    if fused:
+        mask = None if bias is None else bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if "cls_attn" in needs:
+            cls_attn = class_attention_row(q, k, attn.scale, mask)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        full = scores.softmax(dim=-1)
+        out = attn.attn_drop(full) @ v
+        if "cls_attn" in needs:
+            cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
+
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    byproducts = AttentionOutputs(
+        cls_attn=cls_attn,
+        key_mean=k.mean(dim=1) if "key_mean" in needs else None,
+        values=v if "values" in needs else None,
+        attn=full if "attn" in needs else None,
+        fused=fused,
+    )
+    return out, byproducts
+
+
+def block_forward(
+    block: Block, x: torch.Tensor, state: TokenState, config: MethodConfig, step: Any
+) -> tuple[torch.Tensor, TokenState, dict[str, torch.Tensor], bool]:
+    """One timm `Block` with the reduction between attention and MLP.
+
+    Returns tokens, state, the method's record and whether attention ran fused. A block that
+    neither reduces nor needs a size bias runs timm's own forward.
+    """
+    bias = size_bias(state.size, x.dtype) if config.uses_prop_attn else None
+    if step is None and bias is None:
+        return block(x), state, {}, bool(block.attn.fused_attn)
+    needs = config.needs if step is not None else frozenset()
+    attn_out, byproducts = attention_forward(block.attn, block.norm1(x), bias, needs)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    record: dict[str, torch.Tensor] = {}
+    if step is not None:
+        x, state, record = config.reduce(x, state, byproducts, step)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, state, record, byproducts.fused
+
+
+class TimmAdapter:
+    """Holds a method config on a timm ViT and runs its reducing forward."""
+
+    ATTR = "_tokenreduce"
+
+    def __init__(self, model: VisionTransformer, config: MethodConfig) -> None:
+        self.dims = self.describe(model)
+        config.validate(self.dims)
+        self.config = config
+        self.steps = tuple(config.schedule(self.dims))
+        self.original_class = type(model)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> TimmAdapter:
+        clone = copy.copy(self)
+        clone._local = threading.local()
+        return clone
+
+    # ---- support checks and shape facts -------------------------------------------------
+    @staticmethod
+    def check_supported(model: nn.Module) -> None:
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(
+                f"unsupported model class {type(model).__name__}; supported: {SUPPORTED}"
+            )
+        for i, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise TypeError(
+                    f"unsupported block {i} of {type(model).__name__}: {type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__}; supported: {SUPPORTED}"
+                )
+        if not isinstance(model.patch_embed, PatchEmbed):
+            raise TypeError(
+                f"unsupported patch embedding {type(model.patch_embed).__name__}; supported: "
+                "timm.layers.PatchEmbed"
+            )
+
+    @classmethod
+    def describe(cls, model: VisionTransformer) -> ModelDims:
+        """Shape facts and MAC coefficients of a supported timm ViT."""
+        cls.check_supported(model)
+        attn = model.blocks[0].attn
+        proj = model.patch_embed.proj
+        patch_macs = (
+            proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        )
+        num_patches = model.patch_embed.num_patches
+        head_macs = _linear_macs(model.head) + _linear_macs(
+            getattr(model, "head_dist", nn.Identity())
+        )
+        pool = getattr(model, "attn_pool", None)
+        pool_kwargs: dict[str, Any] = {}
+        if isinstance(pool, AttentionPoolLatent):
+            queries = pool.latent_len
+            pool_kwargs = dict(
+                pool_macs_per_token=_linear_macs(pool.kv) + 2 * queries * pool.latent_dim,
+                pool_fixed_macs=queries
+                * (_linear_macs(pool.q) + _linear_macs(pool.proj) + _linear_macs(pool.mlp)),
+                pool_attn_queries=queries,
+                pool_include_prefix=bool(model.pool_include_prefix),
+            )
+        elif pool is not None:
+            raise TypeError(
+                f"unsupported attention pool {type(pool).__name__}; supported: AttentionPoolLatent"
+            )
+        return ModelDims(
+            depth=len(model.blocks),
+            embed_dim=model.embed_dim,
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            attn_dim=attn.attn_dim,
+            num_prefix=model.num_prefix_tokens,
+            num_patches=num_patches,
+            has_class_token=model.cls_token is not None,
+            attn_linear_macs_per_token=_linear_macs(attn),
+            mlp_macs_per_token=_linear_macs(model.blocks[0].mlp),
+            patch_embed_macs=num_patches * patch_macs,
+            head_macs=head_macs,
+            **pool_kwargs,
+        )
+
+    # ---- attach / detach ----------------------------------------------------------------
+    def attach(self, model: VisionTransformer) -> None:
+        setattr(model, self.ATTR, self)
+        model.__class__ = _reducing_class(self.original_class)
+
+    def detach(self, model: VisionTransformer) -> None:
+        model.__class__ = self.original_class
+        delattr(model, self.ATTR)
+
+    # ---- forward --------------------------------------------------------------------------
+    def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """All blocks with their reductions; records this forward's info for this thread."""
+        config = self.config
+        source = None
+        if config.trace_source:
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(
+                x.shape[0], -1, -1
+            )
+        state = TokenState(num_prefix=self.dims.num_prefix, source=source)
+        tokens_in = x.shape[1]
+        counts, sizes, sources, fused = [], [], [], []
+        records: dict[str, list[torch.Tensor]] = {}
+        for block, step in zip(blocks, self.steps):
+            x, state, record, block_fused = block_forward(block, x, state, config, step)
+            counts.append(x.shape[1])
+            sizes.append(state.size)
+            fused.append(block_fused)
+            if state.source is not None:
+                sources.append(state.source > 0)
+            for key, value in record.items():
+                records.setdefault(key, []).append(value)
+        self._local.info = ReductionInfo(
+            config=config,
+            tokens_per_block=torch.tensor(counts, dtype=torch.long).expand(x.shape[0], -1).clone(),
+            tokens_in=tokens_in,
+            steps=self.steps,
+            sizes=sizes,
+            source_blk=sources if config.trace_source else None,
+            fused_attention=tuple(fused),
+            records={key: torch.stack(values, dim=1) for key, values in records.items()},
+        )
+        return x
+
+    def last_info(self) -> ReductionInfo:
+        info = getattr(self._local, "info", None)
+        if info is None:
+            raise RuntimeError(
+                "no forward pass of this reduced model has run in this thread yet; run the model "
+                "first, then call last_info(model)"
+            )
+        return info
+
+    def weighted_pool(
+        self, model: VisionTransformer, x: torch.Tensor, pool_type: str | None
+    ) -> torch.Tensor | None:
+        """Pooling that accounts for token sizes, or None when timm's own pooling is exact."""
+        info = getattr(self._local, "info", None)
+        size = info.final_size if info is not None else None
+        if size is None or size.shape[:2] != x.shape[:2]:
+            return None
+        prefix = model.num_prefix_tokens
+        if model.attn_pool is not None:
+            if not model.pool_include_prefix:
+                x, size = x[:, prefix:], size[:, prefix:]
+            mask = size_bias(size, x.dtype) if self.config.uses_prop_attn else None
+            return model.attn_pool(x, attn_mask=mask)
+        pool_type = model.global_pool if pool_type is None else pool_type
+        if pool_type not in ("avg", "avgmax"):
+            return None
+        if not model.pool_include_prefix:
+            x, size = x[:, prefix:], size[:, prefix:]
+        mean = (x * size).sum(dim=1) / size.sum(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (x.amax(dim=1) + mean)
+        return mean
+
+
+_REDUCING_CLASSES: dict[type, type] = {}
+
+
+def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
+    """A subclass of the model's class whose blocks run through the attached adapter."""
+    if cls in _REDUCING_CLASSES:
+        return _REDUCING_CLASSES[cls]
+
+    def forward_features(
+        self: VisionTransformer,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                f"attn_mask={'given' if attn_mask is not None else None}, is_causal={is_causal}: a "
+                "model with token reduction does not accept attention masks (tokens are merged and "
+                "pruned, so a mask over the input tokens no longer lines up); accepted: "
+                "attn_mask=None, is_causal=False, or tokenreduce.remove(model) first"
+            )
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x = getattr(self, TimmAdapter.ATTR).run_blocks(self.blocks, x)
+        return self.norm(x)
+
+    def pool(
+        self: VisionTransformer, x: torch.Tensor, pool_type: str | None = None
+    ) -> torch.Tensor:
+        pooled = getattr(self, TimmAdapter.ATTR).weighted_pool(self, x, pool_type)
+        return cls.pool(self, x, pool_type) if pooled is None else pooled
+
+    def forward_intermediates(self: VisionTransformer, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "forward_intermediates is not available on a model with token reduction (token counts "
+            "change between blocks); use tokenreduce.remove(model) first"
+        )
+
+    reducing = type(
+        f"TokenReduce{cls.__name__}",
+        (cls,),
+        {
+            "forward_features": forward_features,
+            "pool": pool,
+            "forward_intermediates": forward_intermediates,
+            "__module__": __name__,
+        },
+    )
+    _REDUCING_CLASSES[cls] = reducing
+    return reducing
+
+
+__all__ = ["TimmAdapter", "attention_forward", "block_forward"]

@@ -1,0 +1,84 @@
+"""Per-forward token state and attention by-products shared by the adapters and the methods.
+
+Nothing here knows a model family: an adapter fills these from its attention modules and a method
+reads and returns them. A state lives only inside one forward call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """What each current token stands for.
+
+    num_prefix: P, the leading tokens (class, distillation, registers) that are never reduced.
+    size: [B, N, 1] number of original tokens each token represents; None while every size is 1
+        (before the first reduction), which keeps unreduced blocks bit-identical to the model.
+    source: [B, N, N0] 0/1 map from current to original tokens, only when tracing sources.
+    """
+
+    num_prefix: int
+    size: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+    def sizes_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The size vector [B, N, 1], materialised as ones when still implicit."""
+        if self.size is not None:
+            return self.size
+        return x.new_ones(x.shape[0], x.shape[1], 1)
+
+    def with_tokens(self, size: torch.Tensor, source: torch.Tensor | None) -> TokenState:
+        return replace(self, size=size, source=source)
+
+
+@dataclass(frozen=True)
+class AttentionOutputs:
+    """By-products of one block's attention that a reduction step may use.
+
+    cls_attn: [B, H, N] softmax attention of the first prefix token's query over all keys
+        (float32 or wider), the class-attention row A_h[0, :].
+    key_mean: [B, N, d] keys averaged over heads (the ToMe metric).
+    values: [B, H, N, d] value vectors.
+    attn: [B, H, N, N] full attention matrix (explicit path only).
+    fused: whether the attention itself ran through the fused kernel.
+    """
+
+    cls_attn: torch.Tensor | None = None
+    key_mean: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    fused: bool = True
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shape facts of a ViT that the FLOPs model and the methods need, family-agnostic.
+
+    MAC coefficients are per image; `*_per_token` ones scale with the token count.
+    """
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    attn_dim: int
+    num_prefix: int
+    num_patches: int
+    has_class_token: bool
+    attn_linear_macs_per_token: int
+    mlp_macs_per_token: int
+    patch_embed_macs: int
+    head_macs: int
+    pool_macs_per_token: int = 0
+    pool_fixed_macs: int = 0
+    pool_attn_queries: int = 0
+    pool_include_prefix: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """N0: tokens entering the first block, prefix included."""
+        return self.num_prefix + self.num_patches
