@@ -132,7 +132,8 @@ def check_layers_type(method: str, layers: Any) -> None:
     )
     if not ok:
         raise ValueError(
-            f"{method}: option layers={layers!r} is not accepted; accepted: a tuple of block indices"
+            f"{method}: option layers={layers!r} is not accepted; accepted: a tuple of block "
+            "indices"
         )
 
 

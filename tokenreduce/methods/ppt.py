@@ -102,7 +102,7 @@ class PPTConfig(MethodConfig):
     def schedule(self, dims: ModelDims) -> list[int | None]:
         layers, rs = self._layer_r(dims)
         per_block: list[int | None] = [None] * dims.depth
-        for layer, r in zip(layers, rs):
+        for layer, r in zip(layers, rs, strict=True):
             per_block[layer] = r
         return per_block
 

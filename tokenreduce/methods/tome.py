@@ -77,12 +77,12 @@ class ToMeConfig(MethodConfig):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
-        if isinstance(self.r, (list, tuple)) and not isinstance(self.r[-1], float):
-            if len(self.r) > dims.depth:
-                raise ValueError(
-                    f"tome: option r has {len(self.r)} per-block values but the model has "
-                    f"{dims.depth} blocks; accepted: at most {dims.depth} values"
-                )
+        per_block = isinstance(self.r, (list, tuple)) and not isinstance(self.r[-1], float)
+        if per_block and len(self.r) > dims.depth:
+            raise ValueError(
+                f"tome: option r has {len(self.r)} per-block values but the model has "
+                f"{dims.depth} blocks; accepted: at most {dims.depth} values"
+            )
 
     def schedule(self, dims: ModelDims) -> list[int | None]:
         return [r if r > 0 else None for r in parse_r(dims.depth, self.r)]

@@ -207,7 +207,7 @@ class TimmAdapter:
         tokens_in = x.shape[1]
         counts, sizes, sources, fused = [], [], [], []
         records: dict[str, list[torch.Tensor]] = {}
-        for block, step in zip(blocks, self.steps):
+        for block, step in zip(blocks, self.steps, strict=True):
             x, state, record, block_fused = block_forward(block, x, state, config, step)
             counts.append(x.shape[1])
             sizes.append(state.size)
