@@ -77,8 +77,7 @@ class ToMeConfig(MethodConfig):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
-        per_block = isinstance(self.r, (list, tuple)) and not isinstance(self.r[-1], float)
-        if per_block and len(self.r) > dims.depth:
+        if isinstance(self.r, (list, tuple)) and len(self.r) > dims.depth:
             raise ValueError(
                 f"tome: option r has {len(self.r)} per-block values but the model has "
                 f"{dims.depth} blocks; accepted: at most {dims.depth} values"

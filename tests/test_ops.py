@@ -1,0 +1,86 @@
+"""The shared ops against independent reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenreduce.ops import bipartite_soft_matching, class_attention_row, merge_wavg
+from tokenreduce.ops.merging import merge_source
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_class_attention_equals_explicit_row(with_bias):
+    q, k = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
+    bias = torch.rand(2, 1, 1, 50).mul(5).add(1).log() if with_bias else None
+    scale = 16**-0.5
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    explicit = logits.softmax(-1)[:, :, 0]
+    torch.testing.assert_close(class_attention_row(q, k, scale, bias), explicit, atol=1e-6, rtol=0)
+
+
+def reference_tome(metric, x, size, r, num_prefix):
+    """ToMe's algorithm written out per image with Python loops (class token: P >= 1 sorts)."""
+    outputs = []
+    for b in range(metric.shape[0]):
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        n = m.shape[0]
+        a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
+        r_b = min(r, (n - num_prefix) // 2)
+        best = []
+        for ai, pa in enumerate(a_pos):
+            candidates = [(float(m[pa] @ m[pb]), bi) for bi, pb in enumerate(b_pos) if pb >= num_prefix]
+            score, partner = max(candidates, key=lambda c: (c[0], -c[1]))
+            best.append((-math.inf if pa < num_prefix else score, partner, ai))
+        order = sorted(range(len(a_pos)), key=lambda i: -best[i][0])
+        merged, kept = order[:r_b], order[r_b:]
+        if num_prefix > 0:
+            kept = sorted(kept)
+        xs, ss = x[b] * size[b], size[b].clone()
+        dst_x = xs[b_pos].clone()
+        dst_s = ss[b_pos].clone()
+        for ai in merged:
+            dst_x[best[ai][1]] += xs[a_pos[ai]]
+            dst_s[best[ai][1]] += ss[a_pos[ai]]
+        tokens = [(a_pos[ai], xs[a_pos[ai]], ss[a_pos[ai]]) for ai in kept]
+        tokens += [(b_pos[bi], dst_x[bi], dst_s[bi]) for bi in range(len(b_pos))]
+        prefix = sorted([t for t in tokens if t[0] < num_prefix], key=lambda t: t[0])
+        rest = [t for t in tokens if t[0] >= num_prefix]
+        tokens = prefix + rest
+        out_x = torch.stack([t[1] / t[2] for t in tokens])
+        outputs.append((out_x, torch.stack([t[2] for t in tokens]), [t[0] for t in tokens]))
+    return outputs
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 5])
+@pytest.mark.parametrize("num_tokens", [17, 20])
+def test_bipartite_matching_equals_reference(num_prefix, num_tokens):
+    torch.manual_seed(num_prefix * 100 + num_tokens)
+    metric = torch.randn(3, num_tokens, 8, dtype=torch.float64)
+    x = torch.randn(3, num_tokens, 4, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, num_tokens, 1)).double()
+    r = 6
+    matching = bipartite_soft_matching(metric, r, num_prefix, sort_unmerged=num_prefix > 0)
+    out_x, out_s = merge_wavg(matching, x, size)
+    for b, (ref_x, ref_s, _) in enumerate(reference_tome(metric, x, size, r, num_prefix)):
+        torch.testing.assert_close(out_x[b], ref_x)
+        torch.testing.assert_close(out_s[b], ref_s)
+
+
+def test_matching_never_touches_prefix_and_sources_partition():
+    metric = torch.randn(2, 21, 8)
+    source = torch.eye(21).expand(2, -1, -1)
+    matching = bipartite_soft_matching(metric, 10, num_prefix=3)
+    merged = merge_source(matching, source)
+    assert merged.shape == (2, 21 - 9, 21)  # r clips to the non-prefix tokens of set A
+    assert torch.equal(merged[:, :3], source[:, :3])
+    assert torch.equal(merged.sum(dim=1), torch.ones(2, 21))
+
+
+def test_r_zero_is_identity():
+    assert bipartite_soft_matching(torch.randn(1, 9, 4), 0, 1) is None
+    assert bipartite_soft_matching(torch.randn(1, 3, 4), 5, 2) is None
