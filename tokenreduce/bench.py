@@ -1,0 +1,172 @@
+"""Speed benchmark: dense and reduced model timed interleaved in one process (measurement.md §2)."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import tokenreduce
+from tokenreduce.methods.base import make_config
+
+DEFAULT_METHODS = ("tome:r=13", "evit:keep_rate=0.7", "topk:keep_rate=0.7", "ppt:r=50")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    method: str
+    options: str
+    batch_size: int
+    gmacs: float
+    gmacs_with_overhead: float
+    dense_gmacs: float
+    ideal_speedup: float
+    measured_speedup: float
+    dense_ms: float
+    method_ms: float
+    method_img_per_s: float
+    device: str
+    precision: str
+    threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False})."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, _split_top_level(rest)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"method option {key}={value!r} in {spec!r} is not a Python literal") from err
+    make_config(name, **options)
+    return name, options
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def format_options(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v!r}" for k, v in options.items())
+
+
+@contextlib.contextmanager
+def precision_context(device: str, amp: bool, amp_dtype: torch.dtype) -> Iterator[None]:
+    with torch.inference_mode():
+        if amp:
+            with torch.autocast(device_type=device, dtype=amp_dtype):
+                yield
+        else:
+            yield
+
+
+def _timed(model: nn.Module, x: torch.Tensor, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_speedup(
+    dense: nn.Module,
+    reduced: nn.Module,
+    x: torch.Tensor,
+    num_warm_iter: int,
+    num_bench_iter: int,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[float, float]:
+    """Median seconds per batch of dense and reduced, timed alternately on the same input."""
+    device = x.device.type
+    dense_times, reduced_times = [], []
+    with precision_context(device, amp, amp_dtype):
+        for _ in range(num_warm_iter):
+            dense(x)
+            reduced(x)
+        for _ in range(num_bench_iter):
+            dense_times.append(_timed(dense, x, device))
+            reduced_times.append(_timed(reduced, x, device))
+    return statistics.median(dense_times), statistics.median(reduced_times)
+
+
+def bench_model(
+    model: nn.Module,
+    model_name: str,
+    methods: Sequence[tuple[str, dict[str, Any]]],
+    batch_sizes: Sequence[int],
+    num_warm_iter: int = 5,
+    num_bench_iter: int = 20,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[BenchResult]:
+    """Benchmark each method against `model` (left unreduced) at each batch size."""
+    model = model.to(device).eval()
+    img_size = model.patch_embed.img_size
+    dense_gmacs = tokenreduce.flops.dense_gmacs(model)
+    precision = f"amp-{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
+    results = []
+    for name, options in methods:
+        reduced = tokenreduce.apply(copy.deepcopy(model), name, **options)
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, 3, *img_size, device=device)
+            dense_s, reduced_s = measure_speedup(
+                model, reduced, x, num_warm_iter, num_bench_iter, amp, amp_dtype
+            )
+            with precision_context(device, amp, amp_dtype):
+                reduced(x[:1])
+            report = tokenreduce.flops.gmacs(reduced, tokenreduce.last_info(reduced))
+            result = BenchResult(
+                model=model_name,
+                method=name,
+                options=format_options(options),
+                batch_size=batch_size,
+                gmacs=round(report.mean, 4),
+                gmacs_with_overhead=round(report.mean_total, 4),
+                dense_gmacs=round(dense_gmacs, 4),
+                ideal_speedup=round(dense_gmacs / report.mean, 3),
+                measured_speedup=round(dense_s / reduced_s, 3),
+                dense_ms=round(dense_s * 1e3, 2),
+                method_ms=round(reduced_s * 1e3, 2),
+                method_img_per_s=round(batch_size / reduced_s, 1),
+                device=device,
+                precision=precision,
+                threads=torch.get_num_threads(),
+            )
+            if progress:
+                print(
+                    f"  {name} {result.options} b={batch_size}: {result.measured_speedup:.2f}x "
+                    f"(ideal {result.ideal_speedup:.2f}x)",
+                    flush=True,
+                )
+            results.append(result)
+    return results

@@ -1,0 +1,122 @@
+"""The `tokenreduce` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from tokenreduce import bench, models
+from tokenreduce.report import format_table, write_results
+
+BENCH_COLUMNS = (
+    "method",
+    "options",
+    "batch_size",
+    "gmacs",
+    "ideal_speedup",
+    "measured_speedup",
+    "dense_ms",
+    "method_ms",
+)
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("-m", "--model", default=default_model, help="timm model name")
+    parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
+    parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-b", "--batch-size", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="NAME[:opt=value,...], repeatable; default: " + " ".join(bench.DEFAULT_METHODS),
+    )
+    parser.add_argument("--amp", action="store_true", help="autocast mixed precision")
+    parser.add_argument("--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES))
+    parser.add_argument("--num-warm-iter", type=int, default=5)
+    parser.add_argument("--num-bench-iter", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--results-file", default=None)
+    parser.add_argument("--results-format", default="json", choices=["json", "csv"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="GMACs and measured speedup of methods over the dense model")
+    _model_args(b, "deit_small_patch16_224")
+    _bench_args(b)
+    d = sub.add_parser("demo", help="the main job: methods benchmarked on a ViT, end to end")
+    _model_args(d, "deit_small_patch16_224")
+    _bench_args(d)
+    d.set_defaults(batch_size=[8], num_warm_iter=3, num_bench_iter=10)
+    return parser
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for option in ("num_warm_iter", "num_bench_iter", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < (0 if option == "num_warm_iter" else 1):
+            raise ValueError(f"--{option.replace('_', '-')}={value} is not accepted; must be positive")
+    if any(b < 1 for b in args.batch_size):
+        raise ValueError(f"--batch-size={args.batch_size} is not accepted; batch sizes must be >= 1")
+
+
+def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
+    _check_positive(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [bench.parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v}
+    model = models.create(args.model, args.checkpoint, args.pretrained, **kwargs)
+    weights = args.checkpoint or ("timm pretrained" if args.pretrained else "RANDOM weights")
+    print(f"{title}: {args.model} ({weights}), {args.device}, {torch.get_num_threads()} threads", flush=True)
+    results = bench.bench_model(
+        model,
+        args.model,
+        methods,
+        args.batch_size,
+        num_warm_iter=args.num_warm_iter,
+        num_bench_iter=args.num_bench_iter,
+        amp=args.amp,
+        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        device=args.device,
+    )
+    rows = [r.as_dict() for r in results]
+    print()
+    print(format_table(rows, BENCH_COLUMNS))
+    print()
+    for row in rows:
+        print(json.dumps(row))
+    if args.results_file:
+        write_results(rows, args.results_file, args.results_format)
+        print(f"results written to {args.results_file}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            run_bench(args, "benchmark")
+        elif args.command == "demo":
+            run_bench(args, "demo — speed of every method (weights do not change speed)")
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
