@@ -11,7 +11,12 @@ import torch
 import tokenreduce
 from tests.conftest import tiny_vit
 
-NOOP = [("tome", {"r": 0}), ("evit", {"keep_rate": 1.0}), ("topk", {"keep_rate": 1.0}), ("ppt", {"r": 0})]
+NOOP = [
+    ("tome", {"r": 0}),
+    ("evit", {"keep_rate": 1.0}),
+    ("topk", {"keep_rate": 1.0}),
+    ("ppt", {"r": 0}),
+]
 
 MODELS = {
     "deit_tiny": ("deit_tiny_patch16_224", {}),
@@ -20,6 +25,7 @@ MODELS = {
     "reg4_dinov2": ("vit_small_patch14_reg4_dinov2", {"img_size": 224}),
     "siglip_no_cls": ("vit_base_patch16_siglip_224", {}),
     "avg_pool": ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
 }
 
 
@@ -54,7 +60,9 @@ def test_noop_reduction_is_bit_identical(model_and_input, fused):
         info = tokenreduce.last_info(model)
         tokenreduce.remove(model)
         assert torch.equal(out, dense), method
-        assert (info.tokens_per_block == model.patch_embed.num_patches + model.num_prefix_tokens).all()
+        assert (
+            info.tokens_per_block == model.patch_embed.num_patches + model.num_prefix_tokens
+        ).all()
         ran += 1
     assert ran >= 1
     with torch.no_grad():
@@ -74,7 +82,13 @@ def test_remove_restores_class_and_state(model_and_input):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-REDUCING = [("tome", {"r": 8}), ("evit", {}), ("topk", {}), ("ppt", {"r": 30}), ("ppt", {"r": 30, "threshold": 1.0})]
+REDUCING = [
+    ("tome", {"r": 8}),
+    ("evit", {}),
+    ("topk", {}),
+    ("ppt", {"r": 30}),
+    ("ppt", {"r": 30, "threshold": 1.0}),
+]
 
 
 @pytest.mark.parametrize("method,options", REDUCING)
@@ -102,7 +116,9 @@ def test_prefix_tokens_are_never_reduced(model_and_input, method, options):
             torch.testing.assert_close(source.sum(dim=-1, keepdim=True).to(size.dtype), size)
 
 
-@pytest.mark.parametrize("method,options", [("tome", {"r": 8}), ("ppt", {"r": 30, "threshold": 1.0})])
+@pytest.mark.parametrize(
+    "method,options", [("tome", {"r": 8}), ("ppt", {"r": 30, "threshold": 1.0})]
+)
 def test_merging_conserves_size(method, options):
     model = tiny_vit("deit_small_distilled_patch16_224")
     tokenreduce.apply(model, method, **options)

@@ -48,7 +48,11 @@ def test_unsupported_model_class():
 
 
 def test_unsupported_block_class():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, block_fn=timm.models.vision_transformer.ResPostBlock)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        block_fn=timm.models.vision_transformer.ResPostBlock,
+    )
     with pytest.raises(TypeError, match="unsupported block 0 .*ResPostBlock"):
         tokenreduce.apply(model, "tome")
 

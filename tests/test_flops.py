@@ -12,7 +12,11 @@ from tests.conftest import tiny_vit
 
 @pytest.mark.parametrize(
     "name,expected",
-    [("deit_tiny_patch16_224", 1.254), ("deit_small_patch16_224", 4.599), ("deit_base_patch16_224", 17.564)],
+    [
+        ("deit_tiny_patch16_224", 1.254),
+        ("deit_small_patch16_224", 4.599),
+        ("deit_base_patch16_224", 17.564),
+    ],
 )
 def test_dense_gmacs(name, expected):
     assert round(tokenreduce.flops.dense_gmacs(tiny_vit(name)), 3) == expected
@@ -66,7 +70,14 @@ def counted_gmacs(model, x):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(
     "method,options",
-    [(None, {}), ("tome", {"r": 13}), ("evit", {}), ("topk", {}), ("ppt", {}), ("ppt", {"threshold": 1.0})],
+    [
+        (None, {}),
+        ("tome", {"r": 13}),
+        ("evit", {}),
+        ("topk", {}),
+        ("ppt", {}),
+        ("ppt", {"threshold": 1.0}),
+    ],
 )
 def test_analytic_matches_flop_counter(deit_small, method, options, fused):
     for block in deit_small.blocks:

@@ -33,7 +33,9 @@ def reference_tome(metric, x, size, r, num_prefix):
         r_b = min(r, (n - num_prefix) // 2)
         best = []
         for ai, pa in enumerate(a_pos):
-            candidates = [(float(m[pa] @ m[pb]), bi) for bi, pb in enumerate(b_pos) if pb >= num_prefix]
+            candidates = [
+                (float(m[pa] @ m[pb]), bi) for bi, pb in enumerate(b_pos) if pb >= num_prefix
+            ]
             score, partner = max(candidates, key=lambda c: (c[0], -c[1]))
             best.append((-math.inf if pa < num_prefix else score, partner, ai))
         order = sorted(range(len(a_pos)), key=lambda i: -best[i][0])

@@ -50,7 +50,9 @@ def test_reducing_block_compiles_without_graph_breaks(method):
     adapter = model._tokenreduce
     block_index = adapter.steps.index(next(s for s in adapter.steps if s is not None))
     block, step = model.blocks[block_index], adapter.steps[block_index]
-    state = TokenState(num_prefix=1, size=torch.rand(2, 197, 1) + 1, source=torch.eye(197).expand(2, -1, -1))
+    state = TokenState(
+        num_prefix=1, size=torch.rand(2, 197, 1) + 1, source=torch.eye(197).expand(2, -1, -1)
+    )
     x = torch.randn(2, 197, 192)
 
     def run(x, size, source):
@@ -84,3 +86,14 @@ def test_ppt_runs_in_low_precision(precision):
     assert torch.isfinite(out).all()
     assert info.tokens_per_block[0, -1] == 49
     assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).min() > 0.9
+
+
+def test_compiled_model_matches_eager():
+    model = tokenreduce.apply(tiny_vit(), "ppt", threshold=1.55e-4)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    assert tokenreduce.last_info(model).tokens_per_block[0, -1] == 49

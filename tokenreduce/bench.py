@@ -53,7 +53,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError) as err:
-            raise ValueError(f"method option {key}={value!r} in {spec!r} is not a Python literal") from err
+            raise ValueError(
+                f"method option {key}={value!r} in {spec!r} is not a Python literal"
+            ) from err
     make_config(name, **options)
     return name, options
 

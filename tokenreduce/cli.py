@@ -28,7 +28,9 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def _model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("-m", "--model", default=default_model, help="timm model name")
     parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
-    parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="timm hub weights (needs network)"
+    )
     parser.add_argument("--img-size", type=int, default=None, help="input resolution")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
 
@@ -68,9 +70,13 @@ def _check_positive(args: argparse.Namespace) -> None:
     for option in ("num_warm_iter", "num_bench_iter", "threads"):
         value = getattr(args, option)
         if value is not None and value < (0 if option == "num_warm_iter" else 1):
-            raise ValueError(f"--{option.replace('_', '-')}={value} is not accepted; must be positive")
+            raise ValueError(
+                f"--{option.replace('_', '-')}={value} is not accepted; must be positive"
+            )
     if any(b < 1 for b in args.batch_size):
-        raise ValueError(f"--batch-size={args.batch_size} is not accepted; batch sizes must be >= 1")
+        raise ValueError(
+            f"--batch-size={args.batch_size} is not accepted; batch sizes must be >= 1"
+        )
 
 
 def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
@@ -78,10 +84,15 @@ def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [bench.parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
-    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v}
+    kwargs = {
+        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
+    }
     model = models.create(args.model, args.checkpoint, args.pretrained, **kwargs)
     weights = args.checkpoint or ("timm pretrained" if args.pretrained else "RANDOM weights")
-    print(f"{title}: {args.model} ({weights}), {args.device}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{title}: {args.model} ({weights}), {args.device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     results = bench.bench_model(
         model,
         args.model,

@@ -22,7 +22,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as err:
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+            raise ValueError(
+                f"checkpoint {path} is not a readable safetensors file: {err}"
+            ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
