@@ -236,3 +236,10 @@ def test_attention_masks_are_rejected_not_ignored():
     model = tokenreduce.apply(tiny_vit(), "tome")
     with pytest.raises(ValueError, match="attn_mask"):
         model.forward_features(torch.randn(1, 3, 224, 224), attn_mask=torch.zeros(1, 1, 197, 197))
+
+
+def test_grad_checkpointing_is_rejected_not_ignored():
+    model = tokenreduce.apply(tiny_vit(), "tome")
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        model(torch.randn(1, 3, 224, 224))

@@ -283,6 +283,11 @@ def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
                 "pruned, so a mask over the input tokens no longer lines up); accepted: "
                 "attn_mask=None, is_causal=False, or tokenreduce.remove(model) first"
             )
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            raise ValueError(
+                "grad_checkpointing=True is not supported by a model with token reduction; "
+                "accepted: model.set_grad_checkpointing(False)"
+            )
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
