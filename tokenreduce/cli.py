@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for option in ("num_warm_iter", "num_bench_iter", "threads"):
+    for option, minimum in (("num_warm_iter", 0), ("num_bench_iter", 1), ("threads", 1)):
         value = getattr(args, option)
-        if value is not None and value < (0 if option == "num_warm_iter" else 1):
+        if value is not None and value < minimum:
             raise ValueError(
-                f"--{option.replace('_', '-')}={value} is not accepted; must be positive"
+                f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
             )
     if any(b < 1 for b in args.batch_size):
         raise ValueError(

@@ -77,7 +77,10 @@ class ToMeConfig(MethodConfig):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
-        if isinstance(self.r, (list, tuple)) and len(self.r) > dims.depth:
+        inflect_form = (
+            isinstance(self.r, tuple) and len(self.r) == 2 and isinstance(self.r[1], float)
+        )
+        if isinstance(self.r, (list, tuple)) and not inflect_form and len(self.r) > dims.depth:
             raise ValueError(
                 f"tome: option r has {len(self.r)} per-block values but the model has "
                 f"{dims.depth} blocks; accepted: at most {dims.depth} values"
