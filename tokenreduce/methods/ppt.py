@@ -12,6 +12,7 @@ import torch
 from tokenreduce.methods.base import (
     MethodConfig,
     Record,
+    Strength,
     check_bool,
     check_layers_type,
     class_attention_macs,
@@ -63,6 +64,7 @@ class PPTConfig(MethodConfig):
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean", "values"})
     requires_class_token: ClassVar[bool] = True
     sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (20, 35, 50, 65, 80))
+    strength: ClassVar[Strength] = Strength("r", True, True, lambda d: (0, d.num_patches // 2))
 
     r: int | tuple[int, ...] = 50
     layers: tuple[int, ...] | None = None

@@ -14,6 +14,7 @@ import torch
 from tokenreduce.methods.base import (
     MethodConfig,
     Record,
+    Strength,
     check_bool,
     matching_macs,
     register,
@@ -66,6 +67,7 @@ class ToMeConfig(MethodConfig):
     name: ClassVar[str] = "tome"
     needs: ClassVar[frozenset[str]] = frozenset({"key_mean"})
     sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (4, 8, 13, 16))
+    strength: ClassVar[Strength] = Strength("r", True, True, lambda d: (0, d.num_patches // 2))
 
     r: int | tuple[int, float] | tuple[int, ...] = 13
     prop_attn: bool = True

@@ -1,0 +1,98 @@
+"""Set a method's strength so that it costs a given fraction of the dense model's GMACs.
+
+Methods compare fairly only at matched cost. Each method declares its strength option
+(`MethodConfig.strength`); `match_gmacs` searches it by bisection, measuring mean per-image
+GMACs with real forward passes on the given images, so that data-dependent methods (PPT's
+per-image choice) are matched on the data they will see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import tokenreduce
+from tokenreduce.methods.base import MethodConfig, make_config
+from tokenreduce.patch import attached_adapter
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The matched config, its mean GMACs on the images and the fraction of dense it costs."""
+
+    config: MethodConfig
+    gmacs: float
+    ratio: float
+
+
+def mean_gmacs(model: nn.Module, config: MethodConfig, images: torch.Tensor) -> float:
+    """Mean per-image GMACs of `config` on `images` (the model is left with `config` applied)."""
+    tokenreduce.apply(model, config)
+    with torch.inference_mode():
+        model(images)
+    return tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean
+
+
+def match_gmacs(
+    model: nn.Module,
+    method: str | MethodConfig,
+    ratio: float,
+    images: torch.Tensor,
+    tolerance: float = 2e-3,
+    **options: Any,
+) -> Calibration:
+    """The strength of `method` whose mean GMACs on `images` is closest to `ratio` x dense.
+
+    Integer strengths (ToMe/PPT r) return the nearest achievable value; continuous ones
+    (keep_rate) are bisected on a 1e-4 grid until within `tolerance` (relative). Other options
+    are kept fixed.
+    `model` is returned to its unreduced state.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio!r} is not accepted; accepted: a number in (0, 1]")
+    base = make_config(method, **options)
+    strength = type(base).strength
+    if strength is None:
+        raise ValueError(
+            f"method {base.name!r} declares no strength option, so its GMACs cannot be matched"
+        )
+    dense = tokenreduce.flops.dense_gmacs(model)
+    target = ratio * dense
+    dims = tokenreduce.flops.model_dims(model)
+    low, high = strength.bounds(dims)
+    cache: dict[float, float] = {}
+
+    def cost(value: float) -> float:
+        value = int(value) if strength.integer else float(value)
+        if value not in cache:
+            config = make_config(base, **{strength.option: value})
+            cache[value] = mean_gmacs(model, config, images)
+        return cache[value]
+
+    # `weak` is the end that costs more than the target, `strong` the end that costs less.
+    weak, strong = (low, high) if strength.larger_reduces_more else (high, low)
+    try:
+        if cost(strong) > target:
+            weak = strong
+        elif cost(weak) < target:
+            strong = weak
+        while True:
+            middle = (weak + strong) // 2 if strength.integer else round((weak + strong) / 2, 4)
+            if middle in (weak, strong):
+                break
+            if cost(middle) > target:
+                weak = middle
+            else:
+                strong = middle
+            if not strength.integer and abs(cost(middle) - target) <= tolerance * target:
+                weak = strong = middle
+        best = min((weak, strong), key=lambda v: abs(cost(v) - target))
+        config = make_config(base, **{strength.option: best})
+        gmacs = mean_gmacs(model, config, images)
+    finally:
+        if attached_adapter(model) is not None:
+            tokenreduce.remove(model)
+    return Calibration(config=config, gmacs=gmacs, ratio=gmacs / dense)
