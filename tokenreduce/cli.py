@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,16 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce import bench, data, demo, models
+from tokenreduce import bench, calibrate, data, demo, models, viz
+from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
+from tokenreduce.evaluate import (
+    EvalResult,
+    ImageFolder,
+    describe_options,
+    evaluate,
+    read_class_map,
+)
+from tokenreduce.methods.base import make_config
 from tokenreduce.report import format_table, write_results
 
 BENCH_COLUMNS = (
@@ -23,6 +33,28 @@ BENCH_COLUMNS = (
     "measured_speedup",
     "dense_ms",
     "method_ms",
+)
+EVAL_COLUMNS = (
+    "method",
+    "options",
+    "top1",
+    "top5",
+    "top1_drop",
+    "agreement",
+    "gmacs_mean",
+    "gmacs_min",
+    "gmacs_max",
+    "gmacs_ratio",
+)
+COMPARE_COLUMNS = (
+    "method",
+    "options",
+    "gmacs",
+    "ideal_speedup",
+    "measured_speedup",
+    "top1",
+    "top1_drop",
+    "agreement",
 )
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "vit_small_patch14_dinov2.imgfocus"
@@ -38,14 +70,47 @@ DEMO_COLUMNS = (
 )
 
 
-def _model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("-m", "--model", default=default_model, help="timm model name")
-    parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
+def _model_args(
+    parser: argparse.ArgumentParser, default_model: str, random_by_default: bool = False
+) -> None:
     parser.add_argument(
-        "--pretrained", action="store_true", help="timm hub weights (needs network)"
+        "-m", "--model", default=default_model, help="timm model name (or an offline model)"
     )
+    parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
+    if random_by_default:
+        parser.add_argument(
+            "--pretrained", action="store_true", help="timm hub weights (needs network)"
+        )
+    else:
+        parser.add_argument(
+            "--random-weights", action="store_true", help="random weights (speed only; tests)"
+        )
     parser.add_argument("--img-size", type=int, default=None, help="input resolution")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
+    parser.add_argument("--head", default=None, help="linear head file (weight, bias)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _real_weights(args: argparse.Namespace) -> bool:
+    if hasattr(args, "pretrained"):
+        return args.pretrained or args.model in models.OFFLINE_SOURCES
+    return not args.random_weights
+
+
+def _load_model(args: argparse.Namespace) -> torch.nn.Module:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {
+        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
+    }
+    print(f"loading {args.model} ...", flush=True)
+    return models.load(
+        args.model, args.checkpoint, pretrained=_real_weights(args), head=args.head, **kwargs
+    )
+
+
+def _weights(args: argparse.Namespace) -> str:
+    return args.checkpoint or ("real weights" if _real_weights(args) else "RANDOM weights")
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +126,6 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-warm-iter", type=int, default=5)
     parser.add_argument("--num-bench-iter", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--results-file", default=None)
     parser.add_argument("--results-format", default="json", choices=["json", "csv"])
 
@@ -70,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="GMACs and measured speedup of methods over the dense model")
-    _model_args(b, "deit_small_patch16_224")
+    _model_args(b, "deit_small_patch16_224", random_by_default=True)
     _bench_args(b)
     d = sub.add_parser(
         "demo",
@@ -80,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         "fidelity and token maps on real photographs.",
     )
     _model_args(d, DEMO_MODEL)
-    d.add_argument(
-        "--random-weights", action="store_true", help="random weights (speed only; for tests)"
-    )
     d.add_argument("--gmacs-ratio", type=float, default=0.65, help="target fraction of dense")
     d.add_argument(
         "--method", action="append", default=None, help="method name, repeatable; default: all"
@@ -102,11 +163,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--num-warm-iter", type=int, default=3)
     d.add_argument("--num-bench-iter", type=int, default=10)
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.add_argument("--quick", action="store_true", help="2 photos, 1 timing iteration (tests)")
     d.add_argument("--out-dir", default="tokenreduce-demo", help="where PNGs and results go")
     d.add_argument("--results-format", default="csv", choices=["json", "csv"])
+
+    e = sub.add_parser(
+        "eval",
+        help="top-1/top-5 of dense and reduced models on an ImageFolder, in one run",
+        description="Dense and reduced models on the same images: top-1/top-5, their "
+        "difference, prediction agreement, per-image GMACs.",
+    )
+    e.add_argument("data", help="ImageFolder root: DATA/<class>/<image>")
+    _model_args(e, DEMO_MODEL)
+    _data_args(e)
+    e.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="NAME[:opt=value,...], repeatable; default: tome:r=13",
+    )
+    e.add_argument(
+        "--gmacs-ratio",
+        type=float,
+        default=None,
+        help="set each method's strength to this fraction of dense GMACs (matched on the "
+        "first --calib-images images) instead of its given value",
+    )
+    e.add_argument("--calib-images", type=int, default=32)
+    e.add_argument("--amp", action="store_true", help="autocast mixed precision")
+    e.add_argument("--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES))
+    e.add_argument("--results-file", default=None)
+    e.add_argument("--results-format", default="json", choices=["json", "csv"])
+
+    c = sub.add_parser(
+        "compare",
+        help="sweep methods and strengths: accuracy, GMACs, measured speedup, plots",
+        description="Each method's registered sweep grid (plus any --config): mean GMACs, "
+        "measured speedup over dense, and accuracy when --data is given; writes CSV/JSON and "
+        "PNG plots (accuracy vs GMACs with the Pareto front, speedup vs GMACs with the ideal).",
+    )
+    _model_args(c, DEMO_MODEL)
+    c.add_argument("--data", default=None, help="ImageFolder root for accuracy (optional)")
+    _data_args(c)
+    c.add_argument(
+        "--method", action="append", default=None, help="sweep only these methods (repeatable)"
+    )
+    c.add_argument("--config", action="append", default=[], help="extra NAME:opt=value,... rows")
+    c.add_argument("--bench-batch-size", type=int, default=8, help="batch for the timing")
+    c.add_argument("--num-warm-iter", type=int, default=2)
+    c.add_argument("--num-bench-iter", type=int, default=5)
+    c.add_argument("--out-dir", default="tokenreduce-compare")
+    c.add_argument("--results-format", default="csv", choices=["json", "csv"])
+
+    v = sub.add_parser(
+        "viz",
+        help="token maps after each reducing block, one PNG grid per method",
+        description="Merged groups in their mean colour with borders, pruned patches grey.",
+    )
+    _model_args(v, DEMO_MODEL)
+    v.add_argument(
+        "--method", action="append", required=True, help="NAME[:opt=value,...], repeatable"
+    )
+    v.add_argument("--image", nargs="+", required=True, help="image file(s), one row each")
+    v.add_argument(
+        "--out", required=True, help="PNG path; with several methods, _<method> is appended"
+    )
+    v.add_argument("--max-columns", type=int, default=6, help="reducing blocks shown at most")
     return parser
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-b", "--batch-size", type=int, default=64)
+    parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--crop-pct", type=float, default=None)
+    parser.add_argument("--interpolation", default=None, help="e.g. bicubic, bilinear")
+    parser.add_argument("--mean", type=float, nargs=3, default=None)
+    parser.add_argument("--std", type=float, nargs=3, default=None)
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="evenly spaced subset of the images"
+    )
+    parser.add_argument(
+        "--class-map",
+        default=None,
+        help="class names in label order (.txt one per line, or .json); default: sorted folders",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_positive(args: argparse.Namespace) -> None:
@@ -123,23 +264,18 @@ def _check_positive(args: argparse.Namespace) -> None:
         )
 
 
+def _check_ratio(ratio: float | None) -> None:
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"--gmacs-ratio={ratio} is not accepted; accepted: a number in (0, 1]")
+
+
 def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
     _check_positive(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = [bench.parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
-    kwargs = {
-        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
-    }
-    model = models.load(
-        args.model,
-        args.checkpoint,
-        pretrained=args.pretrained or args.model in models.OFFLINE_SOURCES,
-        **kwargs,
-    )
-    weights = args.checkpoint or ("timm pretrained" if args.pretrained else "RANDOM weights")
+    model = _load_model(args)
     print(
-        f"{title}: {args.model} ({weights}), {args.device}, {torch.get_num_threads()} threads",
+        f"{title}: {args.model} ({_weights(args)}), {args.device}, "
+        f"{torch.get_num_threads()} threads",
         flush=True,
     )
     results = bench.bench_model(
@@ -167,10 +303,7 @@ def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
 
 def run_demo(args: argparse.Namespace) -> list[demo.DemoRow]:
     _check_positive(args)
-    if not 0 < args.gmacs_ratio <= 1:
-        raise ValueError(f"--gmacs-ratio={args.gmacs_ratio} is not accepted; accepted: (0, 1]")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_ratio(args.gmacs_ratio)
     methods = args.method or tokenreduce.methods()
     for name in methods:
         bench.parse_method(name)
@@ -178,14 +311,9 @@ def run_demo(args: argparse.Namespace) -> list[demo.DemoRow]:
         args.num_warm_iter, args.num_bench_iter = 1, 1
     photos = [Path(p) for p in args.images] if args.images else data.packaged_photos()
     photos = photos[:2] if args.quick else photos
-    kwargs = {
-        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
-    }
-    print(f"loading {args.model} ...", flush=True)
-    model = models.load(args.model, args.checkpoint, pretrained=not args.random_weights, **kwargs)
-    weights = "RANDOM weights" if args.random_weights else args.checkpoint or "real weights"
+    model = _load_model(args)
     print(
-        f"demo: {args.model} ({weights}), {len(photos)} photos, every method at "
+        f"demo: {args.model} ({_weights(args)}), {len(photos)} photos, every method at "
         f"{args.gmacs_ratio:.0%} of dense GMACs, CPU {torch.get_num_threads()} threads",
         flush=True,
     )
@@ -210,6 +338,147 @@ def run_demo(args: argparse.Namespace) -> list[demo.DemoRow]:
     return rows
 
 
+def _dataset(args: argparse.Namespace, model: torch.nn.Module, root: str) -> ImageFolder:
+    for option in ("workers", "num_samples", "batch_size"):
+        value = getattr(args, option)
+        minimum = 0 if option == "workers" else 1
+        if value is not None and value < minimum:
+            raise ValueError(
+                f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
+            )
+    transform, config = data.eval_transform(
+        model,
+        input_size=(3, args.img_size, args.img_size) if args.img_size else None,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+    )
+    classes = read_class_map(args.class_map) if args.class_map else None
+    dataset = ImageFolder(root, transform, args.num_samples, classes)
+    print(
+        f"{len(dataset)} images, {len(dataset.classes)} classes from {root}; preprocessing "
+        + ", ".join(f"{k}={v}" for k, v in config.items()),
+        flush=True,
+    )
+    return dataset
+
+
+def run_eval(args: argparse.Namespace) -> EvalResult:
+    _check_ratio(args.gmacs_ratio)
+    specs = [bench.parse_method(spec) for spec in (args.method or ["tome:r=13"])]
+    model = _load_model(args)
+    dataset = _dataset(args, model, args.data)
+    configs = [make_config(name, **options) for name, options in specs]
+    if args.gmacs_ratio is not None:
+        count = min(args.calib_images, len(dataset))
+        images = torch.stack([dataset[i][0] for i in range(count)])
+        configs = [
+            calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
+            for config in configs
+        ]
+    print(f"eval: {args.model} ({_weights(args)}), {torch.get_num_threads()} threads", flush=True)
+    result = evaluate(
+        model,
+        configs,
+        dataset,
+        args.model,
+        args.batch_size,
+        args.workers,
+        amp=args.amp,
+        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        progress=not args.no_progress,
+    )
+    rows = result.rows()
+    print(
+        f"\ndense: top-1 {result.dense_top1:.2f}%, top-5 {result.dense_top5:.2f}%, "
+        f"{result.dense_gmacs:.3f} GMACs, {result.num_images} images"
+        + (f", {len(result.unreadable)} unreadable (skipped)" if result.unreadable else "")
+    )
+    print(format_table(rows, EVAL_COLUMNS))
+    if args.results_file:
+        write_results(rows, args.results_file, args.results_format)
+        print(f"results written to {args.results_file}")
+    return result
+
+
+def run_compare(args: argparse.Namespace) -> list[CompareRow]:
+    _check_positive(args)
+    configs = sweep_configs(args.method) + [
+        make_config(name, **options) for name, options in map(bench.parse_method, args.config)
+    ]
+    model = _load_model(args)
+    dataset = _dataset(args, model, args.data) if args.data else None
+    if dataset is not None:
+        picks = [i % len(dataset) for i in range(args.bench_batch_size)]
+        timing = torch.stack([dataset[i][0] for i in picks])
+    else:
+        timing = torch.randn(args.bench_batch_size, 3, *model.patch_embed.img_size)
+    print(
+        f"compare: {args.model} ({_weights(args)}), {len(configs)} configurations, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+    rows, evaluation = compare(
+        model,
+        configs,
+        timing,
+        dataset,
+        args.model,
+        args.batch_size,
+        args.workers,
+        args.num_warm_iter,
+        args.num_bench_iter,
+        progress=not args.no_progress,
+    )
+    table = [r.as_dict() for r in rows]
+    print()
+    print(format_table(table, COMPARE_COLUMNS))
+    out = Path(args.out_dir)
+    results = out / f"compare_results.{args.results_format}"
+    write_results(table, results, args.results_format)
+    dense_top1 = evaluation.dense_top1 if evaluation else None
+    title = f"{args.model}" + (
+        f", {evaluation.num_images} images, dense top-1 {dense_top1:.1f}%" if evaluation else ""
+    )
+    plots = plot_tradeoffs(rows, tokenreduce.flops.dense_gmacs(model), out, title, dense_top1)
+    print(f"\nresults: {results}; plots: {', '.join(str(p) for p in plots)}")
+    return rows
+
+
+def run_viz(args: argparse.Namespace) -> list[Path]:
+    if args.max_columns < 1:
+        raise ValueError(f"--max-columns={args.max_columns} is not accepted; accepted: >= 1")
+    specs = [bench.parse_method(spec) for spec in args.method]
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out={args.out} is not accepted; accepted: a .png path")
+    model = _load_model(args)
+    images, display = data.load_images([Path(p) for p in args.image], model)
+    written = []
+    for name, options in specs:
+        config = make_config(name, **options, trace_source=True)
+        reduced = tokenreduce.apply(copy.deepcopy(model), config)
+        with torch.inference_mode():
+            reduced(images)
+        info = tokenreduce.last_info(reduced)
+        path = out if len(specs) == 1 else out.with_name(f"{out.stem}_{name}{out.suffix}")
+        report = tokenreduce.flops.gmacs(reduced, info)
+        written.append(
+            viz.draw_token_maps(
+                display,
+                info,
+                tuple(model.patch_embed.grid_size),
+                path,
+                title=f"{args.model}, {name} {describe_options(config)}: {report.mean:.2f} GMACs",
+                row_labels=[Path(p).name for p in args.image],
+                max_columns=args.max_columns,
+            )
+        )
+        print(f"{name}: token maps written to {path}")
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -217,6 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_bench(args, "benchmark")
         elif args.command == "demo":
             run_demo(args)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "compare":
+            run_compare(args)
+        elif args.command == "viz":
+            run_viz(args)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
         return 2

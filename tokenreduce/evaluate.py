@@ -1,0 +1,268 @@
+"""Accuracy of reduced models against the dense model, on the same images in the same run.
+
+measurement.md §3: ImageFolder data preprocessed with timm's data config; top-1/top-5 of the
+dense and of each reduced model, their difference, the agreement of the two predictions, and
+the distribution of per-image GMACs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import tokenreduce
+from tokenreduce.bench import precision_context
+from tokenreduce.methods.base import MethodConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def read_class_map(path: str | Path) -> list[str]:
+    """Class names in label order from a .txt file (one per line, as timm's --class-map) or a
+    .json file (a list of names, or {name: index})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class map file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                loaded = sorted(loaded, key=loaded.__getitem__)
+        else:
+            loaded = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"class map file {path} could not be read: {err}") from err
+    if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
+        raise ValueError(f"class map file {path} must list class names in label order")
+    return loaded
+
+
+class ImageFolder(Dataset):
+    """`root/<class>/<image>` files. Labels follow `classes` (e.g. from `read_class_map`), or the
+    sorted folder names (torchvision's order); files are sorted by name.
+
+    An unreadable image is not fatal: its item carries `ok = False` (a zero image), so that it is
+    reported by name, counted, and left out of the accuracy.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable,
+        num_samples: int | None = None,
+        classes: Sequence[str] | None = None,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {root}")
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise ValueError(f"dataset folder {root} has no class sub-folders (root/<class>/*)")
+        if classes is not None:
+            unknown = sorted(set(folders) - set(classes))
+            if unknown:
+                raise ValueError(f"class folders {unknown} in {root} are not in the class map")
+        self.classes = list(classes) if classes is not None else folders
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            if (root / name).is_dir()
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise ValueError(
+                f"dataset folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
+                "folders"
+            )
+        if num_samples is not None and num_samples < len(self.samples):
+            # evenly spaced over the sorted list, so that every class is represented
+            stride = len(self.samples) / num_samples
+            self.samples = [self.samples[int(i * stride)] for i in range(num_samples)]
+        self.transform = transform
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image.convert("RGB"))
+        except OSError:
+            return torch.zeros(self.sample_shape()), label, index, False
+        return tensor, label, index, True
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one preprocessed image (from a blank image through the transform)."""
+        if self._shape is None:
+            self._shape = tuple(self.transform(Image.new("RGB", (32, 32))).shape)
+        return self._shape
+
+
+@dataclass
+class MethodAccuracy:
+    """One reduced model's results; accuracies in percent over the readable images."""
+
+    method: str
+    options: str
+    top1: float
+    top5: float
+    top1_drop: float
+    agreement: float
+    gmacs_mean: float
+    gmacs_std: float
+    gmacs_min: float
+    gmacs_max: float
+    gmacs_ratio: float
+    per_image_gmacs: list[float] = field(repr=False)
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "per_image_gmacs"}
+
+
+@dataclass
+class EvalResult:
+    """Dense results and one MethodAccuracy per method, over `num_images` readable images."""
+
+    model: str
+    num_images: int
+    unreadable: list[str]
+    dense_top1: float
+    dense_top5: float
+    dense_gmacs: float
+    methods: list[MethodAccuracy]
+    dense_predictions: list[int] = field(repr=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        base = {
+            "model": self.model,
+            "num_images": self.num_images,
+            "unreadable": len(self.unreadable),
+            "dense_top1": self.dense_top1,
+            "dense_top5": self.dense_top5,
+            "dense_gmacs": self.dense_gmacs,
+        }
+        return [base | m.as_row() for m in self.methods]
+
+
+def _topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return top[:, 0] == labels, (top == labels[:, None]).any(dim=-1)
+
+
+def evaluate(
+    model: nn.Module,
+    configs: Sequence[MethodConfig],
+    dataset: ImageFolder,
+    model_name: str = "",
+    batch_size: int = 64,
+    workers: int = 0,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+) -> EvalResult:
+    """Dense `model` and a reduced copy per config, on every image of `dataset`."""
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise ValueError(
+            f"model {model_name} has no classifier (num_classes=0); give it one with "
+            "--num-classes and --checkpoint, or a head file with --head"
+        )
+    if num_classes < len(dataset.classes):
+        raise ValueError(
+            f"the dataset has {len(dataset.classes)} classes but model {model_name} predicts "
+            f"{num_classes}; set --num-classes and load a matching head"
+        )
+    reduced = [tokenreduce.apply(copy.deepcopy(model), c) for c in configs]
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    device = next(model.parameters()).device
+    dense_hits: list[torch.Tensor] = []
+    dense_pred: list[torch.Tensor] = []
+    hits: list[list[torch.Tensor]] = [[] for _ in configs]
+    gmacs: list[list[torch.Tensor]] = [[] for _ in configs]
+    unreadable: list[str] = []
+    bar = _progress(len(dataset), progress)
+    with precision_context(device.type, amp, amp_dtype):
+        for images, labels, indices, ok in loader:
+            for i in indices[~ok].tolist():
+                unreadable.append(str(dataset.samples[i][0]))
+                print(f"unreadable image skipped: {dataset.samples[i][0]}", flush=True)
+            images, labels = images[ok].to(device), labels[ok].to(device)
+            if len(images) == 0:
+                continue
+            logits = model(images).float()
+            top1, top5 = _topk_hits(logits, labels)
+            pred = logits.argmax(-1)
+            dense_hits.append(torch.stack([top1, top5]))
+            dense_pred.append(pred)
+            for k, net in enumerate(reduced):
+                out = net(images).float()
+                top1, top5 = _topk_hits(out, labels)
+                hits[k].append(torch.stack([top1, top5, out.argmax(-1) == pred]))
+                gmacs[k].append(tokenreduce.flops.gmacs(net, tokenreduce.last_info(net)).gmacs)
+            bar.update(len(indices))
+    bar.close()
+    if not dense_hits:
+        raise ValueError(f"no readable image in the dataset ({len(unreadable)} unreadable)")
+    dense = torch.cat(dense_hits, dim=1).double().mean(dim=1) * 100
+    dense_gmacs = tokenreduce.flops.dense_gmacs(model)
+    results = []
+    for k, config in enumerate(configs):
+        acc = torch.cat(hits[k], dim=1).double().mean(dim=1) * 100
+        per_image = torch.cat(gmacs[k])
+        results.append(
+            MethodAccuracy(
+                method=config.name,
+                options=describe_options(config),
+                top1=round(float(acc[0]), 2),
+                top5=round(float(acc[1]), 2),
+                top1_drop=round(float(dense[0] - acc[0]), 2),
+                agreement=round(float(acc[2]), 2),
+                gmacs_mean=round(float(per_image.mean()), 4),
+                gmacs_std=round(float(per_image.std(unbiased=False)), 4),
+                gmacs_min=round(float(per_image.min()), 4),
+                gmacs_max=round(float(per_image.max()), 4),
+                gmacs_ratio=round(float(per_image.mean()) / dense_gmacs, 4),
+                per_image_gmacs=[round(float(g), 5) for g in per_image],
+            )
+        )
+    return EvalResult(
+        model=model_name,
+        num_images=int(sum(h.shape[1] for h in dense_hits)),
+        unreadable=unreadable,
+        dense_top1=round(float(dense[0]), 2),
+        dense_top5=round(float(dense[1]), 2),
+        dense_gmacs=round(dense_gmacs, 4),
+        methods=results,
+        dense_predictions=torch.cat(dense_pred).tolist(),
+    )
+
+
+def describe_options(config: MethodConfig) -> str:
+    """The strength option and the options that differ from the defaults, as `k=v,...`."""
+    default = type(config)()
+    strength = type(config).strength
+    shown = {
+        k: v
+        for k, v in asdict(config).items()
+        if k != "trace_source"
+        and (getattr(default, k) != v or (strength is not None and k == strength.option))
+    }
+    return ",".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
