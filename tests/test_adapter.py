@@ -88,6 +88,7 @@ REDUCING = [
     ("topk", {}),
     ("ppt", {"r": 30}),
     ("ppt", {"r": 30, "threshold": 1.0}),
+    ("bat", {"keep_rate": 0.5, "clusters": 0.2, "attentive_matches": 4}),
 ]
 
 
@@ -117,7 +118,8 @@ def test_prefix_tokens_are_never_reduced(model_and_input, method, options):
 
 
 @pytest.mark.parametrize(
-    "method,options", [("tome", {"r": 8}), ("ppt", {"r": 30, "threshold": 1.0})]
+    "method,options",
+    [("tome", {"r": 8}), ("ppt", {"r": 30, "threshold": 1.0}), ("bat", {"clusters": 5})],
 )
 def test_merging_conserves_size(method, options):
     model = tiny_vit("deit_small_distilled_patch16_224")
@@ -135,7 +137,7 @@ def test_distilled_model_keeps_head_tokens_in_place():
     """Head reads tokens 0 and 1: they must be the class and distillation tokens after reduction."""
     model = tiny_vit("deit_small_distilled_patch16_224")
     x = torch.randn(2, 3, 224, 224)
-    for method in ("evit", "topk", "ppt", "tome"):
+    for method in ("evit", "topk", "ppt", "tome", "bat"):
         tokenreduce.apply(model, method, trace_source=True)
         with torch.no_grad():
             model(x)
@@ -144,7 +146,7 @@ def test_distilled_model_keeps_head_tokens_in_place():
         tokenreduce.remove(model)
 
 
-@pytest.mark.parametrize("method", ["tome", "evit", "ppt"])
+@pytest.mark.parametrize("method", ["tome", "evit", "ppt", "bat"])
 def test_state_does_not_leak_between_calls(method):
     torch.manual_seed(1)
     x8, x3 = torch.randn(8, 3, 224, 224), torch.randn(3, 3, 224, 224)

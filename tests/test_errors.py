@@ -13,7 +13,7 @@ from tests.conftest import tiny_vit
 @pytest.mark.parametrize(
     "method,options,pattern",
     [
-        ("nope", {}, r"method='nope'.*accepted: \['evit'"),
+        ("nope", {}, r"method='nope'.*accepted: \['bat', 'evit'"),
         ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
@@ -34,7 +34,7 @@ def test_bad_options(method, options, pattern):
         tokenreduce.apply(tiny_vit(), method, **options)
 
 
-@pytest.mark.parametrize("method", ["evit", "topk", "ppt"])
+@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat"])
 def test_class_attention_methods_need_a_class_token(method):
     model = tiny_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match=f"method '{method}'.*class token"):
@@ -68,7 +68,7 @@ def test_remove_without_apply():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["evit", "ppt", "tome", "topk"]
+    assert tokenreduce.methods() == ["bat", "evit", "ppt", "tome", "topk"]
 
 
 def test_failed_apply_leaves_model_untouched():

@@ -77,6 +77,7 @@ def counted_gmacs(model, x):
         ("topk", {}),
         ("ppt", {}),
         ("ppt", {"threshold": 1.0}),
+        ("bat", {}),
     ],
 )
 def test_analytic_matches_flop_counter(deit_small, method, options, fused):

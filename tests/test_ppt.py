@@ -43,7 +43,7 @@ def test_policy_and_variance_shapes_for_custom_layers():
     assert info.tokens_per_block[0].tolist() == [197, 187, 187, 187, 187, 167] + [167] * 6
 
 
-@pytest.mark.parametrize("method", ["ppt", "evit", "tome", "topk"])
+@pytest.mark.parametrize("method", ["ppt", "evit", "tome", "topk", "bat"])
 def test_reducing_block_compiles_without_graph_breaks(method):
     model = tiny_vit()
     tokenreduce.apply(model, method, trace_source=True)

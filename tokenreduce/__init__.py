@@ -3,11 +3,19 @@
 from tokenreduce import flops
 from tokenreduce.api import apply, last_info, methods, remove
 from tokenreduce.info import ReductionInfo
-from tokenreduce.methods import EViTConfig, MethodConfig, PPTConfig, ToMeConfig, TopKConfig
+from tokenreduce.methods import (
+    BATConfig,
+    EViTConfig,
+    MethodConfig,
+    PPTConfig,
+    ToMeConfig,
+    TopKConfig,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BATConfig",
     "EViTConfig",
     "MethodConfig",
     "PPTConfig",

@@ -101,7 +101,9 @@ def _load_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = {
-        k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v
+        k: v
+        for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes))
+        if v is not None
     }
     print(f"loading {args.model} ...", flush=True)
     return models.load(

