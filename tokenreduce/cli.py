@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", action="append", default=[], help="extra NAME:opt=value,... rows")
     c.add_argument("--bench-batch-size", type=int, default=8, help="batch for the timing")
     c.add_argument("--num-warm-iter", type=int, default=2)
-    c.add_argument("--num-bench-iter", type=int, default=5)
+    c.add_argument("--num-bench-iter", type=int, default=10)
     c.add_argument("--out-dir", default="tokenreduce-compare")
     c.add_argument("--results-format", default="csv", choices=["json", "csv"])
 

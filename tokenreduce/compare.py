@@ -146,15 +146,10 @@ def plot_tradeoffs(
     grid = torch.linspace(min(r.gmacs for r in rows) * 0.95, dense_gmacs, 100)
     ax.plot(grid, dense_gmacs / grid, "k--", lw=1, label="ideal (dense / GMACs)")
     ax.plot([dense_gmacs], [1.0], "k*", ms=12, label="dense")
-    ax.set_xlabel("GMACs per image")
-    ax.set_ylabel(f"measured speedup over dense (batch {rows[0].batch_size})")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "speedup_vs_gmacs.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    ylabel = f"measured speedup over dense (batch {rows[0].batch_size})"
+    written.append(
+        _save(fig, ax, "GMACs per image", ylabel, title, out_dir / "speedup_vs_gmacs.png")
+    )
 
     if dense_top1 is not None and all(r.top1 is not None for r in rows):
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -174,13 +169,20 @@ def plot_tradeoffs(
             lw=1,
             label="Pareto front",
         )
-        ax.set_xlabel("GMACs per image (mean)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "accuracy_vs_gmacs.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        path = out_dir / "accuracy_vs_gmacs.png"
+        written.append(_save(fig, ax, "GMACs per image (mean)", "top-1 (%)", title, path))
     return written
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -13,17 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from tokenreduce.methods.base import (
-    MethodConfig,
-    Record,
-    Strength,
-    check_bool,
-    check_keep_rate,
-    check_layers_type,
-    class_attention_macs,
-    register,
-    resolve_layers,
-)
+from tokenreduce.methods.base import Record, class_attention_macs, register
+from tokenreduce.methods.evit import KeepRateConfig
 from tokenreduce.ops import (
     bipartite_soft_matching,
     dpc_knn,
@@ -66,7 +57,7 @@ def _check_count(option: str, value: object) -> None:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class BATConfig(MethodConfig):
+class BATConfig(KeepRateConfig):
     """BAT: in each of `layers`, split the non-prefix tokens by head-mean class attention into
     K = ceil(keep_rate * (N - P)) attentive and R = N - P - K inattentive tokens, then
 
@@ -88,45 +79,26 @@ class BATConfig(MethodConfig):
     1.7%), giving 2-3 clusters per layer on DeiT-S. k = 5 follows TCFormer's DPC-kNN. Also open:
     clustering on the post-residual features (not keys), class attention x size as the cluster
     weight, keys as the matching metric, no proportional attention (as EViT, whose code BAT
-    extends; `prop_attn=True` adds it).
+    extends; `prop_attn=True` adds it). layers None = (L//4, L//2, 3L//4) = (3, 6, 9) for
+    DeiT-S, the paper's 4th, 7th and 10th layers.
     """
 
     name: ClassVar[str] = "bat"
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean"})
-    requires_class_token: ClassVar[bool] = True
-    sweep: ClassVar[tuple[dict, ...]] = tuple({"keep_rate": k} for k in (0.9, 0.8, 0.7, 0.6, 0.5))
-    strength: ClassVar[Strength] = Strength("keep_rate", False, False, lambda d: (0.01, 1.0))
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] | None = None
     clusters: int | float = 0.03
     neighbours: int = 5
     attentive_matches: int | float = 0.02
-    prop_attn: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_keep_rate(self.name, self.keep_rate)
-        check_layers_type(self.name, self.layers)
         _check_count("clusters", self.clusters)
         _check_count("attentive_matches", self.attentive_matches)
-        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int):
+        neighbours = self.neighbours
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
             raise ValueError(
-                f"bat: option neighbours={self.neighbours!r} is not accepted; accepted: int >= 1"
+                f"bat: option neighbours={neighbours!r} is not accepted; accepted: an int >= 1"
             )
-        if self.neighbours < 1:
-            raise ValueError(
-                f"bat: option neighbours={self.neighbours!r} is not accepted; accepted: int >= 1"
-            )
-        check_bool(self.name, "prop_attn", self.prop_attn)
-
-    def validate(self, dims: ModelDims) -> None:
-        super().validate(dims)
-        resolve_layers(self.name, self.layers, dims.depth)
-
-    def schedule(self, dims: ModelDims) -> list[float | None]:
-        layers = resolve_layers(self.name, self.layers, dims.depth)
-        return [self.keep_rate if i in layers else None for i in range(dims.depth)]
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float

@@ -66,7 +66,8 @@ def attentive_keep(
 @dataclass(frozen=True, kw_only=True)
 class KeepRateConfig(MethodConfig):
     """Shared options of the methods that keep the top ceil(keep_rate * (N - P)) tokens by
-    head-mean class attention in each of `layers` (None = (L//4, L//2, 3L//4))."""
+    head-mean class attention in each of `layers` (None = (L//4, L//2, 3L//4)): EViT, top-k,
+    BAT."""
 
     requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})
