@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import tokenreduce
 from tokenreduce.bench import precision_context
+from tokenreduce.data import open_rgb
 from tokenreduce.methods.base import MethodConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -97,11 +98,10 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                tensor = self.transform(image.convert("RGB"))
-        except OSError:
+            image = open_rgb(path)
+        except (ValueError, FileNotFoundError):
             return torch.zeros(self.sample_shape()), label, index, False
-        return tensor, label, index, True
+        return self.transform(image), label, index, True
 
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed image (from a blank image through the transform)."""
