@@ -17,7 +17,13 @@ from torch import nn
 import tokenreduce
 from tokenreduce.methods.base import make_config
 
-DEFAULT_METHODS = ("tome:r=13", "evit:keep_rate=0.7", "topk:keep_rate=0.7", "ppt:r=50")
+DEFAULT_METHODS = (
+    "tome:r=13",
+    "evit:keep_rate=0.7",
+    "topk:keep_rate=0.7",
+    "ppt:r=50",
+    "bat:keep_rate=0.7",
+)
 
 
 @dataclass(frozen=True)
