@@ -90,8 +90,9 @@ def match_gmacs(
             if not strength.integer and abs(cost(middle) - target) <= tolerance * target:
                 weak = strong = middle
         best = min((weak, strong), key=lambda v: abs(cost(v) - target))
+        best = int(best) if strength.integer else float(best)
         config = make_config(base, **{strength.option: best})
-        gmacs = mean_gmacs(model, config, images)
+        gmacs = cost(best)
     finally:
         if attached_adapter(model) is not None:
             tokenreduce.remove(model)
