@@ -13,7 +13,7 @@ from tests.conftest import tiny_vit
 @pytest.mark.parametrize(
     "method,options,pattern",
     [
-        ("nope", {}, r"method='nope'.*accepted: \['bat', 'evit'"),
+        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', 'evit'"),
         ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
@@ -68,7 +68,7 @@ def test_remove_without_apply():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["bat", "evit", "ppt", "tome", "topk"]
+    assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
 
 
 def test_failed_apply_leaves_model_untouched():

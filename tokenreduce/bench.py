@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import tokenreduce
+from tokenreduce.flops import FlopsReport
 from tokenreduce.methods.base import make_config
 
 DEFAULT_METHODS = (
@@ -49,7 +50,10 @@ class BenchResult:
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False})."""
+    """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
+
+    Values are Python literals; a value that is none (e.g. a file path) is taken as a string.
+    """
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, _split_top_level(rest)):
@@ -58,10 +62,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(
-                f"method option {key}={value!r} in {spec!r} is not a Python literal"
-            ) from err
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
     make_config(name, **options)
     return name, options
 
@@ -106,23 +108,53 @@ def _timed(model: nn.Module, x: torch.Tensor, device: str) -> float:
 def measure_speedup(
     dense: nn.Module,
     reduced: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | Sequence[torch.Tensor],
     num_warm_iter: int,
     num_bench_iter: int,
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[float, float]:
-    """Median seconds per batch of dense and reduced, timed alternately on the same input."""
-    device = x.device.type
+    """Seconds per batch of dense and reduced, timed alternately on the same input.
+
+    x: one batch (median over iterations) or several (iteration k runs batch k mod count; mean
+    over iterations, so that methods whose cost depends on the image are timed on many).
+    """
+    batches = [x] if isinstance(x, torch.Tensor) else list(x)
+    device = batches[0].device.type
     dense_times, reduced_times = [], []
     with precision_context(device, amp, amp_dtype):
-        for _ in range(num_warm_iter):
-            dense(x)
+        for k in range(num_warm_iter):
+            dense(batches[k % len(batches)])
+            reduced(batches[k % len(batches)])
+        for k in range(num_bench_iter):
+            dense_times.append(_timed(dense, batches[k % len(batches)], device))
+            reduced_times.append(_timed(reduced, batches[k % len(batches)], device))
+    summary = statistics.median if len(batches) == 1 else statistics.fmean
+    return summary(dense_times), summary(reduced_times)
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of `images` (cycled when there are fewer images than one batch)."""
+    if len(images) < batch_size:
+        repeat = -(-batch_size // len(images))
+        images = images.repeat(repeat, 1, 1, 1)
+    count = len(images) // batch_size
+    return [images[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+
+
+def _mean_report(
+    reduced: nn.Module, batches: list[torch.Tensor], amp: bool, amp_dtype: torch.dtype
+) -> FlopsReport:
+    """Per-image GMACs of `reduced` over all the batches."""
+    reports = []
+    with precision_context(batches[0].device.type, amp, amp_dtype):
+        for x in batches:
             reduced(x)
-        for _ in range(num_bench_iter):
-            dense_times.append(_timed(dense, x, device))
-            reduced_times.append(_timed(reduced, x, device))
-    return statistics.median(dense_times), statistics.median(reduced_times)
+            reports.append(tokenreduce.flops.gmacs(reduced, tokenreduce.last_info(reduced)))
+    return FlopsReport(
+        gmacs=torch.cat([r.gmacs for r in reports]),
+        overhead_gmacs=torch.cat([r.overhead_gmacs for r in reports]),
+    )
 
 
 def bench_model(
@@ -136,8 +168,13 @@ def bench_model(
     amp_dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     progress: bool = True,
+    images: torch.Tensor | None = None,
 ) -> list[BenchResult]:
-    """Benchmark each method against `model` (left unreduced) at each batch size."""
+    """Benchmark each method against `model` (left unreduced) at each batch size.
+
+    images: real preprocessed images to time on, split into consecutive batches (each timing
+    iteration runs the next one; GMACs are their mean), instead of one random batch.
+    """
     model = model.to(device).eval()
     img_size = model.patch_embed.img_size
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)
@@ -146,12 +183,14 @@ def bench_model(
     for name, options in methods:
         reduced = tokenreduce.apply(copy.deepcopy(model), name, **options)
         for batch_size in batch_sizes:
-            x = torch.randn(batch_size, 3, *img_size, device=device)
+            if images is None:
+                batches = [torch.randn(batch_size, 3, *img_size, device=device)]
+            else:
+                batches = _batches(images.to(device), batch_size)
             dense_s, reduced_s = measure_speedup(
-                model, reduced, x, num_warm_iter, num_bench_iter, amp, amp_dtype
+                model, reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
             )
-            # the last timed call ran `reduced` on this batch in this thread
-            report = tokenreduce.flops.gmacs(reduced, tokenreduce.last_info(reduced))
+            report = _mean_report(reduced, batches, amp, amp_dtype)
             result = BenchResult(
                 model=model_name,
                 method=name,

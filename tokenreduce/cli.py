@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce import bench, calibrate, data, demo, models, viz
+from tokenreduce import bench, calibrate, data, demo, distributed, models, viz
+from tokenreduce import train as training
 from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
 from tokenreduce.evaluate import (
     EvalResult,
@@ -21,7 +22,7 @@ from tokenreduce.evaluate import (
     evaluate,
     read_class_map,
 )
-from tokenreduce.methods.base import make_config
+from tokenreduce.methods.base import learned_method_names, make_config
 from tokenreduce.report import format_table, write_results
 
 BENCH_COLUMNS = (
@@ -130,6 +131,16 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results-file", default=None)
     parser.add_argument("--results-format", default="json", choices=["json", "csv"])
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="time on real images from this ImageFolder (DATA/<class>/<image>), split into "
+        "batches that the iterations cycle through, instead of one random batch; needed for "
+        "methods whose cost depends on the image (ltmp, asvit, ppt)",
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=64, help="evenly spaced images taken from --data"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dir", default="tokenreduce-compare")
     c.add_argument("--results-format", default="csv", choices=["json", "csv"])
 
+    t = sub.add_parser(
+        "train",
+        help="learn the thresholds of ltmp/asvit for a GMACs budget (works under torchrun)",
+        description="Soft-mask training of a learned method's thresholds on an ImageFolder: "
+        "cross-entropy + reg-scale x (kept MACs fraction - target)^2. Backbone frozen unless "
+        "--finetune. Writes a threshold file for thresholds=PATH, with a JSON log beside it.",
+    )
+    t.add_argument("data", help="ImageFolder root: DATA/<class>/<image> (training images)")
+    _model_args(t, DEMO_MODEL)
+    _data_args(t, batch_size=128)
+    t.add_argument("--method", required=True, help="NAME[:opt=value,...] (ltmp or asvit)")
+    t.add_argument("--target", type=float, required=True, help="target fraction of dense GMACs")
+    t.add_argument("--out", required=True, help="threshold file to write (.safetensors)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        help="KIND=VALUE learning rate of one threshold kind (repeatable); default: the "
+        "method's (ltmp merge_thresholds=5e-3, prune_thresholds=5e-6; asvit thresholds=1e-3)",
+    )
+    t.add_argument("--reg-scale", type=float, default=10.0, help="budget loss weight")
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--finetune", action="store_true", help="also train the backbone (AdamW)")
+    t.add_argument("--backbone-lr", type=float, default=None, help="default 1e-5 x batch/512")
+    t.add_argument("--seed", type=int, default=0)
+
     v = sub.add_parser(
         "viz",
         help="token maps after each reducing block, one PNG grid per method",
@@ -234,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-b", "--batch-size", type=int, default=64)
+def _data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    parser.add_argument("-b", "--batch-size", type=int, default=batch_size)
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
     parser.add_argument("--crop-pct", type=float, default=None)
     parser.add_argument("--interpolation", default=None, help="e.g. bicubic, bilinear")
@@ -275,6 +313,13 @@ def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
     _check_positive(args)
     methods = [bench.parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
     model = _load_model(args)
+    images = None
+    if getattr(args, "data", None):
+        if args.num_images < 1:
+            raise ValueError(f"--num-images={args.num_images} is not accepted; accepted: >= 1")
+        transform, _ = data.eval_transform(model)
+        folder = ImageFolder(args.data, transform, args.num_images)
+        images = torch.stack([folder[i][0] for i in range(len(folder))])
     print(
         f"{title}: {args.model} ({_weights(args)}), {args.device}, "
         f"{torch.get_num_threads()} threads",
@@ -290,6 +335,7 @@ def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
         amp=args.amp,
         amp_dtype=AMP_DTYPES[args.amp_dtype],
         device=args.device,
+        images=images,
     )
     rows = [r.as_dict() for r in results]
     print()
@@ -369,6 +415,7 @@ def _dataset(args: argparse.Namespace, model: torch.nn.Module, root: str) -> Ima
 def run_eval(args: argparse.Namespace) -> EvalResult:
     _check_ratio(args.gmacs_ratio)
     specs = [bench.parse_method(spec) for spec in (args.method or ["tome:r=13"])]
+    context = distributed.setup()
     model = _load_model(args)
     dataset = _dataset(args, model, args.data)
     configs = [make_config(name, **options) for name, options in specs]
@@ -379,7 +426,11 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
             calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
             for config in configs
         ]
-    print(f"eval: {args.model} ({_weights(args)}), {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"eval: {args.model} ({_weights(args)}), {torch.get_num_threads()} threads, "
+        f"{context.world} process(es)",
+        flush=True,
+    )
     result = evaluate(
         model,
         configs,
@@ -392,6 +443,9 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
         progress=not args.no_progress,
     )
     rows = result.rows()
+    distributed.teardown(context)
+    if not context.is_main:
+        return result
     print(
         f"\ndense: top-1 {result.dense_top1:.2f}%, top-5 {result.dense_top5:.2f}%, "
         f"{result.dense_gmacs:.3f} GMACs, {result.num_images} images"
@@ -448,6 +502,68 @@ def run_compare(args: argparse.Namespace) -> list[CompareRow]:
     return rows
 
 
+def run_train(args: argparse.Namespace) -> training.TrainResult:
+    name, options = bench.parse_method(args.method)
+    if name not in learned_method_names():
+        raise ValueError(
+            f"--method={args.method!r} is not accepted; accepted: {learned_method_names()}"
+        )
+    rates = {}
+    for item in args.lr:
+        kind, sep, value = item.partition("=")
+        try:
+            rates[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--lr {item!r} is not accepted; accepted: KIND=NUMBER")
+    context = distributed.setup()
+    model = _load_model(args)
+    dataset = _dataset(args, model, args.data)
+    if context.is_main:
+        print(
+            f"train: {name} on {args.model} ({_weights(args)}), target {args.target} of dense "
+            f"GMACs, {context.world} process(es), {torch.get_num_threads()} threads",
+            flush=True,
+        )
+    result = training.train_thresholds(
+        model,
+        name,
+        dataset,
+        target_ratio=args.target,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=rates,
+        reg_scale=args.reg_scale,
+        label_smoothing=args.label_smoothing,
+        finetune=args.finetune,
+        backbone_lr=args.backbone_lr,
+        out=args.out,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+        metadata={"model": args.model, "data": str(args.data)},
+        **options,
+    )
+    if context.is_main:
+        thresholds = {
+            kind: [round(v, 5) for v in values]
+            for kind, values in result.config.threshold_vectors(
+                tokenreduce.flops.model_dims(model)
+            ).items()
+        }
+        seconds = ", ".join(f"{s:.1f}" for s in result.epoch_seconds)
+        print(
+            f"\ntrained {result.steps} steps, {seconds} s per epoch; mean "
+            f"{result.mean_gmacs:.3f} GMACs = {result.ratio:.3f} of dense "
+            f"(target {args.target}) on training images\nthresholds: {json.dumps(thresholds)}\n"
+            f"written to {result.path} (log: {result.path}.json); use "
+            f"--method {name}:thresholds={result.path}"
+        )
+    distributed.teardown(context)
+    return result
+
+
 def run_viz(args: argparse.Namespace) -> list[Path]:
     if args.max_columns < 1:
         raise ValueError(f"--max-columns={args.max_columns} is not accepted; accepted: >= 1")
@@ -494,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_compare(args)
         elif args.command == "viz":
             run_viz(args)
+        elif args.command == "train":
+            run_train(args)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
         return 2

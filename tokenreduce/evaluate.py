@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import tokenreduce
+from tokenreduce import distributed
 from tokenreduce.bench import precision_context
 from tokenreduce.data import open_rgb
 from tokenreduce.methods.base import MethodConfig
@@ -172,7 +173,11 @@ def evaluate(
     amp_dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
 ) -> EvalResult:
-    """Dense `model` and a reduced copy per config, on every image of `dataset`."""
+    """Dense `model` and a reduced copy per config, on every image of `dataset`.
+
+    Under torchrun each rank evaluates its shard; the per-image results are gathered (every rank
+    returns the full result, in dataset order, equal to a one-process run).
+    """
     num_classes = getattr(model, "num_classes", 0)
     if not num_classes:
         raise ValueError(
@@ -185,14 +190,17 @@ def evaluate(
             f"{num_classes}; set --num-classes and load a matching head"
         )
     reduced = [tokenreduce.apply(copy.deepcopy(model), c) for c in configs]
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    context = distributed.setup(next(model.parameters()).device.type)
+    part = Subset(dataset, distributed.shard(len(dataset), context)) if context.active else dataset
+    loader = DataLoader(part, batch_size=batch_size, num_workers=workers, shuffle=False)
     device = next(model.parameters()).device
     dense_hits: list[torch.Tensor] = []
     dense_pred: list[torch.Tensor] = []
     hits: list[list[torch.Tensor]] = [[] for _ in configs]
     gmacs: list[list[torch.Tensor]] = [[] for _ in configs]
     unreadable: list[str] = []
-    bar = _progress(len(dataset), progress)
+    order: list[torch.Tensor] = []
+    bar = _progress(len(part), progress and context.is_main)
     with precision_context(device.type, amp, amp_dtype):
         for images, labels, indices, ok in loader:
             for i in indices[~ok].tolist():
@@ -201,6 +209,7 @@ def evaluate(
             images, labels = images[ok].to(device), labels[ok].to(device)
             if len(images) == 0:
                 continue
+            order.append(indices[ok])
             logits = model(images).float()
             top1, top5 = _topk_hits(logits, labels)
             pred = logits.argmax(-1)
@@ -213,6 +222,10 @@ def evaluate(
                 gmacs[k].append(tokenreduce.flops.gmacs(net, tokenreduce.last_info(net)).gmacs)
             bar.update(len(indices))
     bar.close()
+    if context.active:
+        dense_hits, dense_pred, hits, gmacs, unreadable = _gather_in_order(
+            context, order, dense_hits, dense_pred, hits, gmacs, unreadable
+        )
     if not dense_hits:
         raise ValueError(f"no readable image in the dataset ({len(unreadable)} unreadable)")
     dense = torch.cat(dense_hits, dim=1).double().mean(dim=1) * 100
@@ -246,6 +259,42 @@ def evaluate(
         dense_gmacs=round(dense_gmacs, 4),
         methods=results,
         dense_predictions=torch.cat(dense_pred).tolist(),
+    )
+
+
+def _gather_in_order(
+    context: distributed.Context,
+    order: list[torch.Tensor],
+    dense_hits: list[torch.Tensor],
+    dense_pred: list[torch.Tensor],
+    hits: list[list[torch.Tensor]],
+    gmacs: list[list[torch.Tensor]],
+    unreadable: list[str],
+) -> tuple:
+    """Every rank's per-image results, concatenated and put back in dataset order."""
+
+    def cat(chunks: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+        return torch.cat([c.cpu() for c in chunks], dim=dim) if chunks else None
+
+    local = (
+        cat(order, 0),
+        cat(dense_hits, 1),
+        cat(dense_pred, 0),
+        [cat(h, 1) for h in hits],
+        [cat(g, 0) for g in gmacs],
+        unreadable,
+    )
+    parts = [p for p in distributed.gather(local, context) if p[0] is not None]
+    unreadable = sorted(name for p in distributed.gather(unreadable, context) for name in p)
+    if not parts:
+        return [], [], [[] for _ in hits], [[] for _ in gmacs], unreadable
+    rank_order = torch.cat([p[0] for p in parts]).argsort()
+    return (
+        [torch.cat([p[1] for p in parts], dim=1)[:, rank_order]],
+        [torch.cat([p[2] for p in parts])[rank_order]],
+        [[torch.cat([p[3][k] for p in parts], dim=1)[:, rank_order]] for k in range(len(hits))],
+        [[torch.cat([p[4][k] for p in parts])[rank_order]] for k in range(len(gmacs))],
+        unreadable,
     )
 
 

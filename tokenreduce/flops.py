@@ -86,3 +86,27 @@ def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
             entering[:, block], dims, info.steps[block], record, info.fused_attention[block]
         )
     return FlopsReport(gmacs=macs / 1e9, overhead_gmacs=overhead / 1e9)
+
+
+def budget_fraction(dims: ModelDims, kept_fraction: torch.Tensor) -> torch.Tensor:
+    """Differentiable fraction of the blocks' dense MACs kept by soft masks (methods.md §3.5).
+
+    kept_fraction: [L] mean mask after each block over the batch and tokens (prefix included).
+    Block l costs attention-linear and attention-matrix MACs at the fraction entering it and MLP
+    MACs at the fraction after its reduction: with m_0 = 1,
+    F = sum_l [a m_l n + 2 D (m_l n)^2 + c m_{l+1} n] / (L [a n + 2 D n^2 + c n]), which is
+    LTMP's training-script formula for a ViT with MLP ratio 4.
+    """
+    n = float(dims.num_tokens)
+    entering = torch.cat([kept_fraction.new_ones(1), kept_fraction[:-1]])
+    kept = (
+        dims.attn_linear_macs_per_token * entering * n
+        + 2 * dims.attn_dim * (entering * n) ** 2
+        + dims.mlp_macs_per_token * kept_fraction * n
+    )
+    dense = (
+        dims.attn_linear_macs_per_token * n
+        + 2 * dims.attn_dim * n * n
+        + dims.mlp_macs_per_token * n
+    )
+    return kept.sum() / (dense * kept_fraction.shape[0])

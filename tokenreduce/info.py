@@ -21,7 +21,9 @@ class ReductionInfo:
         tokens (column 0 = first prefix token); otherwise None.
     fused_attention: per block, whether its attention ran through the fused kernel.
     records: method-specific per-reducing-block values stacked to [B, S] (PPT: policy,
-        score_variance); also readable as attributes, e.g. `info.policy`.
+        score_variance; LTMP: merged, pruned); also readable as attributes, e.g. `info.policy`.
+    kept_fraction: learned methods in training only, [B, L] mean key mask after each block, with
+        its straight-through gradient (the budget loss reads it).
     """
 
     config: MethodConfig
@@ -32,6 +34,7 @@ class ReductionInfo:
     source_blk: list[torch.Tensor] | None
     fused_attention: tuple[bool, ...]
     records: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_fraction: torch.Tensor | None = None
 
     @property
     def method(self) -> str:

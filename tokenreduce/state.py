@@ -19,11 +19,17 @@ class TokenState:
     size: [B, N, 1] number of original tokens each token represents; None while every size is 1
         (before the first reduction), which keeps unreduced blocks bit-identical to the model.
     source: [B, N, N0] 0/1 map from current to original tokens, only when tracing sources.
+    valid: [B, N] bool, False at padding slots once images keep different numbers of tokens
+        (methods.md §1.6; padding also has size 0); None while every slot is a real token.
+    mask: [B, N] soft key mask of a learned method's training forward (methods.md §2.7; forward
+        values 0/1, straight-through gradients); None outside training.
     """
 
     num_prefix: int
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def sizes_like(self, x: torch.Tensor) -> torch.Tensor:
         """The size vector [B, N, 1], materialised as ones when still implicit."""
@@ -33,6 +39,14 @@ class TokenState:
 
     def with_tokens(self, size: torch.Tensor, source: torch.Tensor | None) -> TokenState:
         return replace(self, size=size, source=source)
+
+    def token_counts(self, x: torch.Tensor) -> torch.Tensor | int:
+        """Real tokens per image: [B] when padded or masked, else the int N."""
+        if self.mask is not None:
+            return (self.mask.detach() > 0).sum(dim=1)
+        if self.valid is not None:
+            return self.valid.sum(dim=1)
+        return x.shape[1]
 
 
 @dataclass(frozen=True)

@@ -93,11 +93,15 @@ def draw_token_maps(
         axes[b, 0].imshow(images[b].permute(1, 2, 0).numpy())
         axes[b, 0].set_title(row_labels[b] if row_labels else "input", fontsize=8)
         for col, block in enumerate(blocks, start=1):
-            owners = patch_owners(
-                info.source_blk[block][b], num_prefix, info.config.appends_fused_token
-            )
-            axes[b, col].imshow(token_map(images[b], owners, grid))
             tokens = int(info.tokens_per_block[b, block])
+            # padding slots (per-image counts) follow the real tokens: the fused one is the
+            # last real token
+            source = info.source_blk[block][b][:tokens]
+            fused = info.config.appends_fused_token
+            if "fused" in info.records:  # per image: a fused token only where some were pruned
+                fused = bool(info.records["fused"][b, info.reduce_blocks.index(block)])
+            owners = patch_owners(source, num_prefix, fused)
+            axes[b, col].imshow(token_map(images[b], owners, grid))
             axes[b, col].set_title(f"after block {block}: {tokens} tok", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")

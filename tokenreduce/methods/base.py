@@ -42,6 +42,7 @@ class MethodConfig:
     requires_class_token: ClassVar[bool] = False
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
     strength: ClassVar[Strength | None] = None
+    learned: ClassVar[bool] = False
 
     trace_source: bool = False
 
@@ -91,6 +92,11 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def learned_method_names() -> list[str]:
+    """Names of the methods whose thresholds `tokenreduce train` learns."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.learned)
 
 
 def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:

@@ -32,3 +32,28 @@ def class_attention_row(
     if bias is not None:
         logits = logits + bias
     return logits.to(softmax_dtype(logits.dtype)).softmax(dim=-1)[:, :, 0]
+
+
+def padding_bias(valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Padding slots removed as keys: 0 for real tokens, -inf for padding; [B, 1, 1, N]."""
+    if valid is None:
+        return None
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(valid, zero, -torch.inf)[:, None, None, :]
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Attention with a soft key mask, as LTMP trains (methods.md §2.7).
+
+    logits: [B, H, N, N] (size bias included); mask: [B, N] with values in [0, 1]. Masked keys get
+    no weight while the mask's straight-through gradient still flows:
+    A = (exp(min(l - c, 0)) * m + eps / N) / (sum_j exp(min(l - c, 0)) * m + eps).
+    c is the row maximum over the keys the mask keeps ([deviation] the official code takes it
+    over all keys: when a masked key's logit dominates, every kept weight underflows and the row
+    degenerates to uniform eps / N; with c over kept keys the row stays the softmax over them,
+    and the clamp keeps the mask's gradient exp(l - c) of masked keys at most 1, as official).
+    """
+    kept = (mask.detach() > 0)[:, None, None, :]
+    shift = logits.detach().masked_fill(~kept, -torch.inf).amax(dim=-1, keepdim=True)
+    weights = (logits - shift).clamp_max(0).exp() * mask[:, None, None, :]
+    return (weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)

@@ -21,8 +21,18 @@ from torch import nn
 
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig
-from tokenreduce.ops.attention import class_attention_row, size_bias, softmax_dtype
+from tokenreduce.ops.attention import (
+    class_attention_row,
+    masked_softmax,
+    padding_bias,
+    size_bias,
+    softmax_dtype,
+)
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+TRAINABLE_ATTR = "tokenreduce_thresholds"
+"""Name of the submodule holding a learned method's trainable thresholds (a model attribute, so
+that optimisers, DDP and state dicts see it)."""
 
 SUPPORTED = (
     "timm VisionTransformer (and subclasses such as VisionTransformerDistilled) whose blocks are "
@@ -35,12 +45,17 @@ def _linear_macs(module: nn.Module) -> int:
 
 
 def attention_forward(
-    attn: Attention, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str]
+    attn: Attention,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    needs: frozenset[str],
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionOutputs]:
     """timm `Attention.forward` with an additive key bias and the by-products a method needs.
 
     Mirrors timm's computation op for op, so with no bias the output equals timm's. The fused path
     stays fused; the class-attention row then comes from `class_attention_row` (no N x N matrix).
+    key_mask [B, N] (training of learned methods) selects the explicit masked softmax (§2.7).
     """
     batch, tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -53,7 +68,7 @@ def attention_forward(
 
     full = None
     cls_attn = None
-    fused = attn.fused_attn and "attn" not in needs
+    fused = attn.fused_attn and "attn" not in needs and key_mask is None
     if fused:
         mask = None if bias is None else bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -63,7 +78,10 @@ def attention_forward(
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
-        full = scores.softmax(dim=-1)
+        if key_mask is None:
+            full = scores.softmax(dim=-1)
+        else:
+            full = masked_softmax(scores, key_mask.to(scores.dtype))
         out = attn.attn_drop(full) @ v
         if "cls_attn" in needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
@@ -89,19 +107,29 @@ def block_forward(
     """One timm `Block` with the reduction between attention and MLP.
 
     Returns tokens, state, the method's record and whether attention ran fused. A block that
-    neither reduces nor needs a size bias runs timm's own forward.
+    neither reduces nor needs a key bias or mask runs timm's own forward.
     """
-    bias = size_bias(state.size, x.dtype) if config.uses_prop_attn else None
-    if step is None and bias is None:
+    bias = key_bias(state, config.uses_prop_attn, x.dtype)
+    if step is None and bias is None and state.mask is None:
         return block(x), state, {}, bool(block.attn.fused_attn)
     needs = config.needs if step is not None else frozenset()
-    attn_out, byproducts = attention_forward(block.attn, block.norm1(x), bias, needs)
+    attn_out, byproducts = attention_forward(
+        block.attn, block.norm1(x), bias, needs, key_mask=state.mask
+    )
     x = x + block.drop_path1(block.ls1(attn_out))
     record: dict[str, torch.Tensor] = {}
     if step is not None:
         x, state, record = config.reduce(x, state, byproducts, step)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, state, record, byproducts.fused
+
+
+def key_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention bias over keys: log s with proportional attention (padding has s = 0),
+    otherwise -inf at padding slots only; None when neither applies."""
+    if prop_attn:
+        return size_bias(state.size, dtype)
+    return padding_bias(state.valid, dtype)
 
 
 class TimmAdapter:
@@ -193,38 +221,54 @@ class TimmAdapter:
     def detach(self, model: VisionTransformer) -> None:
         model.__class__ = self.original_class
         delattr(model, self.ATTR)
+        if hasattr(model, TRAINABLE_ATTR):
+            delattr(model, TRAINABLE_ATTR)
 
     # ---- forward --------------------------------------------------------------------------
-    def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """All blocks with their reductions; records this forward's info for this thread."""
+    def run_blocks(self, model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+        """All blocks with their reductions; records this forward's info for this thread.
+
+        A learned method in training mode (`model.training`) runs its soft-mask forward: every
+        token stays, a key mask removes them (methods.md §2.7), and the kept fraction per block
+        is recorded with its gradient for the budget loss.
+        """
         config = self.config
+        batch = x.shape[0]
         source = None
         if config.trace_source:
-            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(
-                x.shape[0], -1, -1
-            )
-        state = TokenState(num_prefix=self.dims.num_prefix, source=source)
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(batch, -1, -1)
+        soft = config.learned and model.training
+        mask = x.new_ones(batch, x.shape[1]) if soft else None
+        state = TokenState(num_prefix=self.dims.num_prefix, source=source, mask=mask)
+        steps = self.steps
+        trainable = getattr(model, TRAINABLE_ATTR, None)
+        if trainable is not None:
+            steps = config.trainable_steps(self.steps, trainable)
         tokens_in = x.shape[1]
-        counts, sizes, sources, fused = [], [], [], []
+        counts, sizes, sources, fused, kept = [], [], [], [], []
         records: dict[str, list[torch.Tensor]] = {}
-        for block, step in zip(blocks, self.steps, strict=True):
+        for block, step in zip(model.blocks, steps, strict=True):
             x, state, record, block_fused = block_forward(block, x, state, config, step)
-            counts.append(x.shape[1])
+            counts.append(torch.as_tensor(state.token_counts(x)).expand(batch))
             sizes.append(state.size)
             fused.append(block_fused)
+            if state.mask is not None:
+                kept.append(state.mask.mean(dim=1))
             if state.source is not None:
                 sources.append(state.source > 0)
             for key, value in record.items():
                 records.setdefault(key, []).append(value)
+        self._local.final_state = state
         self._local.info = ReductionInfo(
             config=config,
-            tokens_per_block=torch.tensor(counts, dtype=torch.long).expand(x.shape[0], -1).clone(),
+            tokens_per_block=torch.stack(counts, dim=1).long(),
             tokens_in=tokens_in,
             steps=self.steps,
             sizes=sizes,
             source_blk=sources if config.trace_source else None,
             fused_attention=tuple(fused),
             records={key: torch.stack(values, dim=1) for key, values in records.items()},
+            kept_fraction=torch.stack(kept, dim=1) if kept else None,
         )
         return x
 
@@ -240,25 +284,33 @@ class TimmAdapter:
     def weighted_pool(
         self, model: VisionTransformer, x: torch.Tensor, pool_type: str | None
     ) -> torch.Tensor | None:
-        """Pooling that accounts for token sizes, or None when timm's own pooling is exact."""
-        info = getattr(self._local, "info", None)
-        size = info.final_size if info is not None else None
-        if size is None or size.shape[:2] != x.shape[:2]:
+        """Pooling that accounts for token sizes, padding and training masks, or None when
+        timm's own pooling is exact."""
+        state = getattr(self._local, "final_state", None)
+        if state is None or (state.size is None and state.mask is None):
             return None
+        size = state.sizes_like(x)
+        if size.shape[:2] != x.shape[:2]:
+            return None
+        weight = size if state.mask is None else size * state.mask.unsqueeze(-1)
         prefix = model.num_prefix_tokens
         if model.attn_pool is not None:
             if not model.pool_include_prefix:
-                x, size = x[:, prefix:], size[:, prefix:]
+                x, size, weight = x[:, prefix:], size[:, prefix:], weight[:, prefix:]
             mask = size_bias(size, x.dtype) if self.config.uses_prop_attn else None
+            if state.valid is not None or state.mask is not None:
+                padding = padding_bias(weight.detach()[..., 0] > 0, x.dtype)
+                mask = padding if mask is None else mask + padding
             return model.attn_pool(x, attn_mask=mask)
         pool_type = model.global_pool if pool_type is None else pool_type
         if pool_type not in ("avg", "avgmax"):
             return None
         if not model.pool_include_prefix:
-            x, size = x[:, prefix:], size[:, prefix:]
-        mean = (x * size).sum(dim=1) / size.sum(dim=1)
+            x, weight = x[:, prefix:], weight[:, prefix:]
+        mean = (x * weight).sum(dim=1) / weight.sum(dim=1)
         if pool_type == "avgmax":
-            return 0.5 * (x.amax(dim=1) + mean)
+            real = weight.detach() > 0
+            return 0.5 * (x.masked_fill(~real, -torch.inf).amax(dim=1) + mean)
         return mean
 
 
@@ -292,7 +344,7 @@ def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x = getattr(self, TimmAdapter.ATTR).run_blocks(self.blocks, x)
+        x = getattr(self, TimmAdapter.ATTR).run_blocks(self, x)
         return self.norm(x)
 
     def pool(

@@ -1,0 +1,299 @@
+"""LTMP and AS-ViT: threshold semantics, per-image batching, soft training, budget loss,
+threshold files and `tokenreduce train`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokenreduce
+from tests.conftest import tiny_vit
+from tests.test_distributed import make_image_folder
+from tokenreduce import data, train
+from tokenreduce.evaluate import ImageFolder
+from tokenreduce.methods.base import make_config
+from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
+from tokenreduce.ops.packing import pack_kept
+from tokenreduce.ops.thresholds import threshold_mask
+from tokenreduce.patch.timm import TRAINABLE_ATTR
+from tokenreduce.state import AttentionOutputs, TokenState
+
+VARIABLE = {
+    "asvit": {"thresholds": (0.9, 1.0, 1.1)},
+    "ltmp": {"merge_thresholds": 0.6, "prune_thresholds": 0.05},
+}
+
+
+def peaky_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
+    """A random tiny ViT whose attention is far from uniform (scaled query/key weights), so that
+    learned thresholds keep different token counts per image."""
+    model = tiny_vit(name, img_size=64, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for block in model.blocks:
+            dim = block.attn.qkv.in_features
+            block.attn.qkv.weight[: 2 * dim] *= 12
+    return model.double()
+
+
+def run(model: torch.nn.Module, method: str, images: torch.Tensor, **options):
+    tokenreduce.apply(model, method, **options)
+    with torch.no_grad():
+        out = model(images)
+    return out, tokenreduce.last_info(model)
+
+
+# ---- threshold semantics on hand-made scores -------------------------------------------------
+def asvit_step(threshold: float, min_keep: int = 1):
+    """AS-ViT on one image: prefix + 4 tokens whose mean-1 scores are exactly 0.5, 1, 1.5, 1."""
+    config = make_config("asvit", min_keep=min_keep)
+    x = torch.arange(5, dtype=torch.float64).view(1, 5, 1).expand(1, 5, 2).clone()
+    cls_attn = torch.tensor([0.5, 0.0625, 0.125, 0.1875, 0.125], dtype=torch.float64)
+    attn = AttentionOutputs(
+        cls_attn=cls_attn.view(1, 1, 5).expand(1, 2, 5),
+        values=torch.ones(1, 2, 5, 3, dtype=torch.float64),
+    )
+    out, state, _ = config.reduce(x, TokenState(num_prefix=1), attn, {"thresholds": threshold})
+    return out[0, :, 0].tolist(), state
+
+
+def test_asvit_threshold_is_strict_and_keeps_the_prefix():
+    assert asvit_step(1.0)[0] == [0.0, 3.0]  # the two tokens exactly at 1.0 are pruned
+    assert asvit_step(0.25)[0] == [0.0, 1.0, 2.0, 3.0, 4.0]  # all above: nothing pruned
+    assert asvit_step(2.0)[0] == [0.0, 3.0]  # all below: the best token (min_keep=1) stays
+    kept, state = asvit_step(2.0, min_keep=0)
+    assert kept == [0.0]  # all below, min_keep=0: only the prefix token stays
+    assert state.size.flatten().tolist() == [1.0]
+
+
+def test_threshold_mask_is_strict_and_soft_forward_equals_hard():
+    score = torch.tensor([0.2, 0.5, 0.7])
+    assert threshold_mask(score, 0.5, 0.1, soft=False).tolist() == [False, False, True]
+    soft = threshold_mask(score, torch.tensor(0.5, requires_grad=True), 0.1, soft=True)
+    assert soft.tolist() == [0.0, 0.0, 1.0]
+    assert soft.requires_grad
+
+
+def test_soft_sigmoid_tends_to_the_hard_decision_as_tau_goes_to_zero():
+    score = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    hard = (score > 0.1).double()
+    gaps = [
+        (torch.sigmoid((score - 0.1) / tau) - hard)[(score - 0.1).abs() > 1e-9].abs().max()
+        for tau in (1.0, 0.1, 0.01, 1e-4)
+    ]
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] < 1e-12
+
+
+def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
+    """Tokens 1 and 2 have identical keys (cosine exactly 1): merged only when 1 > threshold."""
+    config = make_config("ltmp")
+    keys = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]])
+    attn = torch.full((1, 1, 5, 5), 0.25, dtype=torch.float64)
+    outputs = AttentionOutputs(attn=attn, key_mean=keys[None].double())
+    x = torch.arange(5, dtype=torch.float64).view(1, 5, 1)
+
+    def step(merge, prune):
+        step = {"merge_thresholds": merge, "prune_thresholds": prune}
+        out, state, record = config.reduce(x, TokenState(num_prefix=1), outputs, step)
+        return out[0, :, 0].tolist(), state.size[0, :, 0].tolist(), record
+
+    assert step(1.0, 0.0)[0] == [0.0, 2.0, 4.0, 1.0, 3.0]  # [prefix, A, B]: no merge at 1.0
+    tokens, sizes, record = step(0.999, 0.0)
+    assert tokens == [0.0, 4.0, 1.5, 3.0] and sizes == [1.0, 1.0, 2.0, 1.0]
+    assert record["merged"].tolist() == [1]
+    tokens, _, record = step(1.0, 0.25)  # every importance is exactly 0.25: only prefix stays
+    assert tokens == [0.0] and record["pruned"].tolist() == [4]
+
+
+# ---- per-image batching ------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_mixed_batch_equals_each_image_alone(method):
+    model = peaky_vit()
+    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    batched, info = run(model, method, images, **VARIABLE[method])
+    counts = info.tokens_per_block
+    assert len({tuple(row) for row in counts.tolist()}) > 1, "counts must differ per image"
+    assert counts[:, -1].min() < info.tokens_in
+    for i in range(len(images)):
+        alone, single = run(model, method, images[i : i + 1], **VARIABLE[method])
+        torch.testing.assert_close(alone, batched[i : i + 1], rtol=1e-9, atol=1e-9)
+        assert single.tokens_per_block[0].tolist() == counts[i].tolist()
+    gmacs = tokenreduce.flops.gmacs(model, info).gmacs
+    assert len(set(gmacs.tolist())) > 1  # per-image GMACs
+
+
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_masked_path_equals_packed_path(method):
+    model = peaky_vit()
+    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    options = dict(VARIABLE[method], trace_source=True)
+    packed, packed_info = run(model, method, images, **options)
+    masked, masked_info = run(model, method, images, batching="masked", **options)
+    torch.testing.assert_close(masked, packed, rtol=1e-9, atol=1e-9)
+    assert masked_info.tokens_per_block.tolist() == packed_info.tokens_per_block.tolist()
+    # masked keeps static shapes: every block holds all N0 slots, padding included
+    assert {s.shape[1] for s in masked_info.sizes if s is not None} == {masked_info.tokens_in}
+    for packed_src, masked_src in zip(packed_info.source_blk, masked_info.source_blk, strict=True):
+        width = packed_src.shape[1]
+        assert torch.equal(masked_src[:, :width], packed_src)
+        assert not masked_src[:, width:].any()  # padding represents no original token
+
+
+def test_padding_never_changes_real_tokens():
+    """Extra padding slots (a second image that keeps everything) leave the first's output."""
+    model = peaky_vit()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    alone, _ = run(model, "asvit", images[:1], batching="masked", thresholds=(0.9, 1.0, 1.1))
+    both, _ = run(model, "asvit", images, batching="masked", thresholds=(0.9, 1.0, 1.1))
+    torch.testing.assert_close(both[:1], alone, rtol=1e-9, atol=1e-9)
+
+
+def test_static_cap_drops_the_lowest_scores_and_records_the_overflow():
+    keep = torch.tensor([[True, True, False, True, True]])
+    score = torch.tensor([[9.0, 1.0, 5.0, 3.0, 2.0]])
+    packing = pack_kept(keep, 3, score)
+    assert packing.index[0].tolist() == [0, 3, 4] and packing.overflow.tolist() == [1]
+    model = peaky_vit()
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    _, info = run(model, "asvit", images, batching="masked", max_tokens=8, thresholds=0.0)
+    assert info.overflow.sum() > 0
+    assert info.tokens_per_block[:, 3:].max() <= 8
+
+
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_untrained_thresholds_are_the_dense_model(method):
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64)
+    images = torch.randn(2, 3, 64, 64)
+    dense = model(images)
+    out, info = run(model, method, images)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    assert (info.tokens_per_block == info.tokens_in).all()
+
+
+@pytest.mark.parametrize("model_name", ["deit_small_distilled_patch16_224", "vit_reg"])
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_prefix_tokens_stay_first(method, model_name):
+    if model_name == "vit_reg":
+        model = tiny_vit("vit_base_patch16_224", img_size=64, reg_tokens=4, depth=4, num_heads=2)
+    else:
+        model = tiny_vit(model_name, img_size=64, depth=4)
+    prefix = model.num_prefix_tokens
+    options = {"asvit": {"thresholds": 1.0}, "ltmp": {"merge_thresholds": 0.2}}[method]
+    _, info = run(model, method, torch.randn(2, 3, 64, 64), trace_source=True, **options)
+    for source in info.source_blk:
+        assert (source[:, :prefix, :prefix] == torch.eye(prefix, dtype=torch.bool)).all()
+        assert not source[:, prefix:, :prefix].any()
+
+
+# ---- training forward and budget loss --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("asvit", {"thresholds": (0.9, 1.0, 1.1)}),
+        ("ltmp", {"layers": (2,), "merge_thresholds": 0.3, "prune_thresholds": 0.0}),
+        ("ltmp", {"layers": (2,), "merge_thresholds": 1.0, "prune_thresholds": 0.06}),
+    ],
+)
+def test_training_forward_with_hard_masks_matches_inference(method, options):
+    """Soft-mask training (all tokens kept, masked attention) == inference on the kept tokens,
+    up to the masked softmax's epsilon."""
+    model = peaky_vit()
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    tokenreduce.apply(model, method, **options)
+    model.eval()
+    inference = model(images)
+    counts = tokenreduce.last_info(model).tokens_per_block
+    model.train()
+    training = model(images)
+    info = tokenreduce.last_info(model)
+    assert info.tokens_per_block.tolist() == counts.tolist()
+    assert counts[:, -1].max() < info.tokens_in
+    torch.testing.assert_close(training, inference, rtol=1e-3, atol=1e-3)
+    kept = info.kept_fraction
+    assert kept.requires_grad and kept.shape == (3, 12)
+
+
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+@pytest.mark.parametrize("direction", [-1, 1])
+def test_budget_loss_moves_thresholds_the_right_way(method, direction):
+    """Above the budget, a gradient step makes the method reduce more; below it, less."""
+    model = peaky_vit()
+    config = make_config(method, tau=1.0)
+    tokenreduce.apply(model, config)
+    dims = tokenreduce.flops.model_dims(model)
+    start = {
+        "asvit": {"thresholds": 0.8},
+        "ltmp": {"merge_thresholds": 0.3, "prune_thresholds": 0.0},
+    }[method]
+    layers = len(config.reduce_layers(dims))
+    parameters = ThresholdParameters({k: [v] * layers for k, v in start.items()})
+    model.add_module(TRAINABLE_ATTR, parameters)
+    model.train()
+    model(torch.randn(4, 3, 64, 64, dtype=torch.float64))
+    kept = tokenreduce.last_info(model).kept_fraction.mean(dim=0)
+    fraction = tokenreduce.flops.budget_fraction(dims, kept)
+    target = fraction.detach() + 0.2 * direction  # above the budget when direction = -1
+    (10 * (fraction - target) ** 2).backward()
+    kind = next(iter(start))
+    step = -parameters.values[kind].grad.sum()  # the direction SGD moves the thresholds
+    reduce_more = step > 0 if method == "asvit" else step < 0
+    assert bool(reduce_more) == (direction == -1)
+
+
+# ---- threshold files ---------------------------------------------------------------------------
+def test_threshold_file_round_trip_and_bad_files(tmp_path):
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64)
+    dims = tokenreduce.flops.model_dims(model)
+    config = make_config("ltmp", merge_thresholds=0.8, prune_thresholds=0.001, layers=(1, 5))
+    path = write_threshold_file(tmp_path / "t.safetensors", config, dims, {"mean_gmacs": 1.0})
+    loaded = make_config("ltmp", thresholds=str(path))
+    assert loaded.layers == (1, 5)
+    assert loaded.merge_thresholds == (0.8, 0.8) and loaded.prune_thresholds == (0.001, 0.001)
+    tensor = make_config("ltmp", thresholds=torch.tensor([[0.9, 0.8], [0.0, 0.1]]), layers=(1, 2))
+    assert tensor.merge_thresholds == pytest.approx((0.9, 0.8))
+
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        make_config("ltmp", thresholds=str(tmp_path / "missing.safetensors"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        make_config("ltmp", thresholds=str(garbage))
+    with pytest.raises(ValueError, match="holds thresholds of method 'ltmp', not 'asvit'"):
+        make_config("asvit", thresholds=str(path))
+    with pytest.raises(ValueError, match="2 thresholds but the method reduces in 3 blocks"):
+        tokenreduce.apply(model, "ltmp", thresholds=str(path), layers=(1, 2, 3))
+    with pytest.raises(ValueError, match="thresholds alone"):
+        make_config("ltmp", thresholds=str(path), merge_thresholds=0.5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        make_config("asvit", max_tokens=10)
+    with pytest.raises(ValueError, match="batching='compact'"):
+        make_config("asvit", batching="compact")
+    with pytest.raises(ValueError, match="thresholds=nan"):
+        make_config("asvit", thresholds=float("nan"))
+
+
+def test_train_writes_a_threshold_file(tmp_path):
+    model = peaky_vit().float()
+    root = make_image_folder(tmp_path / "images", 8)
+    dataset = ImageFolder(root, data.eval_transform(model, input_size=(3, 64, 64))[0])
+    result = train.train_thresholds(
+        model,
+        "asvit",
+        dataset,
+        target_ratio=0.5,
+        batch_size=4,
+        lr={"thresholds": 0.5},
+        out=tmp_path / "t.safetensors",
+        progress=False,
+    )
+    assert result.steps == 4 and len(result.epoch_seconds) == 1
+    assert any(v > 0 for v in result.config.thresholds)  # moved from the initial 0
+    log = json.loads((tmp_path / "t.safetensors.json").read_text())
+    assert log["mean_gmacs"] == pytest.approx(result.mean_gmacs)
+    loaded = make_config("asvit", thresholds=str(result.path))
+    assert loaded.thresholds == pytest.approx(result.config.thresholds)
+    assert tokenreduce.patch.attached_adapter(model) is None and not model.training
+    with pytest.raises(ValueError, match="no learned thresholds"):
+        train.train_thresholds(model, "tome", dataset, target_ratio=0.5, r=2)

@@ -1,0 +1,284 @@
+"""What the methods with learned thresholds (LTMP, AS-ViT) share: per-layer threshold options,
+the threshold file, trainable threshold parameters and the per-image batching (methods.md §1.6).
+
+Each such method names its per-layer threshold vectors (`kinds`, also its option names). Options
+accept one number for every reducing layer, one per reducing layer, or — through `thresholds` —
+a tensor or a file written by `tokenreduce train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokenreduce.methods.base import MethodConfig, check_layers_type, resolve_layers
+from tokenreduce.ops.packing import Packing, pack_kept
+from tokenreduce.state import ModelDims
+
+THRESHOLD_FORMAT = "tokenreduce-thresholds/1"
+BATCHING = ("packed", "masked")
+
+Step = dict[str, Any]
+"""A reducing block's thresholds by kind: floats at inference, 0-d tensors while training."""
+
+
+def check_threshold_values(method: str, option: str, value: Any) -> float | tuple[float, ...]:
+    """One finite number, or a 1-d sequence/tensor of them, as a float or a tuple of floats."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(
+                f"{method}: option {option} is a tensor of shape {tuple(value.shape)}; accepted: "
+                "a number or a 1-d tensor with one threshold per reducing layer"
+            )
+        value = value.detach().double().cpu().tolist()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    numbers = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+    if numbers and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    ):
+        return tuple(float(v) for v in value)
+    raise ValueError(
+        f"{method}: option {option}={value!r} is not accepted; accepted: a finite number (every "
+        "reducing layer), a sequence or 1-d tensor with one per reducing layer"
+    )
+
+
+def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> tuple[dict, dict]:
+    """Threshold vectors {kind: tuple} and metadata of a file written by `tokenreduce train`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"threshold file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"threshold file {str(path)!r} is not a safetensors file written by tokenreduce train "
+            f"({error})"
+        ) from error
+    if metadata.get("format") != THRESHOLD_FORMAT:
+        raise ValueError(
+            f"threshold file {str(path)!r} has format {metadata.get('format')!r}; accepted: "
+            f"{THRESHOLD_FORMAT!r} (a file written by tokenreduce train)"
+        )
+    if metadata.get("method") != method:
+        raise ValueError(
+            f"threshold file {str(path)!r} holds thresholds of method {metadata.get('method')!r}, "
+            f"not {method!r}"
+        )
+    if sorted(tensors) != sorted(kinds):
+        raise ValueError(
+            f"threshold file {str(path)!r} holds {sorted(tensors)}; method {method!r} needs "
+            f"{sorted(kinds)}"
+        )
+    lengths = {tensor.shape for tensor in tensors.values()}
+    values = {}
+    for kind, tensor in tensors.items():
+        if tensor.dim() != 1 or len(lengths) != 1 or not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"threshold file {str(path)!r}: {kind} must be a finite 1-d tensor, one per "
+                f"reducing layer, all of the same length; got shapes {sorted(lengths)}"
+            )
+        values[kind] = tuple(tensor.double().tolist())
+    return values, metadata
+
+
+def write_threshold_file(
+    path: str | Path, config: LearnedConfig, dims: ModelDims, metadata: dict[str, Any]
+) -> Path:
+    """Save the config's thresholds with the method, its options and `metadata` (JSON values)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = config.threshold_vectors(dims)
+    tensors = {kind: torch.tensor(values, dtype=torch.float64) for kind, values in vectors.items()}
+    options = {
+        key: value
+        for key, value in config.options().items()
+        if key not in config.kinds and key != "thresholds"
+    }
+    options["layers"] = list(config.reduce_layers(dims))
+    header = {
+        "format": THRESHOLD_FORMAT,
+        "method": config.name,
+        "options": json.dumps(options),
+        **{key: json.dumps(value) for key, value in metadata.items()},
+    }
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+class ThresholdParameters(nn.Module):
+    """Trainable thresholds, one vector per kind (one entry per reducing layer)."""
+
+    def __init__(self, vectors: dict[str, Sequence[float]]) -> None:
+        super().__init__()
+        self.values = nn.ParameterDict(
+            {kind: nn.Parameter(torch.tensor(v)) for kind, v in vectors.items()}
+        )
+
+    def vectors(self) -> dict[str, tuple[float, ...]]:
+        return {kind: tuple(p.detach().double().tolist()) for kind, p in self.values.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedConfig(MethodConfig):
+    """Options shared by methods with learned per-image thresholds.
+
+    tau: temperature of the soft masks in training. batching: "packed" gathers the kept tokens
+    to the batch's largest count (one device-to-host read per reducing block, real speed);
+    "masked" keeps static shapes with padding slots (no host sync, compile-able). max_tokens
+    (masked only): a static cap on the tokens after each reducing block; an image above it
+    drops its lowest-score surplus, counted in `info.overflow`.
+    """
+
+    learned: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]]
+    train_init: ClassVar[dict[str, float]]
+    train_lr: ClassVar[dict[str, float]]
+    clamp: ClassVar[tuple[float, float | None]] = (0.0, None)
+
+    layers: tuple[int, ...] | None = None
+    tau: float = 0.1
+    batching: str = "packed"
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_layers_type(self.name, self.layers)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
+            raise ValueError(
+                f"{self.name}: option tau={self.tau!r} is not accepted; accepted: a number > 0"
+            )
+        if self.batching not in BATCHING:
+            raise ValueError(
+                f"{self.name}: option batching={self.batching!r} is not accepted; accepted: "
+                f"{list(BATCHING)}"
+            )
+        if self.max_tokens is not None:
+            if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+                ok = False
+            else:
+                ok = self.max_tokens >= 1 and self.batching == "masked"
+            if not ok:
+                raise ValueError(
+                    f"{self.name}: option max_tokens={self.max_tokens!r} (batching="
+                    f"{self.batching!r}) is not accepted; accepted: None, or a positive int "
+                    "with batching='masked'"
+                )
+
+    def load_thresholds(self, source: Any) -> dict[str, Any]:
+        """Option values {kind: tuple, maybe layers} from a threshold file or tensor."""
+        if isinstance(source, (str, Path)):
+            vectors, metadata = read_threshold_file(source, self.name, self.kinds)
+            updates: dict[str, Any] = dict(vectors)
+            layers = json.loads(metadata.get("options", "{}")).get("layers")
+            if self.layers is None and layers is not None:
+                updates["layers"] = tuple(layers)
+            return updates
+        if isinstance(source, torch.Tensor):
+            rows = source.reshape(len(self.kinds), -1) if source.dim() == 2 else None
+            if len(self.kinds) == 1 and source.dim() == 1:
+                rows = source[None]
+            if rows is None or rows.shape[0] != len(self.kinds):
+                raise ValueError(
+                    f"{self.name}: option thresholds is a tensor of shape {tuple(source.shape)}; "
+                    f"accepted: [{len(self.kinds)}, S] rows {list(self.kinds)} (S reducing "
+                    "layers), or a file path"
+                )
+            return {
+                kind: check_threshold_values(self.name, "thresholds", row)
+                for kind, row in zip(self.kinds, rows, strict=True)
+            }
+        raise ValueError(
+            f"{self.name}: option thresholds={source!r} is not accepted; accepted: a path to a "
+            "file written by tokenreduce train, or a tensor"
+        )
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def default_layers(self, dims: ModelDims) -> tuple[int, ...]:
+        return resolve_layers(self.name, None, dims.depth)
+
+    def reduce_layers(self, dims: ModelDims) -> tuple[int, ...]:
+        if self.layers is None:
+            return self.default_layers(dims)
+        return resolve_layers(self.name, self.layers, dims.depth)
+
+    def identity_values(self) -> dict[str, float]:
+        """Thresholds that keep every token (an untrained model is the dense model)."""
+        raise NotImplementedError
+
+    def threshold_vectors(self, dims: ModelDims) -> dict[str, tuple[float, ...]]:
+        """Per kind, one threshold per reducing layer (a single number is broadcast)."""
+        count = len(self.reduce_layers(dims))
+        vectors = {}
+        for kind in self.kinds:
+            value = getattr(self, kind)
+            if value is None:
+                value = self.identity_values()[kind]
+            if isinstance(value, float):
+                value = (value,) * count
+            if len(value) != count:
+                raise ValueError(
+                    f"{self.name}: option {kind} has {len(value)} thresholds but the method "
+                    f"reduces in {count} blocks {self.reduce_layers(dims)}; accepted: one number "
+                    f"or {count}"
+                )
+            vectors[kind] = tuple(value)
+        return vectors
+
+    def validate(self, dims: ModelDims) -> None:
+        super().validate(dims)
+        self.threshold_vectors(dims)
+
+    def schedule(self, dims: ModelDims) -> list[Step | None]:
+        layers = self.reduce_layers(dims)
+        vectors = self.threshold_vectors(dims)
+        steps: list[Step | None] = [None] * dims.depth
+        for slot, block in enumerate(layers):
+            steps[block] = {kind: vectors[kind][slot] for kind in self.kinds}
+        return steps
+
+    def trainable_steps(
+        self, steps: Sequence[Step | None], parameters: ThresholdParameters
+    ) -> list[Step | None]:
+        """The schedule with each reducing block reading its trainable thresholds."""
+        out: list[Step | None] = []
+        slot = 0
+        for step in steps:
+            if step is None:
+                out.append(None)
+                continue
+            out.append({kind: parameters.values[kind][slot] for kind in self.kinds})
+            slot += 1
+        return out
+
+    def with_vectors(self, vectors: dict[str, Sequence[float]]) -> LearnedConfig:
+        return replace(self, **{kind: tuple(float(v) for v in vectors[kind]) for kind in vectors})
+
+    def pack(
+        self, keep: torch.Tensor, score: torch.Tensor
+    ) -> tuple[Packing, dict[str, torch.Tensor]]:
+        """Compact kept tokens [B, N] per image by `batching`; the record holds the overflow."""
+        length = None
+        if self.batching == "masked":
+            length = keep.shape[1]
+            if self.max_tokens is not None:
+                length = min(length, self.max_tokens)
+        packing = pack_kept(keep, length, score)
+        record = {"overflow": packing.overflow} if self.max_tokens is not None else {}
+        return packing, record

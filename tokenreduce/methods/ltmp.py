@@ -1,0 +1,192 @@
+"""LTMP: learned thresholds for merging, then pruning, in every block (Bonnaerens & Dambre,
+TMLR 2023). Official code: Mxbonn/ltmp, `ltmp/timm/lt_mergeprune*.py`, `tools/train.py`.
+
+Per image, an A token merges into its most similar B token when their cosine similarity is above
+the block's merge threshold, and a token is pruned when the attention it receives (mean over
+heads and queries) is not above the prune threshold; counts differ per image (methods.md §3.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from tokenreduce.methods.base import Record, Strength, matching_macs, register
+from tokenreduce.methods.learned import LearnedConfig, Step, check_threshold_values
+from tokenreduce.ops.packing import gather_packed
+from tokenreduce.ops.thresholds import threshold_mask
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+
+def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N]."""
+    if valid is None:
+        return attn.mean(dim=(1, 2))
+    rows = valid.to(attn.dtype)
+    total = (attn * rows[:, None, :, None]).sum(dim=(1, 2))
+    return total / (attn.shape[1] * rows.sum(dim=1, keepdim=True))
+
+
+def best_partners(
+    key_mean: torch.Tensor, num_prefix: int, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's (even positions) best cosine similarity to a B token (odd positions) and
+    that partner. key_mean: [B, N, d] (zero rows score 0). Prefix and padding rows get -inf
+    and are never partners. Returns (similarity [B, N_A], partner [B, N_A])."""
+    metric = key_mean / key_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    blocked_a = torch.arange(scores.shape[1], device=scores.device) * 2 < num_prefix
+    blocked_b = torch.arange(scores.shape[2], device=scores.device) * 2 + 1 < num_prefix
+    blocked = blocked_a[None, :, None] | blocked_b[None, None, :]
+    if valid is not None:
+        blocked = blocked | ~valid[:, ::2, None] | ~valid[:, None, 1::2]
+    return scores.masked_fill(blocked, -math.inf).max(dim=-1)
+
+
+def prefix_first_permutation(
+    num_tokens: int, num_prefix: int, device: torch.device
+) -> torch.Tensor:
+    """Positions into cat([even tokens, odd tokens]) that give [prefix in original order,
+    non-prefix even tokens, non-prefix odd tokens] (the official order for P <= 1)."""
+    num_a = (num_tokens + 1) // 2
+    prefix = [p // 2 if p % 2 == 0 else num_a + p // 2 for p in range(num_prefix)]
+    rest_a = list(range((num_prefix + 1) // 2, num_a))
+    rest_b = list(range(num_a + num_prefix // 2, num_tokens))
+    return torch.tensor(prefix + rest_a + rest_b, device=device)
+
+
+def merge_into_partners(
+    y: torch.Tensor, weight: torch.Tensor, partner: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """cat([A rows, B rows with the weighted A rows reduced in]) for y [B, N, C]; weight [B, N_A]
+    is 0/1 (sum) or selects rows (amax: unselected rows do not take part)."""
+    y_a, y_b = y[:, ::2], y[:, 1::2]
+    index = partner.unsqueeze(-1).expand(-1, -1, y.shape[-1])
+    if mode == "sum":
+        y_b = y_b.scatter_add(1, index, y_a * weight.unsqueeze(-1))
+    else:
+        moving = y_a.masked_fill(weight.unsqueeze(-1) <= 0, -math.inf)
+        y_b = y_b.scatter_reduce(1, index, moving, reduce="amax")
+    return torch.cat([y_a, y_b], dim=1)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class LTMPConfig(LearnedConfig):
+    """LTMP: in each of `layers` (None = every block) merge, then prune, by learned thresholds.
+
+    merge_thresholds / prune_thresholds: one number for every layer or one per layer (None:
+    1 and 0, which keep every token). thresholds: a file from `tokenreduce train` or a [2, S]
+    tensor (rows merge, prune) setting both. tau: soft-mask temperature in training (0.5, the
+    official training script). Proportional attention is always on, as in the official code.
+    """
+
+    name: ClassVar[str] = "ltmp"
+    requires_class_token: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"attn", "key_mean"})
+    kinds: ClassVar[tuple[str, ...]] = ("merge_thresholds", "prune_thresholds")
+    train_init: ClassVar[dict[str, float]] = {"merge_thresholds": 0.9, "prune_thresholds": 0.0}
+    train_lr: ClassVar[dict[str, float]] = {"merge_thresholds": 5e-3, "prune_thresholds": 5e-6}
+    clamp: ClassVar[tuple[float, float | None]] = (0.0, 1.0)
+    sweep: ClassVar[tuple[dict, ...]] = tuple(
+        {"merge_thresholds": t} for t in (0.95, 0.9, 0.85, 0.8, 0.75)
+    )
+    strength: ClassVar[Strength] = Strength("merge_thresholds", False, False, lambda d: (0.0, 1.0))
+
+    thresholds: Any = None
+    merge_thresholds: Any = None
+    prune_thresholds: Any = None
+    tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.thresholds is not None:
+            if self.merge_thresholds is not None or self.prune_thresholds is not None:
+                raise ValueError(
+                    "ltmp: option thresholds sets both merge_thresholds and prune_thresholds; "
+                    "accepted: thresholds alone, or the two vectors without thresholds"
+                )
+            if not isinstance(self.thresholds, (str, Path, torch.Tensor)):
+                raise ValueError(
+                    f"ltmp: option thresholds={self.thresholds!r} is not accepted; accepted: a "
+                    "path to a file written by tokenreduce train, or a [2, S] tensor"
+                )
+            for key, value in self.load_thresholds(self.thresholds).items():
+                object.__setattr__(self, key, value)
+            object.__setattr__(self, "thresholds", None)
+        for kind in self.kinds:
+            if getattr(self, kind) is not None:
+                object.__setattr__(
+                    self, kind, check_threshold_values(self.name, kind, getattr(self, kind))
+                )
+
+    @property
+    def uses_prop_attn(self) -> bool:
+        return True
+
+    def default_layers(self, dims: ModelDims) -> tuple[int, ...]:
+        return tuple(range(dims.depth))
+
+    def identity_values(self) -> dict[str, float]:
+        return {"merge_thresholds": 1.0, "prune_thresholds": 0.0}
+
+    def reduce(
+        self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Step
+    ) -> tuple[torch.Tensor, TokenState, Record]:
+        prefix = state.num_prefix
+        soft = state.mask is not None
+        valid = None if soft else state.valid
+        is_prefix = torch.arange(x.shape[1], device=x.device) < prefix
+        importance = received_attention(attn.attn, valid).masked_fill(is_prefix, math.inf)
+        key_mean = attn.key_mean
+        if soft:
+            key_mean = key_mean / key_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            key_mean = key_mean * state.mask.detach().unsqueeze(-1)
+        elif valid is not None:
+            importance = importance.masked_fill(~valid, -math.inf)
+        similarity, partner = best_partners(key_mean, prefix, valid)
+        merge = threshold_mask(similarity, step["merge_thresholds"], self.tau, soft)
+        moving = merge.detach().to(x.dtype)
+
+        # Merge into B (sizes summed, importance = max over members), then reorder to
+        # [prefix, A, B]; a token is kept when real, not merged away and important enough.
+        order = prefix_first_permutation(x.shape[1], prefix, x.device)
+        size = state.sizes_like(x)
+        weighted = merge_into_partners(torch.cat([x * size, size], dim=-1), moving, partner, "sum")
+        importance = merge_into_partners(importance.unsqueeze(-1), moving, partner, "amax")
+        weighted, importance = weighted[:, order], importance[:, order, 0]
+        source = state.source
+        if source is not None:
+            source = merge_into_partners(source, moving, partner, "amax")[:, order]
+        prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
+
+        if soft:
+            mask_a = state.mask[:, ::2]
+            unmerged = torch.where(mask_a != 0, 1.0 - merge, mask_a)
+            mask = torch.cat([unmerged, state.mask[:, 1::2]], dim=1)[:, order]
+            mask = torch.where(mask != 0, prune, mask)
+            x = weighted[..., :-1] / weighted[..., -1:]
+            return x, TokenState(prefix, weighted[..., -1:], source, None, mask), {}
+
+        stay = torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - merge.shape[1]])], dim=1)
+        keep = stay[:, order] & prune
+        if valid is not None:
+            keep = keep & torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1)[:, order]
+        packing, record = self.pack(keep, importance)
+        weighted = gather_packed(weighted, packing)
+        size = weighted[..., -1:]
+        x = weighted[..., :-1] / size.clamp_min(1.0)
+        if source is not None:
+            source = gather_packed(source, packing)
+        record["merged"] = merge.sum(dim=1)
+        record["pruned"] = (stay[:, order] & ~prune & (importance > -math.inf)).sum(dim=1)
+        return x, TokenState(prefix, size, source, packing.valid), record
+
+    def overhead_macs(
+        self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: Record, fused: bool
+    ) -> torch.Tensor:
+        return dims.num_heads * n_in * n_in + matching_macs(n_in, dims)

@@ -1,0 +1,258 @@
+"""Learn the thresholds of LTMP / AS-ViT against a GMACs budget (methods.md §3.5, §3.6).
+
+The model runs its soft-mask training forward; the loss is label-smoothed cross-entropy plus
+reg_scale x (F - target)^2, F the differentiable kept fraction of the blocks' MACs. Only the
+thresholds train by default (plain SGD, one learning rate per threshold kind, clamped after every
+step); `finetune=True` also trains the backbone (AdamW). Runs unchanged under torchrun (DDP over
+the thresholds; each rank reads its own shard of the data; rank 0 writes the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import tokenreduce
+from tokenreduce import distributed
+from tokenreduce.evaluate import ImageFolder
+from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
+from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
+from tokenreduce.patch.timm import TRAINABLE_ATTR
+
+
+@dataclass
+class TrainResult:
+    """The trained config and what it achieved. mean_gmacs: eval-mode mean per-image GMACs of
+    the trained thresholds on (up to `gmacs_images`) training images; epoch_seconds: wall time
+    of each epoch; seen: per rank, the dataset indices it trained on."""
+
+    config: LearnedConfig
+    path: Path | None
+    target_ratio: float
+    dense_gmacs: float
+    mean_gmacs: float
+    epoch_seconds: list[float]
+    steps: int
+    seen: list[list[int]] = field(repr=False)
+    history: list[dict[str, float]] = field(repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.mean_gmacs / self.dense_gmacs
+
+
+def _check_number(option: str, value: Any, low: float, high: float | None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"train: option {option}={value!r} is not accepted; accepted: {bound}")
+
+
+def _learning_rates(config: LearnedConfig, lr: Mapping[str, float] | None) -> dict[str, float]:
+    rates = dict(type(config).train_lr)
+    for kind, value in (lr or {}).items():
+        if kind not in rates:
+            raise ValueError(
+                f"train: learning rate for {kind!r} is not accepted; method {config.name!r} "
+                f"learns {sorted(rates)}"
+            )
+        _check_number(f"lr[{kind}]", value, 0.0, None)
+        rates[kind] = float(value)
+    return rates
+
+
+def train_thresholds(
+    model: nn.Module,
+    method: str | MethodConfig,
+    dataset: ImageFolder,
+    *,
+    target_ratio: float,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: Mapping[str, float] | None = None,
+    reg_scale: float = 10.0,
+    label_smoothing: float = 0.1,
+    finetune: bool = False,
+    backbone_lr: float | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    gmacs_images: int = 256,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train the thresholds of `method` on `dataset` for `target_ratio` x dense GMACs.
+
+    The model is left unreduced and in eval mode; the result carries the trained config (apply
+    it with `tokenreduce.apply(model, result.config)`) and, when `out` is given, rank 0 writes it
+    as a threshold file (`thresholds=PATH`) with a JSON log beside it (`<out>.json`).
+    """
+    config = make_config(method, **options)
+    if not isinstance(config, LearnedConfig):
+        raise ValueError(
+            f"train: method {config.name!r} has no learned thresholds; accepted: "
+            f"{learned_method_names()}"
+        )
+    _check_number("target_ratio", target_ratio, 0.0, 1.0)
+    _check_number("reg_scale", reg_scale, 0.0, None)
+    _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"train: option epochs={epochs!r} is not accepted; accepted: an int >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"train: option batch_size={batch_size!r} is not accepted; accepted: an int >= 1"
+        )
+    num_classes = getattr(model, "num_classes", 0)
+    if num_classes < len(dataset.classes):
+        raise ValueError(
+            f"train: the dataset has {len(dataset.classes)} classes but the model predicts "
+            f"{num_classes}; give it a classifier for them (--head, or --num-classes with "
+            "--checkpoint)"
+        )
+    rates = _learning_rates(config, lr)
+    context = distributed.setup(next(model.parameters()).device.type)
+    device = context.device
+
+    torch.manual_seed(seed)
+    model.to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(finetune)
+    tokenreduce.apply(model, config)
+    dims = tokenreduce.flops.model_dims(model)
+    layers = len(config.reduce_layers(dims))
+    thresholds = ThresholdParameters({kind: [v] * layers for kind, v in config.train_init.items()})
+    model.add_module(TRAINABLE_ATTR, thresholds.to(device))
+    groups = [
+        {"params": [thresholds.values[kind]], "lr": rates[kind], "kind": kind}
+        for kind in config.kinds
+    ]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(groups, momentum=0.0, weight_decay=0.0)
+    ]
+    if finetune:
+        backbone = [p for n, p in model.named_parameters() if not n.startswith(TRAINABLE_ATTR)]
+        rate = 1e-5 * batch_size * context.world / 512 if backbone_lr is None else backbone_lr
+        optimizers.append(torch.optim.AdamW(backbone, lr=rate, weight_decay=0.05))
+    network: nn.Module = model
+    if context.active:
+        ids = [device.index] if device.type == "cuda" else None
+        network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    sampler = DistributedSampler(
+        dataset, num_replicas=context.world, rank=context.rank, shuffle=True, seed=seed
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    low, high = config.clamp
+    seen: list[int] = []
+    history: list[dict[str, float]] = []
+    epoch_seconds: list[float] = []
+    bar = _progress(epochs * len(loader), progress and context.is_main)
+    model.train()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        for images, labels, indices, ok in loader:
+            seen += indices.tolist()
+            images, labels = images[ok].to(device), labels[ok].to(device)
+            if len(images) == 0:
+                continue
+            logits = network(images)
+            info = tokenreduce.last_info(model)
+            fraction = tokenreduce.flops.budget_fraction(dims, info.kept_fraction.mean(dim=0))
+            ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            loss = ce + reg_scale * (fraction - target_ratio) ** 2
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            with torch.no_grad():
+                for parameter in thresholds.values.values():
+                    parameter.clamp_(low, high)
+            step = {"loss": loss.item(), "ce": ce.item(), "budget": fraction.item()}
+            history.append(step)
+            bar.set_postfix(loss=f"{step['loss']:.3f}", budget=f"{step['budget']:.3f}")
+            bar.update(1)
+        epoch_seconds.append(time.perf_counter() - start)
+    bar.close()
+    model.eval()
+    trained = config.with_vectors(thresholds.vectors())
+    tokenreduce.remove(model)
+
+    mean_gmacs = _mean_gmacs(model, trained, dataset, gmacs_images, batch_size, context)
+    dense_gmacs = tokenreduce.flops.dense_gmacs(model)
+    all_seen = distributed.gather(seen, context)
+    all_seconds = distributed.gather(epoch_seconds, context)
+    epoch_seconds = [max(s[e] for s in all_seconds) for e in range(epochs)]
+    path = None
+    if out is not None and context.is_main:
+        summary = {
+            "target_ratio": target_ratio,
+            "mean_gmacs": mean_gmacs,
+            "dense_gmacs": dense_gmacs,
+            "gmacs_ratio": mean_gmacs / dense_gmacs,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "world_size": context.world,
+            "learning_rates": rates,
+            "reg_scale": reg_scale,
+            "label_smoothing": label_smoothing,
+            "finetune": finetune,
+            "samples": len(dataset),
+            "epoch_seconds": epoch_seconds,
+            **dict(metadata or {}),
+        }
+        path = write_threshold_file(out, trained, dims, summary)
+        log = {**summary, "seen_per_rank": all_seen, "history": history}
+        Path(f"{path}.json").write_text(json.dumps(log, indent=1))
+    return TrainResult(
+        config=trained,
+        path=path,
+        target_ratio=target_ratio,
+        dense_gmacs=dense_gmacs,
+        mean_gmacs=mean_gmacs,
+        epoch_seconds=epoch_seconds,
+        steps=len(history),
+        seen=all_seen,
+        history=history,
+    )
+
+
+def _mean_gmacs(
+    model: nn.Module,
+    config: LearnedConfig,
+    dataset: ImageFolder,
+    count: int,
+    batch_size: int,
+    context: distributed.Context,
+) -> float:
+    """Eval-mode mean GMACs of `config` on the first `count` images, sharded over ranks."""
+    subset = Subset(dataset, distributed.shard(min(count, len(dataset)), context))
+    values: list[float] = []
+    tokenreduce.apply(model, config)
+    with torch.inference_mode():
+        for images, _, _, ok in DataLoader(subset, batch_size=batch_size):
+            if ok.any():
+                model(images[ok].to(context.device))
+                report = tokenreduce.flops.gmacs(model, tokenreduce.last_info(model))
+                values += report.gmacs.tolist()
+    tokenreduce.remove(model)
+    values = [v for part in distributed.gather(values, context) for v in part]
+    return sum(values) / len(values)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)
