@@ -17,7 +17,7 @@ from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
 from tokenreduce.ops.packing import pack_kept
 from tokenreduce.ops.thresholds import threshold_mask
-from tokenreduce.patch.timm import TRAINABLE_ATTR
+from tokenreduce.patch.timm import TRAINABLE_ATTR, block_forward
 from tokenreduce.state import AttentionOutputs, TokenState
 
 VARIABLE = {
@@ -139,6 +139,32 @@ def test_masked_path_equals_packed_path(method):
         width = packed_src.shape[1]
         assert torch.equal(masked_src[:, :width], packed_src)
         assert not masked_src[:, width:].any()  # padding represents no original token
+
+
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_masked_path_block_compiles_without_graph_breaks(method):
+    """The masked path of a reducing block on padded input: static shapes, no host sync."""
+    model = peaky_vit().float()
+    tokenreduce.apply(model, method, batching="masked", **VARIABLE[method])
+    adapter = model._tokenreduce
+    index = next(i for i, s in enumerate(adapter.steps) if s is not None)
+    block, step = model.blocks[index], adapter.steps[index]
+    size = torch.ones(2, 17, 1)
+    size[1, 12:] = 0  # the second image holds 12 real tokens and 5 padding slots
+
+    def run(x, size):
+        state = TokenState(1, size, None, size[..., 0] > 0)
+        out, new, _, _ = block_forward(block, x, state, adapter.config, step)
+        return out, new.size, new.valid
+
+    x = torch.randn(2, 17, 192)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got, want = compiled(x, size), run(x, size)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert got[0].shape == x.shape  # static: padded to the length it came in with
 
 
 def test_padding_never_changes_real_tokens():
