@@ -308,7 +308,14 @@ def describe_options(config: MethodConfig) -> str:
         if k != "trace_source"
         and (getattr(default, k) != v or (strength is not None and k == strength.option))
     }
-    return ",".join(f"{k}={v!r}" for k, v in shown.items())
+    return ",".join(f"{k}={_short(v)!r}" for k, v in shown.items())
+
+
+def _short(value: Any) -> Any:
+    """Learned per-layer thresholds rounded to 4 significant digits, so tables stay readable."""
+    if isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+        return tuple(float(f"{v:.4g}") for v in value)
+    return value
 
 
 def _progress(total: int, enabled: bool):
