@@ -284,8 +284,9 @@ def _gather_in_order(
         [cat(g, 0) for g in gmacs],
         unreadable,
     )
-    parts = [p for p in distributed.gather(local, context) if p[0] is not None]
-    unreadable = sorted(name for p in distributed.gather(unreadable, context) for name in p)
+    every = distributed.gather(local, context)
+    unreadable = sorted(name for p in every for name in p[5])
+    parts = [p for p in every if p[0] is not None]
     if not parts:
         return [], [], [[] for _ in hits], [[] for _ in gmacs], unreadable
     rank_order = torch.cat([p[0] for p in parts]).argsort()

@@ -249,7 +249,7 @@ class TimmAdapter:
         records: dict[str, list[torch.Tensor]] = {}
         for block, step in zip(model.blocks, steps, strict=True):
             x, state, record, block_fused = block_forward(block, x, state, config, step)
-            counts.append(torch.as_tensor(state.token_counts(x)).expand(batch))
+            counts.append(state.token_counts(x))
             sizes.append(state.size)
             fused.append(block_fused)
             if state.mask is not None:
@@ -259,9 +259,12 @@ class TimmAdapter:
             for key, value in record.items():
                 records.setdefault(key, []).append(value)
         self._local.final_state = state
+        # per-image counts stay on the device (no sync); plain ints join them there
+        device = next((c.device for c in counts if isinstance(c, torch.Tensor)), None)
+        per_block = [torch.as_tensor(c, device=device).expand(batch) for c in counts]
         self._local.info = ReductionInfo(
             config=config,
-            tokens_per_block=torch.stack(counts, dim=1).long(),
+            tokens_per_block=torch.stack(per_block, dim=1).long(),
             tokens_in=tokens_in,
             steps=self.steps,
             sizes=sizes,
