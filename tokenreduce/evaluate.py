@@ -200,7 +200,7 @@ def evaluate(
     gmacs: list[list[torch.Tensor]] = [[] for _ in configs]
     unreadable: list[str] = []
     order: list[torch.Tensor] = []
-    bar = _progress(len(part), progress and context.is_main)
+    bar = progress_bar(len(part), progress and context.is_main)
     with precision_context(device.type, amp, amp_dtype):
         for images, labels, indices, ok in loader:
             for i in indices[~ok].tolist():
@@ -319,7 +319,7 @@ def _short(value: Any) -> Any:
     return value
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, unit: str = "img"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True)

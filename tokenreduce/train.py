@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tokenreduce
 from tokenreduce import distributed
-from tokenreduce.evaluate import ImageFolder
+from tokenreduce.evaluate import ImageFolder, progress_bar
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
 from tokenreduce.patch.timm import TRAINABLE_ATTR
@@ -157,7 +157,7 @@ def train_thresholds(
     seen: list[int] = []
     history: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
-    bar = _progress(epochs * len(loader), progress and context.is_main)
+    bar = progress_bar(epochs * len(loader), progress and context.is_main, unit="step")
     model.train()
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -250,9 +250,3 @@ def _mean_gmacs(
     tokenreduce.remove(model)
     values = [v for part in distributed.gather(values, context) for v in part]
     return sum(values) / len(values)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)

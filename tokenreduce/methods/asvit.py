@@ -88,11 +88,8 @@ class ASViTConfig(LearnedConfig):
             value = check_threshold_values(self.name, "thresholds", self.thresholds)
             object.__setattr__(self, "thresholds", value)
         check_bool(self.name, "fuse", self.fuse)
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int):
-            raise ValueError(
-                f"asvit: option min_keep={self.min_keep!r} is not accepted; accepted: an int >= 0"
-            )
-        if self.min_keep < 0:
+        is_count = isinstance(self.min_keep, int) and not isinstance(self.min_keep, bool)
+        if not is_count or self.min_keep < 0:
             raise ValueError(
                 f"asvit: option min_keep={self.min_keep!r} is not accepted; accepted: an int >= 0"
             )

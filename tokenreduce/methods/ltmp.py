@@ -17,6 +17,7 @@ import torch
 
 from tokenreduce.methods.base import Record, Strength, matching_macs, register
 from tokenreduce.methods.learned import LearnedConfig, Step, check_threshold_values
+from tokenreduce.ops.merging import prefix_first_order
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -45,18 +46,6 @@ def best_partners(
     if valid is not None:
         blocked = blocked | ~valid[:, ::2, None] | ~valid[:, None, 1::2]
     return scores.masked_fill(blocked, -math.inf).max(dim=-1)
-
-
-def prefix_first_permutation(
-    num_tokens: int, num_prefix: int, device: torch.device
-) -> torch.Tensor:
-    """Positions into cat([even tokens, odd tokens]) that give [prefix in original order,
-    non-prefix even tokens, non-prefix odd tokens] (the official order for P <= 1)."""
-    num_a = (num_tokens + 1) // 2
-    prefix = [p // 2 if p % 2 == 0 else num_a + p // 2 for p in range(num_prefix)]
-    rest_a = list(range((num_prefix + 1) // 2, num_a))
-    rest_b = list(range(num_a + num_prefix // 2, num_tokens))
-    return torch.tensor(prefix + rest_a + rest_b, device=device)
 
 
 def merge_into_partners(
@@ -143,8 +132,7 @@ class LTMPConfig(LearnedConfig):
         is_prefix = torch.arange(x.shape[1], device=x.device) < prefix
         importance = received_attention(attn.attn, valid).masked_fill(is_prefix, math.inf)
         key_mean = attn.key_mean
-        if soft:
-            key_mean = key_mean / key_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if soft:  # masked tokens get zero keys: similarity 0 to every token
             key_mean = key_mean * state.mask.detach().unsqueeze(-1)
         elif valid is not None:
             importance = importance.masked_fill(~valid, -math.inf)
@@ -154,28 +142,33 @@ class LTMPConfig(LearnedConfig):
 
         # Merge into B (sizes summed, importance = max over members), then reorder to
         # [prefix, A, B]; a token is kept when real, not merged away and important enough.
-        order = prefix_first_permutation(x.shape[1], prefix, x.device)
+        num_a = merge.shape[1]
+        order = prefix_first_order(x.shape[1], num_a, prefix)
+
+        def reorder(y: torch.Tensor) -> torch.Tensor:
+            return y if order is None else y[:, torch.tensor(order, device=y.device)]
+
         size = state.sizes_like(x)
         weighted = merge_into_partners(torch.cat([x * size, size], dim=-1), moving, partner, "sum")
         importance = merge_into_partners(importance.unsqueeze(-1), moving, partner, "amax")
-        weighted, importance = weighted[:, order], importance[:, order, 0]
+        weighted, importance = reorder(weighted), reorder(importance)[..., 0]
         source = state.source
         if source is not None:
-            source = merge_into_partners(source, moving, partner, "amax")[:, order]
+            source = reorder(merge_into_partners(source, moving, partner, "amax"))
         prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
 
         if soft:
             mask_a = state.mask[:, ::2]
             unmerged = torch.where(mask_a != 0, 1.0 - merge, mask_a)
-            mask = torch.cat([unmerged, state.mask[:, 1::2]], dim=1)[:, order]
+            mask = reorder(torch.cat([unmerged, state.mask[:, 1::2]], dim=1))
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
             return x, TokenState(prefix, weighted[..., -1:], source, None, mask), {}
 
-        stay = torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - merge.shape[1]])], dim=1)
-        keep = stay[:, order] & prune
+        stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - num_a])], dim=1))
+        keep = stay & prune
         if valid is not None:
-            keep = keep & torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1)[:, order]
+            keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, record = self.pack(keep, importance)
         weighted = gather_packed(weighted, packing)
         size = weighted[..., -1:]
@@ -183,7 +176,7 @@ class LTMPConfig(LearnedConfig):
         if source is not None:
             source = gather_packed(source, packing)
         record["merged"] = merge.sum(dim=1)
-        record["pruned"] = (stay[:, order] & ~prune & (importance > -math.inf)).sum(dim=1)
+        record["pruned"] = (stay & ~prune & (importance > -math.inf)).sum(dim=1)
         return x, TokenState(prefix, size, source, packing.valid), record
 
     def overhead_macs(

@@ -63,12 +63,14 @@ def bipartite_soft_matching(
         if sort_unmerged:
             unm_idx = unm_idx.sort(dim=-1).values
     return Matching(
-        unm_idx, src_idx, dst_idx, _prefix_first_order(num_tokens - r, unm_idx.shape[1], num_prefix)
+        unm_idx, src_idx, dst_idx, prefix_first_order(num_tokens - r, unm_idx.shape[1], num_prefix)
     )
 
 
-def _prefix_first_order(num_out: int, num_unmerged: int, num_prefix: int) -> tuple[int, ...] | None:
-    """Output permutation of cat([unmerged A, B]) restoring prefix order (needed for P >= 2)."""
+def prefix_first_order(num_out: int, num_unmerged: int, num_prefix: int) -> tuple[int, ...] | None:
+    """Permutation of cat([A tokens kept, B tokens]) (`num_unmerged` of A, `num_out` in all) that
+    puts the prefix first in original order, then the other A, then the other B tokens; None when
+    the concatenation already is that order (P <= 1)."""
     if num_prefix <= 1:
         return None
     prefix_in_a = math.ceil(num_prefix / 2)
