@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 import tokenreduce
 from tests.conftest import tiny_vit
@@ -61,10 +61,46 @@ def test_tome_schedules():
     assert steps == [sum(parse_r(12, (8, -1.0))[: i + 1]) for i in range(12)]
 
 
+def _fused_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """torch's own SDPA formula (the one it registers for the CUDA kernels), from shapes."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def fused_attention_formulas() -> dict:
+    """Formulas for the fused attention ops this torch's FlopCounterMode cannot count.
+
+    Some torch releases (2.14) register no formula for the CPU flash kernel, and the counter then
+    counts its attention matmuls as 0; the same shape formula torch uses for its GPU kernels
+    counts them independently of our analytic model.
+    """
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is None or cpu_flash in flop_registry:
+        return {}
+    return {cpu_flash: _fused_attention_flops}
+
+
 def counted_gmacs(model, x):
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=fused_attention_formulas())
+    with torch.no_grad(), counter:
         model(x)
     return counter.get_total_flops() / 2e9 / x.shape[0]
+
+
+def test_fused_attention_is_counted_as_the_explicit_path(deit_small):
+    """The counter sees the fused kernel's work: fused and explicit attention count the same."""
+    x = torch.randn(1, 3, 224, 224)
+    counts = {}
+    for fused in (True, False):
+        for block in deit_small.blocks:
+            block.attn.fused_attn = fused
+        counter = FlopCounterMode(display=False, custom_mapping=fused_attention_formulas())
+        with torch.no_grad(), counter:
+            out = deit_small(x)
+        counts[fused] = (counter.get_total_flops(), out)
+    for block in deit_small.blocks:
+        block.attn.fused_attn = True
+    assert counts[True][0] == counts[False][0] > 0
+    torch.testing.assert_close(counts[True][1], counts[False][1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fused", [True, False])
