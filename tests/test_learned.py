@@ -124,6 +124,73 @@ def test_mixed_batch_equals_each_image_alone(method):
     assert len(set(gmacs.tolist())) > 1  # per-image GMACs
 
 
+@pytest.mark.parametrize("trace_source", [False, True])
+@pytest.mark.parametrize("batching", ["auto", "ragged", "packed", "masked"])
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_every_batching_mode_gives_each_image_its_result_alone(method, batching, trace_source):
+    """Logits, token counts, sources and records of every image in a mixed batch equal those of
+    the image run alone, in every batching mode (float64)."""
+    model = peaky_vit()
+    images = torch.randn(5, 3, 64, 64, dtype=torch.float64)
+    options = dict(VARIABLE[method], trace_source=trace_source)
+    batched, info = run(model, method, images, batching=batching, **options)
+    counts = info.tokens_per_block
+    assert len({tuple(row) for row in counts.tolist()}) > 2, "counts must differ per image"
+    for i in range(len(images)):
+        alone, single = run(model, method, images[i : i + 1], **options)
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-9, atol=1e-9)
+        assert counts[i].tolist() == single.tokens_per_block[0].tolist()
+        assert all(
+            s is None or s.shape[1] == n for s, n in zip(single.sizes, counts[i], strict=True)
+        )
+        for key, value in single.records.items():
+            assert torch.equal(info.records[key][i], value[0]), key
+        for size, size_alone in zip(info.sizes, single.sizes, strict=True):
+            if size_alone is not None:
+                n = size_alone.shape[1]
+                assert torch.equal(size[i, :n], size_alone[0])
+                assert not size[i, n:].any()  # padding has size 0
+        if trace_source:
+            for src, src_alone in zip(info.source_blk, single.source_blk, strict=True):
+                n = src_alone.shape[1]
+                assert torch.equal(src[i, :n], src_alone[0])
+                assert not src[i, n:].any()
+
+
+@pytest.mark.parametrize("method", ["asvit", "ltmp"])
+def test_ragged_per_token_work_runs_on_the_real_tokens_only(method):
+    """Each block's MLP sees each image's own tokens (ragged) or the padded batch (packed)."""
+    model = peaky_vit()
+    images = torch.randn(5, 3, 64, 64, dtype=torch.float64)
+    rows = {"ragged": [], "packed": []}
+    for batching, seen in rows.items():
+        hooks = [
+            block.mlp.register_forward_hook(
+                lambda module, args, out, seen=seen: seen.append(args[0].shape[:-1].numel())
+            )
+            for block in model.blocks
+        ]
+        _, info = run(model, method, images, batching=batching, **VARIABLE[method])
+        for hook in hooks:
+            hook.remove()
+    counts = info.tokens_per_block
+    assert rows["ragged"] == counts.sum(dim=0).tolist()
+    assert rows["packed"] == (len(images) * counts.max(dim=0).values).tolist()
+    assert rows["ragged"] != rows["packed"]
+
+
+def test_a_batch_of_equal_counts_has_no_padding():
+    """Ragged/packed read the counts: when every image keeps the same count, no padding."""
+    model = peaky_vit()
+    image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    _, info = run(model, "ltmp", image.expand(3, -1, -1, -1), **VARIABLE["ltmp"])
+    assert info.tokens_per_block[:, -1].min() < info.tokens_in
+    assert all(
+        s is None or s.shape[1] == n
+        for s, n in zip(info.sizes, info.tokens_per_block[0], strict=True)
+    )
+
+
 @pytest.mark.parametrize("method", ["asvit", "ltmp"])
 def test_masked_path_equals_packed_path(method):
     model = peaky_vit()
@@ -154,7 +221,7 @@ def test_masked_path_block_compiles_without_graph_breaks(method):
 
     def run(x, size):
         state = TokenState(1, size, None, size[..., 0] > 0)
-        out, new, _, _ = block_forward(block, x, state, adapter.config, step)
+        out, new, _, _, _ = block_forward(block, x, state, adapter.config, step)
         return out, new.size, new.valid
 
     x = torch.randn(2, 17, 192)

@@ -56,7 +56,7 @@ def test_reducing_block_compiles_without_graph_breaks(method):
     x = torch.randn(2, 197, 192)
 
     def run(x, size, source):
-        out, new_state, record, _ = block_forward(
+        out, new_state, record, _, _ = block_forward(
             block, x, TokenState(1, size, source), adapter.config, step
         )
         return out, new_state.size, new_state.source, record

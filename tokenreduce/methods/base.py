@@ -54,6 +54,12 @@ class MethodConfig:
         return bool(getattr(self, "prop_attn", False))
 
     @property
+    def ragged(self) -> bool:
+        """Whether, once images keep different counts, per-token work runs on the real tokens
+        only (a flat layout between blocks) rather than on the padded batch."""
+        return False
+
+    @property
     def appends_fused_token(self) -> bool:
         """Whether a reducing block's last output token is a fusion of the pruned tokens
         (drawn as pruned in token maps)."""

@@ -23,7 +23,7 @@ from tokenreduce.ops.packing import Packing, pack_kept
 from tokenreduce.state import ModelDims
 
 THRESHOLD_FORMAT = "tokenreduce-thresholds/1"
-BATCHING = ("packed", "masked")
+BATCHING = ("auto", "ragged", "packed", "masked")
 
 Step = dict[str, Any]
 """A reducing block's thresholds by kind: floats at inference, 0-d tensors while training."""
@@ -137,11 +137,18 @@ class ThresholdParameters(nn.Module):
 class LearnedConfig(MethodConfig):
     """Options shared by methods with learned per-image thresholds.
 
-    tau: temperature of the soft masks in training. batching: "packed" gathers the kept tokens
-    to the batch's largest count (one device-to-host read per reducing block, real speed);
-    "masked" keeps static shapes with padding slots (no host sync, compile-able). max_tokens
-    (masked only): a static cap on the tokens after each reducing block; an image above it
-    drops its lowest-score surplus, counted in `info.overflow`.
+    tau: temperature of the soft masks in training. batching, how images with different counts
+    share a batch (docs/architecture.md, "Per-image token counts"):
+    - "auto" (default): "ragged" — the fastest correct path measured at every batch size; at
+      batch 1, and whenever every image keeps the same count, there is no padding at all;
+    - "ragged": kept tokens packed to the batch's largest count for attention and the method's
+      decisions, while per-token work (norms, qkv, proj, MLP) runs on the real tokens only;
+    - "packed": kept tokens packed to the batch's largest count, every op on the padded batch;
+    - "masked": static shapes with padding slots (no host sync, compiles with fullgraph).
+    ragged and packed read the B counts from the device once per reducing block (ragged: once
+    more, to build its flat layout); masked reads nothing. max_tokens (masked only): a static
+    cap on the tokens after each reducing block; an image above it drops its lowest-score
+    surplus, counted in `info.overflow`.
     """
 
     learned: ClassVar[bool] = True
@@ -152,7 +159,7 @@ class LearnedConfig(MethodConfig):
 
     layers: tuple[int, ...] | None = None
     tau: float = 0.1
-    batching: str = "packed"
+    batching: str = "auto"
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -178,6 +185,11 @@ class LearnedConfig(MethodConfig):
                     f"{self.batching!r}) is not accepted; accepted: None, or a positive int "
                     "with batching='masked'"
                 )
+
+    @property
+    def ragged(self) -> bool:
+        """Whether per-token work runs on the real tokens only (a flat layout between blocks)."""
+        return self.batching in ("auto", "ragged")
 
     def load_thresholds(self, source: Any) -> dict[str, Any]:
         """Option values {kind: tuple, maybe layers} from a threshold file or tensor."""

@@ -1,4 +1,5 @@
-"""Per-image token counts in a batch: compact each image's kept tokens to the front and pad.
+"""Per-image token counts in a batch: compact each image's kept tokens to the front and pad, and
+the flat (ragged) layout of the real tokens alone.
 
 Padding follows methods.md §1.6: padding slots sit after the real tokens and are marked invalid
 (the adapter gives them size 0, so they are never a key, a merge partner or counted).
@@ -14,12 +15,13 @@ import torch
 class Packing(NamedTuple):
     """Where each output slot comes from and which slots are real.
 
-    index: [B, T] positions into the input sequence; valid: [B, T] bool; overflow: [B] kept
+    index: [B, T] positions into the input sequence; valid: [B, T] bool, or None when every slot
+    is real (every image kept the same number of tokens: no padding at all); overflow: [B] kept
     tokens dropped because the image kept more than T (only with a static cap).
     """
 
     index: torch.Tensor
-    valid: torch.Tensor
+    valid: torch.Tensor | None
     overflow: torch.Tensor
 
 
@@ -27,12 +29,15 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     """Compact the kept tokens of each image to the front, in their current order.
 
     keep: [B, N] bool. length: T, the output length; None = the batch's largest kept count,
-    which reads one number from the device (the packed path). When an image keeps more than a
-    static T, its lowest-`score` [B, N] surplus tokens are dropped (ties: the later one).
+    which reads the B counts from the device once (the packed path); when every image keeps the
+    same count there is no padding and `valid` is None. When an image keeps more than a static T,
+    its lowest-`score` [B, N] surplus tokens are dropped (ties: the later one).
     """
     kept = keep.sum(dim=1)
+    uniform = False
     if length is None:
-        length = int(kept.max())
+        counts = kept.tolist()
+        length, uniform = max(counts), min(counts) == max(counts)
     elif score is not None and length < keep.shape[1]:
         ranked = score.masked_fill(~keep, -torch.inf).argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(ranked).scatter_(
@@ -41,11 +46,39 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
         keep = keep & (rank < length)
     order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :length]
     count = keep.sum(dim=1)
-    valid = torch.arange(length, device=keep.device) < count[:, None]
+    valid = None if uniform else torch.arange(length, device=keep.device) < count[:, None]
     return Packing(order, valid, kept - count)
 
 
 def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch.Tensor:
     """Rows of y [B, N, C] in packed order, padding slots set to `fill`: [B, T, C]."""
     out = y.gather(1, packing.index.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+    if packing.valid is None:
+        return out
     return out.masked_fill(~packing.valid.unsqueeze(-1), fill)
+
+
+class RaggedLayout:
+    """The real tokens of a padded batch as one flat [M, C] tensor (M = total real tokens).
+
+    Per-token work (norms, linear layers, MLP) runs on the flat rows, so each image pays for its
+    own tokens only; `pad` rebuilds the padded [B, T, C] view for what needs image boundaries
+    (attention, a method's decisions, pooling). Building the layout reads the row count from the
+    device once.
+
+    valid: [B, T] bool, the real slots of the padded batch.
+    """
+
+    def __init__(self, valid: torch.Tensor) -> None:
+        self.batch, self.length = valid.shape
+        self.index = valid.reshape(-1).nonzero().squeeze(1)
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """[M, C] real rows -> [B, T, C] with zeros at padding slots."""
+        out = flat.new_zeros(self.batch * self.length, flat.shape[-1])
+        out.index_copy_(0, self.index, flat)
+        return out.view(self.batch, self.length, -1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] padded -> [M, C] real rows."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)

@@ -28,6 +28,7 @@ from tokenreduce.ops.attention import (
     size_bias,
     softmax_dtype,
 )
+from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 TRAINABLE_ATTR = "tokenreduce_thresholds"
@@ -50,18 +51,22 @@ def attention_forward(
     bias: torch.Tensor | None,
     needs: frozenset[str],
     key_mask: torch.Tensor | None = None,
+    layout: RaggedLayout | None = None,
 ) -> tuple[torch.Tensor, AttentionOutputs]:
     """timm `Attention.forward` with an additive key bias and the by-products a method needs.
 
     Mirrors timm's computation op for op, so with no bias the output equals timm's. The fused path
     stays fused; the class-attention row then comes from `class_attention_row` (no N x N matrix).
     key_mask [B, N] (training of learned methods) selects the explicit masked softmax (§2.7).
+    layout: x is the flat [M, C] real tokens of a ragged batch; the linear layers run on them and
+    only the attention itself runs on the padded batch (by-products are padded, output is flat).
     """
-    batch, tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = (
-        attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    )
+    qkv = attn.qkv(x)
+    if layout is not None:
+        qkv = layout.pad(qkv)
+    batch, tokens, _ = qkv.shape
+    qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
@@ -87,6 +92,8 @@ def attention_forward(
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
 
     out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    if layout is not None:
+        out = layout.unpad(out)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -102,26 +109,39 @@ def attention_forward(
 
 
 def block_forward(
-    block: Block, x: torch.Tensor, state: TokenState, config: MethodConfig, step: Any
-) -> tuple[torch.Tensor, TokenState, dict[str, torch.Tensor], bool]:
+    block: Block,
+    x: torch.Tensor,
+    state: TokenState,
+    config: MethodConfig,
+    step: Any,
+    layout: RaggedLayout | None = None,
+) -> tuple[torch.Tensor, TokenState, dict[str, torch.Tensor], bool, RaggedLayout | None]:
     """One timm `Block` with the reduction between attention and MLP.
 
-    Returns tokens, state, the method's record and whether attention ran fused. A block that
-    neither reduces nor needs a key bias or mask runs timm's own forward.
+    x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
+    that `state` describes. Returns tokens, state, the method's record, whether attention ran
+    fused, and the layout of the returned tokens (None: [B, N, C]). A block that neither reduces
+    nor needs a key bias or mask runs timm's own forward.
     """
     bias = key_bias(state, config.uses_prop_attn, x.dtype)
     if step is None and bias is None and state.mask is None:
-        return block(x), state, {}, bool(block.attn.fused_attn)
+        return block(x), state, {}, bool(block.attn.fused_attn), layout
     needs = config.needs if step is not None else frozenset()
     attn_out, byproducts = attention_forward(
-        block.attn, block.norm1(x), bias, needs, key_mask=state.mask
+        block.attn, block.norm1(x), bias, needs, key_mask=state.mask, layout=layout
     )
     x = x + block.drop_path1(block.ls1(attn_out))
     record: dict[str, torch.Tensor] = {}
     if step is not None:
+        if layout is not None:
+            x = layout.pad(x)
         x, state, record = config.reduce(x, state, byproducts, step)
+        layout = None
+        if config.ragged and state.valid is not None:
+            layout = RaggedLayout(state.valid)
+            x = layout.unpad(x)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, state, record, byproducts.fused
+    return x, state, record, byproducts.fused, layout
 
 
 def key_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> torch.Tensor | None:
@@ -247,8 +267,11 @@ class TimmAdapter:
         tokens_in = x.shape[1]
         counts, sizes, sources, fused, kept = [], [], [], [], []
         records: dict[str, list[torch.Tensor]] = {}
+        layout = None
         for block, step in zip(model.blocks, steps, strict=True):
-            x, state, record, block_fused = block_forward(block, x, state, config, step)
+            x, state, record, block_fused, layout = block_forward(
+                block, x, state, config, step, layout
+            )
             counts.append(state.token_counts(x))
             sizes.append(state.size)
             fused.append(block_fused)
@@ -258,6 +281,8 @@ class TimmAdapter:
                 sources.append(state.source > 0)
             for key, value in record.items():
                 records.setdefault(key, []).append(value)
+        if layout is not None:
+            x = layout.pad(x)
         self._local.final_state = state
         # per-image counts stay on the device (no sync); plain ints join them there
         device = next((c.device for c in counts if isinstance(c, torch.Tensor)), None)
