@@ -24,12 +24,18 @@ from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
 def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N]."""
+    """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N].
+
+    The sum over real query rows is one vector-matrix product per head (a single read of the
+    matrix, no masked copy of it).
+    """
+    batch, heads, tokens, _ = attn.shape
     if valid is None:
-        return attn.mean(dim=(1, 2))
-    rows = valid.to(attn.dtype)
-    total = (attn * rows[:, None, :, None]).sum(dim=(1, 2))
-    return total / (attn.shape[1] * rows.sum(dim=1, keepdim=True))
+        rows = attn.new_full((batch, 1, 1, tokens), 1.0 / (heads * tokens))
+    else:
+        rows = valid.to(attn.dtype)
+        rows = (rows / (heads * rows.sum(dim=1, keepdim=True)))[:, None, None, :]
+    return (rows @ attn).sum(dim=1)[:, 0]
 
 
 def best_partners(
@@ -40,12 +46,11 @@ def best_partners(
     and are never partners. Returns (similarity [B, N_A], partner [B, N_A])."""
     metric = key_mean / key_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-    blocked_a = torch.arange(scores.shape[1], device=scores.device) * 2 < num_prefix
-    blocked_b = torch.arange(scores.shape[2], device=scores.device) * 2 + 1 < num_prefix
-    blocked = blocked_a[None, :, None] | blocked_b[None, None, :]
+    scores[:, : math.ceil(num_prefix / 2)] = -math.inf  # prefix tokens in A (even positions)
+    scores[:, :, : num_prefix // 2] = -math.inf  # and in B (odd positions)
     if valid is not None:
-        blocked = blocked | ~valid[:, ::2, None] | ~valid[:, None, 1::2]
-    return scores.masked_fill(blocked, -math.inf).max(dim=-1)
+        scores.masked_fill_(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
+    return scores.max(dim=-1)
 
 
 def merge_into_partners(
@@ -129,8 +134,8 @@ class LTMPConfig(LearnedConfig):
         prefix = state.num_prefix
         soft = state.mask is not None
         valid = None if soft else state.valid
-        is_prefix = torch.arange(x.shape[1], device=x.device) < prefix
-        importance = received_attention(attn.attn, valid).masked_fill(is_prefix, math.inf)
+        importance = received_attention(attn.attn, valid)
+        importance[:, :prefix] = math.inf
         key_mean = attn.key_mean
         if soft:  # masked tokens get zero keys: similarity 0 to every token
             key_mean = key_mean * state.mask.detach().unsqueeze(-1)

@@ -34,6 +34,8 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     its lowest-`score` [B, N] surplus tokens are dropped (ties: the later one).
     """
     kept = keep.sum(dim=1)
+    if length is None and keep.shape[0] == 1:  # one image: its kept positions, no padding
+        return Packing(keep[0].nonzero().view(1, -1), None, kept - kept)
     uniform = False
     if length is None:
         counts = kept.tolist()
@@ -50,9 +52,19 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     return Packing(order, valid, kept - count)
 
 
+def gather_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per image, the rows of y [B, N, C] at index [B, T]: [B, T, C] (one row copy each)."""
+    batch, tokens, channels = y.shape
+    if batch == 1:
+        return y[0].index_select(0, index[0]).unsqueeze(0)
+    offset = torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    flat = y.reshape(batch * tokens, channels).index_select(0, (index + offset).view(-1))
+    return flat.view(batch, index.shape[1], channels)
+
+
 def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch.Tensor:
     """Rows of y [B, N, C] in packed order, padding slots set to `fill`: [B, T, C]."""
-    out = y.gather(1, packing.index.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+    out = gather_rows(y, packing.index)
     if packing.valid is None:
         return out
     return out.masked_fill(~packing.valid.unsqueeze(-1), fill)

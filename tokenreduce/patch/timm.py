@@ -80,9 +80,14 @@ def attention_forward(
         if "cls_attn" in needs:
             cls_attn = class_attention_row(q, k, attn.scale, mask)
     else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
+        if bias is None:
+            scores = (q * attn.scale) @ k.transpose(-2, -1)
+        else:  # the bias added inside the product: no extra pass over the N x N scores
+            scores = torch.baddbmm(
+                bias.to(q.dtype).expand(batch, attn.num_heads, 1, tokens).flatten(0, 1),
+                (q * attn.scale).flatten(0, 1),
+                k.transpose(-2, -1).flatten(0, 1),
+            ).unflatten(0, (batch, attn.num_heads))
         if key_mask is None:
             full = scores.softmax(dim=-1)
         else:
