@@ -108,22 +108,6 @@ def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
 
 
 # ---- per-image batching ------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["asvit", "ltmp"])
-def test_mixed_batch_equals_each_image_alone(method):
-    model = peaky_vit()
-    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    batched, info = run(model, method, images, **VARIABLE[method])
-    counts = info.tokens_per_block
-    assert len({tuple(row) for row in counts.tolist()}) > 1, "counts must differ per image"
-    assert counts[:, -1].min() < info.tokens_in
-    for i in range(len(images)):
-        alone, single = run(model, method, images[i : i + 1], **VARIABLE[method])
-        torch.testing.assert_close(alone, batched[i : i + 1], rtol=1e-9, atol=1e-9)
-        assert single.tokens_per_block[0].tolist() == counts[i].tolist()
-    gmacs = tokenreduce.flops.gmacs(model, info).gmacs
-    assert len(set(gmacs.tolist())) > 1  # per-image GMACs
-
-
 @pytest.mark.parametrize("trace_source", [False, True])
 @pytest.mark.parametrize("batching", ["auto", "ragged", "packed", "masked"])
 @pytest.mark.parametrize("method", ["asvit", "ltmp"])
@@ -136,6 +120,7 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
     batched, info = run(model, method, images, batching=batching, **options)
     counts = info.tokens_per_block
     assert len({tuple(row) for row in counts.tolist()}) > 2, "counts must differ per image"
+    assert counts[:, -1].min() < info.tokens_in
     for i in range(len(images)):
         alone, single = run(model, method, images[i : i + 1], **options)
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-9, atol=1e-9)
@@ -155,6 +140,8 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
                 n = src_alone.shape[1]
                 assert torch.equal(src[i, :n], src_alone[0])
                 assert not src[i, n:].any()
+    gmacs = tokenreduce.flops.gmacs(model, info).gmacs
+    assert len(set(gmacs.tolist())) > 1  # per-image GMACs
 
 
 @pytest.mark.parametrize("method", ["asvit", "ltmp"])

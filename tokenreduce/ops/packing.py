@@ -35,7 +35,7 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     """
     kept = keep.sum(dim=1)
     if length is None and keep.shape[0] == 1:  # one image: its kept positions, no padding
-        return Packing(keep[0].nonzero().view(1, -1), None, kept - kept)
+        return Packing(keep[0].nonzero().view(1, -1), None, torch.zeros_like(kept))
     uniform = False
     if length is None:
         counts = kept.tolist()
