@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
 from tokenreduce.patch import adapter_for, attached_adapter
@@ -29,7 +30,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model is again its original class, bit for bit."""
     adapter = attached_adapter(model)
     if adapter is None:
-        raise ValueError(f"model {type(model).__name__} has no token reduction to remove")
+        raise InvalidOptionError(f"model {type(model).__name__} has no token reduction to remove")
     adapter.detach(model)
     return model
 
@@ -38,7 +39,7 @@ def last_info(model: nn.Module) -> ReductionInfo:
     """What the last forward pass of `model` in this thread did."""
     adapter = attached_adapter(model)
     if adapter is None:
-        raise ValueError(
+        raise InvalidOptionError(
             f"model {type(model).__name__} has no token reduction; call tokenreduce.apply first"
         )
     return adapter.last_info()

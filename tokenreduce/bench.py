@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import tokenreduce
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import FlopsReport
 from tokenreduce.methods.base import make_config
 
@@ -59,7 +60,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, _split_top_level(rest)):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+            raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

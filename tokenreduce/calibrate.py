@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import tokenreduce
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.patch import attached_adapter
 
@@ -52,11 +53,11 @@ def match_gmacs(
     `model` is returned to its unreduced state.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio={ratio!r} is not accepted; accepted: a number in (0, 1]")
+        raise InvalidOptionError(f"ratio={ratio!r} is not accepted; accepted: a number in (0, 1]")
     base = make_config(method, **options)
     strength = type(base).strength
     if strength is None:
-        raise ValueError(
+        raise InvalidOptionError(
             f"method {base.name!r} declares no strength option, so its GMACs cannot be matched"
         )
     dense = tokenreduce.flops.dense_gmacs(model)

@@ -15,6 +15,7 @@ import tokenreduce
 from tokenreduce import bench, calibrate, data, demo, distributed, models, viz
 from tokenreduce import train as training
 from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
+from tokenreduce.errors import InvalidOptionError, TokenReduceError
 from tokenreduce.evaluate import (
     EvalResult,
     ImageFolder,
@@ -294,19 +295,21 @@ def _check_positive(args: argparse.Namespace) -> None:
     for option, minimum in (("num_warm_iter", 0), ("num_bench_iter", 1), ("threads", 1)):
         value = getattr(args, option)
         if value is not None and value < minimum:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
             )
     batch_sizes = args.batch_size if isinstance(args.batch_size, list) else [args.batch_size]
     if any(b is not None and b < 1 for b in batch_sizes):
-        raise ValueError(
+        raise InvalidOptionError(
             f"--batch-size={args.batch_size} is not accepted; batch sizes must be >= 1"
         )
 
 
 def _check_ratio(ratio: float | None) -> None:
     if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"--gmacs-ratio={ratio} is not accepted; accepted: a number in (0, 1]")
+        raise InvalidOptionError(
+            f"--gmacs-ratio={ratio} is not accepted; accepted: a number in (0, 1]"
+        )
 
 
 def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
@@ -316,7 +319,9 @@ def run_bench(args: argparse.Namespace, title: str) -> list[bench.BenchResult]:
     images = None
     if getattr(args, "data", None):
         if args.num_images < 1:
-            raise ValueError(f"--num-images={args.num_images} is not accepted; accepted: >= 1")
+            raise InvalidOptionError(
+                f"--num-images={args.num_images} is not accepted; accepted: >= 1"
+            )
         transform, _ = data.eval_transform(model)
         folder = ImageFolder(args.data, transform, args.num_images)
         images = torch.stack([folder[i][0] for i in range(len(folder))])
@@ -391,7 +396,7 @@ def _dataset(args: argparse.Namespace, model: torch.nn.Module, root: str) -> Ima
         value = getattr(args, option)
         minimum = 0 if option == "workers" else 1
         if value is not None and value < minimum:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
             )
     transform, config = data.eval_transform(
@@ -505,7 +510,7 @@ def run_compare(args: argparse.Namespace) -> list[CompareRow]:
 def run_train(args: argparse.Namespace) -> training.TrainResult:
     name, options = bench.parse_method(args.method)
     if name not in learned_method_names():
-        raise ValueError(
+        raise InvalidOptionError(
             f"--method={args.method!r} is not accepted; accepted: {learned_method_names()}"
         )
     rates = {}
@@ -516,7 +521,7 @@ def run_train(args: argparse.Namespace) -> training.TrainResult:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"--lr {item!r} is not accepted; accepted: KIND=NUMBER")
+            raise InvalidOptionError(f"--lr {item!r} is not accepted; accepted: KIND=NUMBER")
     context = distributed.setup()
     model = _load_model(args)
     dataset = _dataset(args, model, args.data)
@@ -566,11 +571,13 @@ def run_train(args: argparse.Namespace) -> training.TrainResult:
 
 def run_viz(args: argparse.Namespace) -> list[Path]:
     if args.max_columns < 1:
-        raise ValueError(f"--max-columns={args.max_columns} is not accepted; accepted: >= 1")
+        raise InvalidOptionError(
+            f"--max-columns={args.max_columns} is not accepted; accepted: >= 1"
+        )
     specs = [bench.parse_method(spec) for spec in args.method]
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out={args.out} is not accepted; accepted: a .png path")
+        raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .png path")
     model = _load_model(args)
     images, display = data.load_images([Path(p) for p in args.image], model)
     written = []
@@ -612,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_viz(args)
         elif args.command == "train":
             run_train(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except TokenReduceError as err:
         print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

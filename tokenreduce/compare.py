@@ -18,6 +18,7 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.evaluate import EvalResult, ImageFolder, describe_options, evaluate
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
 
@@ -46,7 +47,9 @@ def sweep_configs(methods: Sequence[str] | None = None) -> list[MethodConfig]:
     for name in names:
         cls = type(make_config(name))
         if not cls.sweep:
-            raise ValueError(f"method {name!r} registers no sweep grid; pass configs explicitly")
+            raise InvalidOptionError(
+                f"method {name!r} registers no sweep grid; pass configs explicitly"
+            )
         configs += [make_config(name, **options) for options in cls.sweep]
     return configs
 

@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from tokenreduce.errors import InvalidOptionError, MissingFileError
+
 # Real photographs inside the scikit-image and matplotlib wheels (licences: skimage.data
 # docstrings; matplotlib's sample_data). No download is involved.
 PACKAGED_PHOTOS: tuple[tuple[str, str], ...] = (
@@ -34,7 +36,7 @@ def packaged_photos() -> list[Path]:
         if path.is_file():
             found.append(path)
     if not found:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "no sample photographs found: they come from scikit-image and matplotlib; install "
             "them with: pip install 'tokenreduce[offline]' (or pass your own image files)"
         )
@@ -45,12 +47,12 @@ def open_rgb(path: str | Path) -> Image.Image:
     """An image file as RGB; a missing or unreadable file is reported by name."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingFileError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image file {path} could not be read: {err}") from err
+        raise InvalidOptionError(f"image file {path} could not be read: {err}") from err
 
 
 def eval_transform(model: nn.Module, **overrides: object):

@@ -23,6 +23,7 @@ import tokenreduce
 from tokenreduce import distributed
 from tokenreduce.bench import precision_context
 from tokenreduce.data import open_rgb
+from tokenreduce.errors import InvalidOptionError, MissingFileError
 from tokenreduce.methods.base import MethodConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -33,7 +34,7 @@ def read_class_map(path: str | Path) -> list[str]:
     .json file (a list of names, or {name: index})."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class map file not found: {path}")
+        raise MissingFileError(f"class map file not found: {path}")
     try:
         if path.suffix == ".json":
             loaded = json.loads(path.read_text())
@@ -42,9 +43,9 @@ def read_class_map(path: str | Path) -> list[str]:
         else:
             loaded = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as err:
-        raise ValueError(f"class map file {path} could not be read: {err}") from err
+        raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
     if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
-        raise ValueError(f"class map file {path} must list class names in label order")
+        raise InvalidOptionError(f"class map file {path} must list class names in label order")
     return loaded
 
 
@@ -65,14 +66,18 @@ class ImageFolder(Dataset):
     ):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {root}")
+            raise MissingFileError(f"dataset folder not found: {root}")
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not folders:
-            raise ValueError(f"dataset folder {root} has no class sub-folders (root/<class>/*)")
+            raise InvalidOptionError(
+                f"dataset folder {root} has no class sub-folders (root/<class>/*)"
+            )
         if classes is not None:
             unknown = sorted(set(folders) - set(classes))
             if unknown:
-                raise ValueError(f"class folders {unknown} in {root} are not in the class map")
+                raise InvalidOptionError(
+                    f"class folders {unknown} in {root} are not in the class map"
+                )
         self.classes = list(classes) if classes is not None else folders
         self.samples = [
             (path, label)
@@ -82,7 +87,7 @@ class ImageFolder(Dataset):
             if path.suffix.lower() in IMAGE_SUFFIXES
         ]
         if not self.samples:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"dataset folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
                 "folders"
             )
@@ -180,12 +185,12 @@ def evaluate(
     """
     num_classes = getattr(model, "num_classes", 0)
     if not num_classes:
-        raise ValueError(
+        raise InvalidOptionError(
             f"model {model_name} has no classifier (num_classes=0); give it one with "
             "--num-classes and --checkpoint, or a head file with --head"
         )
     if num_classes < len(dataset.classes):
-        raise ValueError(
+        raise InvalidOptionError(
             f"the dataset has {len(dataset.classes)} classes but model {model_name} predicts "
             f"{num_classes}; set --num-classes and load a matching head"
         )
@@ -227,7 +232,7 @@ def evaluate(
             context, order, dense_hits, dense_pred, hits, gmacs, unreadable
         )
     if not dense_hits:
-        raise ValueError(f"no readable image in the dataset ({len(unreadable)} unreadable)")
+        raise InvalidOptionError(f"no readable image in the dataset ({len(unreadable)} unreadable)")
     dense = torch.cat(dense_hits, dim=1).double().mean(dim=1) * 100
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)
     results = []

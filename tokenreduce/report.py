@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenreduce.errors import InvalidOptionError
+
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[str(row[c]) for c in columns] for row in rows]
@@ -32,4 +34,6 @@ def write_results(rows: Sequence[dict[str, Any]], path: str | Path, fmt: str) ->
             writer.writeheader()
             writer.writerows(rows)
     else:
-        raise ValueError(f"--results-format={fmt!r} is not accepted; accepted: 'csv', 'json'")
+        raise InvalidOptionError(
+            f"--results-format={fmt!r} is not accepted; accepted: 'csv', 'json'"
+        )

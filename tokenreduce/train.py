@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tokenreduce
 from tokenreduce import distributed
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.evaluate import ImageFolder, progress_bar
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
@@ -55,14 +56,16 @@ def _check_number(option: str, value: Any, low: float, high: float | None) -> No
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"train: option {option}={value!r} is not accepted; accepted: {bound}")
+        raise InvalidOptionError(
+            f"train: option {option}={value!r} is not accepted; accepted: {bound}"
+        )
 
 
 def _learning_rates(config: LearnedConfig, lr: Mapping[str, float] | None) -> dict[str, float]:
     rates = dict(type(config).train_lr)
     for kind, value in (lr or {}).items():
         if kind not in rates:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"train: learning rate for {kind!r} is not accepted; method {config.name!r} "
                 f"learns {sorted(rates)}"
             )
@@ -100,7 +103,7 @@ def train_thresholds(
     """
     config = make_config(method, **options)
     if not isinstance(config, LearnedConfig):
-        raise ValueError(
+        raise InvalidOptionError(
             f"train: method {config.name!r} has no learned thresholds; accepted: "
             f"{learned_method_names()}"
         )
@@ -108,14 +111,16 @@ def train_thresholds(
     _check_number("reg_scale", reg_scale, 0.0, None)
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"train: option epochs={epochs!r} is not accepted; accepted: an int >= 1")
+        raise InvalidOptionError(
+            f"train: option epochs={epochs!r} is not accepted; accepted: an int >= 1"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
+        raise InvalidOptionError(
             f"train: option batch_size={batch_size!r} is not accepted; accepted: an int >= 1"
         )
     num_classes = getattr(model, "num_classes", 0)
     if num_classes < len(dataset.classes):
-        raise ValueError(
+        raise InvalidOptionError(
             f"train: the dataset has {len(dataset.classes)} classes but the model predicts "
             f"{num_classes}; give it a classifier for them (--head, or --num-classes with "
             "--checkpoint)"

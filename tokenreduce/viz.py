@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 
 PRUNED_GREY = 0.82
@@ -82,7 +83,7 @@ def draw_token_maps(
     import matplotlib.pyplot as plt
 
     if info.source_blk is None:
-        raise ValueError(
+        raise InvalidOptionError(
             f"method {info.method!r} ran without trace_source=True; token maps need the sources"
         )
     blocks = _shown_blocks(info.reduce_blocks, max_columns)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     Record,
     Strength,
@@ -90,11 +91,11 @@ class ASViTConfig(LearnedConfig):
         check_bool(self.name, "fuse", self.fuse)
         is_count = isinstance(self.min_keep, int) and not isinstance(self.min_keep, bool)
         if not is_count or self.min_keep < 0:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"asvit: option min_keep={self.min_keep!r} is not accepted; accepted: an int >= 0"
             )
         if self.head_weight not in HEAD_WEIGHTS:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"asvit: option head_weight={self.head_weight!r} is not accepted; accepted: "
                 f"{list(HEAD_WEIGHTS)}"
             )
@@ -126,7 +127,7 @@ class ASViTConfig(LearnedConfig):
             keep = keep.masked_fill(forced, 1) if soft else keep | forced
         if soft:
             if self.fuse:
-                raise ValueError(
+                raise InvalidOptionError(
                     "asvit: option fuse=True applies at inference only; train with fuse=False "
                     "and set fuse=True on the trained thresholds"
                 )

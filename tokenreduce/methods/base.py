@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 Record = dict[str, torch.Tensor]
@@ -68,7 +69,7 @@ class MethodConfig:
     def validate(self, dims: ModelDims) -> None:
         """Raise ValueError when the options do not fit this model."""
         if self.requires_class_token and not dims.has_class_token:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"method {self.name!r} scores tokens by class attention and needs a model with a "
                 "class token (model.cls_token is not None); this model has none. Accepted: a model "
                 "with a class token, or method 'tome'."
@@ -111,18 +112,18 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
         cls, base = type(method), method
     elif isinstance(method, str):
         if method not in _REGISTRY:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"method={method!r} is not a registered method; accepted: {method_names()}"
             )
         cls, base = _REGISTRY[method], None
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             f"method must be a method name (str) or a MethodConfig, got {type(method).__name__}"
         )
     accepted = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in options:
         if key not in accepted:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"option {key!r} is not an option of method {cls.name!r}; accepted: {accepted}"
             )
     if base is not None:
@@ -132,12 +133,12 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
 
 def check_bool(method: str, option: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{method}: option {option}={value!r} must be True or False")
+        raise InvalidOptionError(f"{method}: option {option}={value!r} must be True or False")
 
 
 def check_keep_rate(method: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{method}: option keep_rate={value!r} is not accepted; accepted: a number in (0, 1]"
         )
 
@@ -148,7 +149,7 @@ def resolve_layers(method: str, layers: Sequence[int] | None, depth: int) -> tup
         return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
     bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
     if bad or len(set(layers)) != len(layers):
-        raise ValueError(
+        raise InvalidOptionError(
             f"{method}: option layers={tuple(layers)!r} is not accepted; accepted: distinct block "
             f"indices in 0..{depth - 1}"
         )
@@ -161,7 +162,7 @@ def check_layers_type(method: str, layers: Any) -> None:
         and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     )
     if not ok:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{method}: option layers={layers!r} is not accepted; accepted: a tuple of block "
             "indices"
         )

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import Record, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig
 from tokenreduce.ops import (
@@ -49,7 +50,7 @@ def _check_count(option: str, value: object) -> None:
     is_int = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     is_fraction = isinstance(value, float) and 0 < value <= 1
     if not (is_int or is_fraction):
-        raise ValueError(
+        raise InvalidOptionError(
             f"bat: option {option}={value!r} is not accepted; accepted: an int >= 0 (a count) "
             "or a float in (0, 1] (a fraction, rounded up)"
         )
@@ -96,7 +97,7 @@ class BATConfig(KeepRateConfig):
         _check_count("attentive_matches", self.attentive_matches)
         neighbours = self.neighbours
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"bat: option neighbours={neighbours!r} is not accepted; accepted: an int >= 1"
             )
 

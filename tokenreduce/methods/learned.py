@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenreduce.errors import InvalidOptionError, MissingFileError
 from tokenreduce.methods.base import MethodConfig, check_layers_type, resolve_layers
 from tokenreduce.ops.packing import Packing, pack_kept
 from tokenreduce.state import ModelDims
@@ -33,7 +34,7 @@ def check_threshold_values(method: str, option: str, value: Any) -> float | tupl
     """One finite number, or a 1-d sequence/tensor of them, as a float or a tuple of floats."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 1:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{method}: option {option} is a tensor of shape {tuple(value.shape)}; accepted: "
                 "a number or a 1-d tensor with one threshold per reducing layer"
             )
@@ -45,7 +46,7 @@ def check_threshold_values(method: str, option: str, value: Any) -> float | tupl
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
     ):
         return tuple(float(v) for v in value)
-    raise ValueError(
+    raise InvalidOptionError(
         f"{method}: option {option}={value!r} is not accepted; accepted: a finite number (every "
         "reducing layer), a sequence or 1-d tensor with one per reducing layer"
     )
@@ -57,28 +58,28 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"threshold file {str(path)!r} does not exist")
+        raise MissingFileError(f"threshold file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
+        raise InvalidOptionError(
             f"threshold file {str(path)!r} is not a safetensors file written by tokenreduce train "
             f"({error})"
         ) from error
     if metadata.get("format") != THRESHOLD_FORMAT:
-        raise ValueError(
+        raise InvalidOptionError(
             f"threshold file {str(path)!r} has format {metadata.get('format')!r}; accepted: "
             f"{THRESHOLD_FORMAT!r} (a file written by tokenreduce train)"
         )
     if metadata.get("method") != method:
-        raise ValueError(
+        raise InvalidOptionError(
             f"threshold file {str(path)!r} holds thresholds of method {metadata.get('method')!r}, "
             f"not {method!r}"
         )
     if sorted(tensors) != sorted(kinds):
-        raise ValueError(
+        raise InvalidOptionError(
             f"threshold file {str(path)!r} holds {sorted(tensors)}; method {method!r} needs "
             f"{sorted(kinds)}"
         )
@@ -86,7 +87,7 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
     values = {}
     for kind, tensor in tensors.items():
         if tensor.dim() != 1 or len(lengths) != 1 or not torch.isfinite(tensor).all():
-            raise ValueError(
+            raise InvalidOptionError(
                 f"threshold file {str(path)!r}: {kind} must be a finite 1-d tensor, one per "
                 f"reducing layer, all of the same length; got shapes {sorted(lengths)}"
             )
@@ -166,11 +167,11 @@ class LearnedConfig(MethodConfig):
         super().__post_init__()
         check_layers_type(self.name, self.layers)
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{self.name}: option tau={self.tau!r} is not accepted; accepted: a number > 0"
             )
         if self.batching not in BATCHING:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{self.name}: option batching={self.batching!r} is not accepted; accepted: "
                 f"{list(BATCHING)}"
             )
@@ -180,7 +181,7 @@ class LearnedConfig(MethodConfig):
             else:
                 ok = self.max_tokens >= 1 and self.batching == "masked"
             if not ok:
-                raise ValueError(
+                raise InvalidOptionError(
                     f"{self.name}: option max_tokens={self.max_tokens!r} (batching="
                     f"{self.batching!r}) is not accepted; accepted: None, or a positive int "
                     "with batching='masked'"
@@ -205,7 +206,7 @@ class LearnedConfig(MethodConfig):
             if len(self.kinds) == 1 and source.dim() == 1:
                 rows = source[None]
             if rows is None or rows.shape[0] != len(self.kinds):
-                raise ValueError(
+                raise InvalidOptionError(
                     f"{self.name}: option thresholds is a tensor of shape {tuple(source.shape)}; "
                     f"accepted: [{len(self.kinds)}, S] rows {list(self.kinds)} (S reducing "
                     "layers), or a file path"
@@ -214,7 +215,7 @@ class LearnedConfig(MethodConfig):
                 kind: check_threshold_values(self.name, "thresholds", row)
                 for kind, row in zip(self.kinds, rows, strict=True)
             }
-        raise ValueError(
+        raise InvalidOptionError(
             f"{self.name}: option thresholds={source!r} is not accepted; accepted: a path to a "
             "file written by tokenreduce train, or a tensor"
         )
@@ -245,7 +246,7 @@ class LearnedConfig(MethodConfig):
             if isinstance(value, float):
                 value = (value,) * count
             if len(value) != count:
-                raise ValueError(
+                raise InvalidOptionError(
                     f"{self.name}: option {kind} has {len(value)} thresholds but the method "
                     f"reduces in {count} blocks {self.reduce_layers(dims)}; accepted: one number "
                     f"or {count}"

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import Record, Strength, matching_macs, register
 from tokenreduce.methods.learned import LearnedConfig, Step, check_threshold_values
 from tokenreduce.ops.merging import prefix_first_order
@@ -100,12 +101,12 @@ class LTMPConfig(LearnedConfig):
         super().__post_init__()
         if self.thresholds is not None:
             if self.merge_thresholds is not None or self.prune_thresholds is not None:
-                raise ValueError(
+                raise InvalidOptionError(
                     "ltmp: option thresholds sets both merge_thresholds and prune_thresholds; "
                     "accepted: thresholds alone, or the two vectors without thresholds"
                 )
             if not isinstance(self.thresholds, (str, Path, torch.Tensor)):
-                raise ValueError(
+                raise InvalidOptionError(
                     f"ltmp: option thresholds={self.thresholds!r} is not accepted; accepted: a "
                     "path to a file written by tokenreduce train, or a [2, S] tensor"
                 )

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     MethodConfig,
     Record,
@@ -77,13 +78,13 @@ class PPTConfig(MethodConfig):
         if not values or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
         ):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"ppt: option r={self.r!r} is not accepted; accepted: an int >= 0 or a list of "
                 "ints >= 0, one per reducing layer"
             )
         check_layers_type(self.name, self.layers)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"ppt: option threshold={self.threshold!r} must be a number")
+            raise InvalidOptionError(f"ppt: option threshold={self.threshold!r} must be a number")
         check_bool(self.name, "prop_attn", self.prop_attn)
 
     def _layer_r(self, dims: ModelDims) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -91,7 +92,7 @@ class PPTConfig(MethodConfig):
         if isinstance(self.r, int):
             return layers, (self.r,) * len(layers)
         if len(self.r) != len(layers):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"ppt: option r={tuple(self.r)!r} has {len(self.r)} values but there are "
                 f"{len(layers)} reducing layers {layers}; accepted: one int, or one per layer"
             )

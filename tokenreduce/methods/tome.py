@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     MethodConfig,
     Record,
@@ -48,7 +49,7 @@ def _check_r(r: object) -> None:
     elif isinstance(r, (list, tuple)):
         ok = all(is_count(v) for v in r)
     if not ok:
-        raise ValueError(
+        raise InvalidOptionError(
             f"tome: option r={r!r} is not accepted; accepted: an int >= 0, a tuple (r, inflect) "
             "with inflect a float in [-1, 1], or a list of per-block ints >= 0"
         )
@@ -83,7 +84,7 @@ class ToMeConfig(MethodConfig):
             isinstance(self.r, tuple) and len(self.r) == 2 and isinstance(self.r[1], float)
         )
         if isinstance(self.r, (list, tuple)) and not inflect_form and len(self.r) > dims.depth:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"tome: option r has {len(self.r)} per-block values but the model has "
                 f"{dims.depth} blocks; accepted: at most {dims.depth} values"
             )

@@ -19,6 +19,7 @@ from timm.layers import Attention, AttentionPoolLatent, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from tokenreduce.errors import InvalidOptionError, NotReadyError, UnsupportedModelError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig
 from tokenreduce.ops.attention import (
@@ -179,17 +180,17 @@ class TimmAdapter:
     @staticmethod
     def check_supported(model: nn.Module) -> None:
         if not isinstance(model, VisionTransformer):
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"unsupported model class {type(model).__name__}; supported: {SUPPORTED}"
             )
         for i, block in enumerate(model.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
-                raise TypeError(
+                raise UnsupportedModelError(
                     f"unsupported block {i} of {type(model).__name__}: {type(block).__name__} with "
                     f"{type(getattr(block, 'attn', None)).__name__}; supported: {SUPPORTED}"
                 )
         if not isinstance(model.patch_embed, PatchEmbed):
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"unsupported patch embedding {type(model.patch_embed).__name__}; supported: "
                 "timm.layers.PatchEmbed"
             )
@@ -219,7 +220,7 @@ class TimmAdapter:
                 pool_include_prefix=bool(model.pool_include_prefix),
             )
         elif pool is not None:
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"unsupported attention pool {type(pool).__name__}; supported: AttentionPoolLatent"
             )
         return ModelDims(
@@ -308,7 +309,7 @@ class TimmAdapter:
     def last_info(self) -> ReductionInfo:
         info = getattr(self._local, "info", None)
         if info is None:
-            raise RuntimeError(
+            raise NotReadyError(
                 "no forward pass of this reduced model has run in this thread yet; run the model "
                 "first, then call last_info(model)"
             )
@@ -362,14 +363,14 @@ def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
         is_causal: bool = False,
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"attn_mask={'given' if attn_mask is not None else None}, is_causal={is_causal}: a "
                 "model with token reduction does not accept attention masks (tokens are merged and "
                 "pruned, so a mask over the input tokens no longer lines up); accepted: "
                 "attn_mask=None, is_causal=False, or tokenreduce.remove(model) first"
             )
         if self.grad_checkpointing and torch.is_grad_enabled():
-            raise ValueError(
+            raise InvalidOptionError(
                 "grad_checkpointing=True is not supported by a model with token reduction; "
                 "accepted: model.set_grad_checkpointing(False)"
             )
