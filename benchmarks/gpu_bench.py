@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.getcwd())
 import tokenreduce
 from tokenreduce import data
-from tokenreduce.bench import _batches, measure_speedup
-from tokenreduce.evaluate import ImageFolder, read_class_map
+from tokenreduce.bench import image_batches, measure_speedup
+from tokenreduce.data import ImageFolder, read_class_map
 
 G = ".gpu"
 model = timm.create_model(
@@ -54,7 +54,7 @@ for name, opts in methods:
     for bs, warm, iters in (
         ((1, 1, 1), (4, 1, 1)) if SMOKE else ((1, 64, 64), (64, 8, 16), (256, 2, 8), (1024, 1, 4))
     ):
-        batches = _batches(images, bs)[: max(1, 64 // bs) if bs < 1024 else 1]
+        batches = image_batches(images, bs)[: max(1, 64 // bs) if bs < 1024 else 1]
         warm = max(warm, len(batches))  # every batch (every shape) seen once before timing
         d, r = measure_speedup(model, red, batches, warm, iters, amp=True)
         g = []

@@ -12,7 +12,7 @@ import tokenreduce
 from tests.conftest import tiny_vit
 from tests.test_distributed import make_image_folder
 from tokenreduce import data, train
-from tokenreduce.evaluate import ImageFolder
+from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
 from tokenreduce.ops.packing import pack_kept

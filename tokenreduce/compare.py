@@ -8,6 +8,7 @@ speedup vs GMACs against the ideal (dense GMACs / GMACs).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +19,13 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench
+from tokenreduce.data import ImageFolder
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.evaluate import EvalResult, ImageFolder, describe_options, evaluate
+from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
+from tokenreduce.options import describe_options
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,15 @@ def compare(
             top1_drop=accuracy.top1_drop if accuracy else None,
             agreement=accuracy.agreement if accuracy else None,
         )
-        if progress:
-            print(
-                f"  {row.method} {row.options}: {row.gmacs:.3f} GMACs, "
-                f"{row.measured_speedup:.2f}x (ideal {row.ideal_speedup:.2f}x)"
-                + (f", top-1 {row.top1:.1f}%" if accuracy else ""),
-                flush=True,
-            )
+        logger.info(
+            "  %s %s: %.3f GMACs, %.2fx (ideal %.2fx)%s",
+            row.method,
+            row.options,
+            row.gmacs,
+            row.measured_speedup,
+            row.ideal_speedup,
+            f", top-1 {row.top1:.1f}%" if accuracy else "",
+        )
         rows.append(row)
     return rows, evaluation
 

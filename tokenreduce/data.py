@@ -1,15 +1,18 @@
-"""Images preprocessed for a model: files, and real photographs from installed packages."""
+"""Images for a model: files, image folders with class maps, evaluation transforms, and real
+photographs from installed packages."""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
+from torch.utils.data import Dataset
 
 from tokenreduce.errors import InvalidOptionError, MissingFileError
 
@@ -69,3 +72,93 @@ def load_images(paths: Sequence[str | Path], model: nn.Module) -> tuple[torch.Te
     mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(config["std"]).view(1, 3, 1, 1)
     return batch, (batch * std + mean).clamp(0, 1)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def read_class_map(path: str | Path) -> list[str]:
+    """Class names in label order from a .txt file (one per line, as timm's --class-map) or a
+    .json file (a list of names, or {name: index})."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"class map file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                loaded = sorted(loaded, key=loaded.__getitem__)
+        else:
+            loaded = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
+    if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
+        raise InvalidOptionError(f"class map file {path} must list class names in label order")
+    return loaded
+
+
+class ImageFolder(Dataset):
+    """`root/<class>/<image>` files. Labels follow `classes` (e.g. from `read_class_map`), or the
+    sorted folder names (torchvision's order); files are sorted by name.
+
+    An unreadable image is not fatal: its item carries `ok = False` (a zero image), so that it is
+    reported by name, counted, and left out of the accuracy.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable,
+        num_samples: int | None = None,
+        classes: Sequence[str] | None = None,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise MissingFileError(f"dataset folder not found: {root}")
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise InvalidOptionError(
+                f"dataset folder {root} has no class sub-folders (root/<class>/*)"
+            )
+        if classes is not None:
+            unknown = sorted(set(folders) - set(classes))
+            if unknown:
+                raise InvalidOptionError(
+                    f"class folders {unknown} in {root} are not in the class map"
+                )
+        self.classes = list(classes) if classes is not None else folders
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            if (root / name).is_dir()
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise InvalidOptionError(
+                f"dataset folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
+                "folders"
+            )
+        if num_samples is not None and num_samples < len(self.samples):
+            # evenly spaced over the sorted list, so that every class is represented
+            stride = len(self.samples) / num_samples
+            self.samples = [self.samples[int(i * stride)] for i in range(num_samples)]
+        self.transform = transform
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        path, label = self.samples[index]
+        try:
+            image = open_rgb(path)
+        except (ValueError, FileNotFoundError):
+            return torch.zeros(self.sample_shape()), label, index, False
+        return self.transform(image), label, index, True
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one preprocessed image (from a blank image through the transform)."""
+        if self._shape is None:
+            self._shape = tuple(self.transform(Image.new("RGB", (32, 32))).shape)
+        return self._shape

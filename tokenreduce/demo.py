@@ -8,6 +8,7 @@ token maps drawn.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench, calibrate, data, viz
+from tokenreduce.options import format_options
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,6 @@ def run_demo(
     num_warm_iter: int = 3,
     num_bench_iter: int = 10,
     max_map_columns: int = 4,
-    log=print,
 ) -> list[DemoRow]:
     """Run every method in `methods` at `gmacs_ratio` x dense GMACs on `photos`.
 
@@ -71,7 +74,13 @@ def run_demo(
     labels = [Path(p).stem for p in photos]
     rows = []
     for step, name in enumerate(methods, start=1):
-        log(f"[{step}/{len(methods)}] {name}: matching {gmacs_ratio:.0%} of dense GMACs ...")
+        logger.info(
+            "[%d/%d] %s: matching %.0f%% of dense GMACs ...",
+            step,
+            len(methods),
+            name,
+            gmacs_ratio * 100,
+        )
         matched = calibrate.match_gmacs(model, name, gmacs_ratio, images)
         strength = type(matched.config).strength.option
         options = {strength: getattr(matched.config, strength)}
@@ -85,7 +94,7 @@ def run_demo(
             info,
             grid,
             out_dir / f"token_maps_{name}.png",
-            title=f"{name} {bench.format_options(options)}: {report.mean:.2f} GMACs "
+            title=f"{name} {format_options(options)}: {report.mean:.2f} GMACs "
             f"({report.mean / dense_gmacs:.0%} of dense)",
             row_labels=labels,
             max_columns=max_map_columns,
@@ -96,7 +105,7 @@ def run_demo(
         )
         row = DemoRow(
             method=name,
-            options=bench.format_options(options),
+            options=format_options(options),
             gmacs=round(report.mean, 4),
             dense_gmacs=round(dense_gmacs, 4),
             gmacs_ratio=round(report.mean / dense_gmacs, 3),
@@ -107,9 +116,13 @@ def run_demo(
             min_feature_cosine=round(float(cosine.min()), 4),
             token_maps=str(map_path),
         )
-        log(
-            f"      {row.options}: {row.gmacs:.3f} GMACs, {row.measured_speedup:.2f}x measured "
-            f"(ideal {row.ideal_speedup:.2f}x), feature cosine {row.feature_cosine:.4f}"
+        logger.info(
+            "      %s: %.3f GMACs, %.2fx measured (ideal %.2fx), feature cosine %.4f",
+            row.options,
+            row.gmacs,
+            row.measured_speedup,
+            row.ideal_speedup,
+            row.feature_cosine,
         )
         rows.append(row)
     return rows

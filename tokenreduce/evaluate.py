@@ -1,6 +1,6 @@
 """Accuracy of reduced models against the dense model, on the same images in the same run.
 
-measurement.md §3: ImageFolder data preprocessed with timm's data config; top-1/top-5 of the
+docs/measurement.md §3: ImageFolder data preprocessed with timm's data config; top-1/top-5 of the
 dense and of each reduced model, their difference, the agreement of the two predictions, and
 the distribution of per-image GMACs.
 """
@@ -8,112 +8,24 @@ the distribution of per-image GMACs.
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 import tokenreduce
 from tokenreduce import distributed
-from tokenreduce.bench import precision_context
-from tokenreduce.data import open_rgb
-from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.data import ImageFolder
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig
+from tokenreduce.options import describe_options
+from tokenreduce.runtime import precision_context, progress_bar
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-
-
-def read_class_map(path: str | Path) -> list[str]:
-    """Class names in label order from a .txt file (one per line, as timm's --class-map) or a
-    .json file (a list of names, or {name: index})."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"class map file not found: {path}")
-    try:
-        if path.suffix == ".json":
-            loaded = json.loads(path.read_text())
-            if isinstance(loaded, dict):
-                loaded = sorted(loaded, key=loaded.__getitem__)
-        else:
-            loaded = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as err:
-        raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
-    if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
-        raise InvalidOptionError(f"class map file {path} must list class names in label order")
-    return loaded
-
-
-class ImageFolder(Dataset):
-    """`root/<class>/<image>` files. Labels follow `classes` (e.g. from `read_class_map`), or the
-    sorted folder names (torchvision's order); files are sorted by name.
-
-    An unreadable image is not fatal: its item carries `ok = False` (a zero image), so that it is
-    reported by name, counted, and left out of the accuracy.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        transform: Callable,
-        num_samples: int | None = None,
-        classes: Sequence[str] | None = None,
-    ):
-        root = Path(root)
-        if not root.is_dir():
-            raise MissingFileError(f"dataset folder not found: {root}")
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not folders:
-            raise InvalidOptionError(
-                f"dataset folder {root} has no class sub-folders (root/<class>/*)"
-            )
-        if classes is not None:
-            unknown = sorted(set(folders) - set(classes))
-            if unknown:
-                raise InvalidOptionError(
-                    f"class folders {unknown} in {root} are not in the class map"
-                )
-        self.classes = list(classes) if classes is not None else folders
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            if (root / name).is_dir()
-            for path in sorted((root / name).iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not self.samples:
-            raise InvalidOptionError(
-                f"dataset folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
-                "folders"
-            )
-        if num_samples is not None and num_samples < len(self.samples):
-            # evenly spaced over the sorted list, so that every class is represented
-            stride = len(self.samples) / num_samples
-            self.samples = [self.samples[int(i * stride)] for i in range(num_samples)]
-        self.transform = transform
-        self._shape: tuple[int, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
-        path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except (ValueError, FileNotFoundError):
-            return torch.zeros(self.sample_shape()), label, index, False
-        return self.transform(image), label, index, True
-
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one preprocessed image (from a blank image through the transform)."""
-        if self._shape is None:
-            self._shape = tuple(self.transform(Image.new("RGB", (32, 32))).shape)
-        return self._shape
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,7 +122,7 @@ def evaluate(
         for images, labels, indices, ok in loader:
             for i in indices[~ok].tolist():
                 unreadable.append(str(dataset.samples[i][0]))
-                print(f"unreadable image skipped: {dataset.samples[i][0]}", flush=True)
+                logger.warning("unreadable image skipped: %s", dataset.samples[i][0])
             images, labels = images[ok].to(device), labels[ok].to(device)
             if len(images) == 0:
                 continue
@@ -302,29 +214,3 @@ def _gather_in_order(
         [[torch.cat([p[4][k] for p in parts])[rank_order]] for k in range(len(gmacs))],
         unreadable,
     )
-
-
-def describe_options(config: MethodConfig) -> str:
-    """The strength option and the options that differ from the defaults, as `k=v,...`."""
-    default = type(config)()
-    strength = type(config).strength
-    shown = {
-        k: v
-        for k, v in asdict(config).items()
-        if k != "trace_source"
-        and (getattr(default, k) != v or (strength is not None and k == strength.option))
-    }
-    return ",".join(f"{k}={_short(v)!r}" for k, v in shown.items())
-
-
-def _short(value: Any) -> Any:
-    """Learned per-layer thresholds rounded to 4 significant digits, so tables stay readable."""
-    if isinstance(value, tuple) and all(isinstance(v, float) for v in value):
-        return tuple(float(f"{v:.4g}") for v in value)
-    return value
-
-
-def progress_bar(total: int, enabled: bool, unit: str = "img"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Learn the thresholds of LTMP / AS-ViT against a GMACs budget (methods.md §3.5, §3.6).
+"""Learn the thresholds of LTMP / AS-ViT against a GMACs budget (docs/methods.md §3.5, §3.6).
 
 The model runs its soft-mask training forward; the loss is label-smoothed cross-entropy plus
 reg_scale x (F - target)^2, F the differentiable kept fraction of the blocks' MACs. Only the
@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import tokenreduce
 from tokenreduce import distributed
+from tokenreduce.data import ImageFolder
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.evaluate import ImageFolder, progress_bar
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
 from tokenreduce.patch.timm import TRAINABLE_ATTR
+from tokenreduce.runtime import progress_bar
 
 
 @dataclass

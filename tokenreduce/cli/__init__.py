@@ -1,0 +1,39 @@
+"""The `tokenreduce` command line: one module per command, shared options in `options`.
+
+Each command module has `add_parser(commands)`, which registers its sub-parser with
+`run(args)` as the default `run`. A user error (`tokenreduce.errors.TokenReduceError`) becomes
+one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tokenreduce.cli import bench, compare, demo, evaluate, train, viz
+from tokenreduce.errors import TokenReduceError
+
+COMMANDS = (demo, bench, evaluate, compare, train, viz)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenreduce", description="Token pruning and merging for pretrained ViTs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.run(args)
+    except TokenReduceError as err:
+        print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

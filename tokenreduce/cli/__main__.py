@@ -1,0 +1,5 @@
+import sys
+
+from tokenreduce.cli import main
+
+sys.exit(main())

