@@ -90,8 +90,10 @@ def test_ppt_matches_official(fixture_model, images, threshold):
     ref = expected(f"ppt_thr{threshold}")
     logits, info = run(fixture_model, images, "ppt", r=50, threshold=float(threshold))
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
-    assert torch.equal(info.policy, ref["policy"])
-    torch.testing.assert_close(info.score_variance, ref["score_variance"], rtol=1e-5, atol=0)
+    assert torch.equal(info.records.policy, ref["policy"])
+    torch.testing.assert_close(
+        info.records.score_variance, ref["score_variance"], rtol=1e-5, atol=0
+    )
     for block in (3, 6, 9):
         assert torch.equal(info.source_blk[block], ref[f"source_blk{block}"]), f"block {block}"
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
@@ -100,10 +102,10 @@ def test_ppt_matches_official(fixture_model, images, threshold):
 @pytest.mark.parametrize("threshold", ["7e-5", "1.55e-4"])
 def test_ppt_mixed_batch_equals_each_image_alone(fixture_model, images, threshold):
     batched, info = run(fixture_model, images, "ppt", threshold=float(threshold))
-    assert 0 < info.policy[:, 0].sum() < 4, "the batch mixes pooling and pruning"
+    assert 0 < info.records.policy[:, 0].sum() < 4, "the batch mixes pooling and pruning"
     for i in range(images.shape[0]):
         alone, info_alone = run(fixture_model, images[i : i + 1], "ppt", threshold=float(threshold))
         torch.testing.assert_close(alone[0], batched[i], atol=1e-10, rtol=0)
-        assert torch.equal(info_alone.policy[0], info.policy[i])
+        assert torch.equal(info_alone.records.policy[0], info.records.policy[i])
         for block in (3, 6, 9):
             assert torch.equal(info_alone.source_blk[block][0], info.source_blk[block][i])

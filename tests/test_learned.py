@@ -3,6 +3,7 @@ threshold files and `tokenreduce train`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -102,9 +103,9 @@ def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
     assert step(1.0, 0.0)[0] == [0.0, 2.0, 4.0, 1.0, 3.0]  # [prefix, A, B]: no merge at 1.0
     tokens, sizes, record = step(0.999, 0.0)
     assert tokens == [0.0, 4.0, 1.5, 3.0] and sizes == [1.0, 1.0, 2.0, 1.0]
-    assert record["merged"].tolist() == [1]
+    assert record.merged.tolist() == [1]
     tokens, _, record = step(1.0, 0.25)  # every importance is exactly 0.25: only prefix stays
-    assert tokens == [0.0] and record["pruned"].tolist() == [4]
+    assert tokens == [0.0] and record.pruned.tolist() == [4]
 
 
 # ---- per-image batching ------------------------------------------------------------------------
@@ -128,8 +129,10 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
         assert all(
             s is None or s.shape[1] == n for s, n in zip(single.sizes, counts[i], strict=True)
         )
-        for key, value in single.records.items():
-            assert torch.equal(info.records[key][i], value[0]), key
+        for field in dataclasses.fields(single.records):
+            value = getattr(single.records, field.name)
+            if value is not None:
+                assert torch.equal(getattr(info.records, field.name)[i], value[0]), field.name
         for size, size_alone in zip(info.sizes, single.sizes, strict=True):
             if size_alone is not None:
                 n = size_alone.shape[1]
@@ -207,7 +210,7 @@ def test_masked_path_block_compiles_without_graph_breaks(method):
     size[1, 12:] = 0  # the second image holds 12 real tokens and 5 padding slots
 
     def run(x, size):
-        state = TokenState(1, size, None, size[..., 0] > 0)
+        state = TokenState(num_prefix=1, size=size, valid=size[..., 0] > 0)
         out, new, _, _, _ = block_forward(block, x, state, adapter.config, step)
         return out, new.size, new.valid
 
@@ -238,7 +241,7 @@ def test_static_cap_drops_the_lowest_scores_and_records_the_overflow():
     model = peaky_vit()
     images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     _, info = run(model, "asvit", images, batching="masked", max_tokens=8, thresholds=0.0)
-    assert info.overflow.sum() > 0
+    assert info.records.overflow.sum() > 0
     assert info.tokens_per_block[:, 3:].max() <= 8
 
 

@@ -22,9 +22,9 @@ def test_threshold_zero_prunes_and_infinity_pools():
     x = torch.randn(3, 3, 224, 224)
     model = tiny_vit()
     _, info = forward(tokenreduce.apply(model, "ppt", threshold=0.0), x)
-    assert (info.policy == 1).all()
+    assert (info.records.policy == 1).all()
     pooled, info = forward(tokenreduce.apply(model, "ppt", threshold=math.inf), x)
-    assert (info.policy == 0).all()
+    assert (info.records.policy == 0).all()
     tome, _ = forward(tokenreduce.apply(model, "tome", r=[0, 0, 0, 50, 0, 0, 50, 0, 0, 50]), x)
     torch.testing.assert_close(pooled, tome, atol=1e-5, rtol=1e-5)
 
@@ -33,13 +33,13 @@ def test_pruning_branch_equals_topk_by_ppt_score():
     model = tokenreduce.apply(tiny_vit(), "ppt", threshold=0.0, r=20, trace_source=True)
     _, info = forward(model, torch.randn(2, 3, 224, 224))
     assert info.tokens_per_block[0].tolist() == [197] * 3 + [177] * 3 + [157] * 3 + [137] * 3
-    assert info.score_variance.shape == (2, 3) and (info.score_variance > 0).all()
+    assert info.records.score_variance.shape == (2, 3) and (info.records.score_variance > 0).all()
 
 
 def test_policy_and_variance_shapes_for_custom_layers():
     model = tokenreduce.apply(tiny_vit(), "ppt", layers=(1, 5), r=(10, 20))
     _, info = forward(model, torch.randn(4, 3, 224, 224))
-    assert info.policy.shape == (4, 2) and info.policy.dtype == torch.long
+    assert info.records.policy.shape == (4, 2) and info.records.policy.dtype == torch.long
     assert info.tokens_per_block[0].tolist() == [197, 187, 187, 187, 187, 167] + [167] * 6
 
 
@@ -57,7 +57,7 @@ def test_reducing_block_compiles_without_graph_breaks(method):
 
     def run(x, size, source):
         out, new_state, record, _, _ = block_forward(
-            block, x, TokenState(1, size, source), adapter.config, step
+            block, x, TokenState(num_prefix=1, size=size, source=source), adapter.config, step
         )
         return out, new_state.size, new_state.source, record
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,11 @@ def shard(count: int, context: Context) -> list[int]:
     return list(range(context.rank, count, context.world))
 
 
-def gather(value: Any, context: Context) -> list[Any]:
+def gather(value: T, context: Context) -> list[T]:
     """Every rank's `value`, in rank order, on every rank."""
     if not context.active:
         return [value]
-    out: list[Any] = [None] * context.world
+    out: list[Any] = [None] * context.world  # all_gather_object fills it in place
     dist.all_gather_object(out, value)
     return out
 

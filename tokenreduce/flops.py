@@ -1,6 +1,6 @@
 """Analytic multiply-accumulate counts from the token counts of a forward pass.
 
-Matrix products only (norms, softmax, GELU and adds ignored), per image, as measurement.md §1:
+Matrix products only (norms, softmax, GELU and adds ignored), per image, as docs/measurement.md §1:
 patch embedding + per block 4NC^2 + 2N^2C + 2N'C*hidden (qkv, scores, attention x V, proj, MLP
 after the reduction) + head. The reduction's own cost (similarities, class-attention rows, ...)
 is reported separately as overhead.
@@ -81,15 +81,18 @@ def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
         [torch.full_like(counts[:, :1], info.tokens_in), counts[:, :-1]], dim=1
     ).to(torch.float64)
     for slot, block in enumerate(info.reduce_blocks):
-        record = {key: value[:, slot] for key, value in info.records.items()}
         overhead = overhead + info.config.overhead_macs(
-            entering[:, block], dims, info.steps[block], record, info.fused_attention[block]
+            entering[:, block],
+            dims,
+            info.steps[block],
+            info.records.at(slot),
+            info.fused_attention[block],
         )
     return FlopsReport(gmacs=macs / 1e9, overhead_gmacs=overhead / 1e9)
 
 
 def budget_fraction(dims: ModelDims, kept_fraction: torch.Tensor) -> torch.Tensor:
-    """Differentiable fraction of the blocks' dense MACs kept by soft masks (methods.md §3.5).
+    """Differentiable fraction of the blocks' dense MACs kept by soft masks (docs/methods.md §3.5).
 
     kept_fraction: [L] mean mask after each block over the batch and tokens (prefix included).
     Block l costs attention-linear and attention-matrix MACs at the fraction entering it and MLP

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Generic
 
 import torch
 
-from tokenreduce.methods.base import MethodConfig
+from tokenreduce.methods.base import MethodConfig, RecordT
 
 
 @dataclass(frozen=True)
-class ReductionInfo:
+class ReductionInfo(Generic[RecordT]):
     """Record of the last forward pass.
 
     tokens_per_block: LongTensor [B, L], tokens per image (prefix included) after each block.
@@ -20,20 +21,21 @@ class ReductionInfo:
     source_blk: with trace_source, per block a bool map [B, T, N0] from current to original
         tokens (column 0 = first prefix token); otherwise None.
     fused_attention: per block, whether its attention ran through the fused kernel.
-    records: method-specific per-reducing-block values stacked to [B, S] (PPT: policy,
-        score_variance; LTMP: merged, pruned); also readable as attributes, e.g. `info.policy`.
+    records: the method's record (its config's `record_type`, e.g. `PPTRecord` with `policy`
+        and `score_variance`, `LTMPRecord` with `merged` and `pruned`), each field stacked over
+        the reducing blocks to [B, S]; fields a forward does not record are None.
     kept_fraction: learned methods in training only, [B, L] mean key mask after each block, with
         its straight-through gradient (the budget loss reads it).
     """
 
-    config: MethodConfig
+    config: MethodConfig[RecordT]
     tokens_per_block: torch.Tensor
     tokens_in: int
-    steps: tuple
+    steps: tuple[Any, ...]
     sizes: list[torch.Tensor | None]
     source_blk: list[torch.Tensor] | None
     fused_attention: tuple[bool, ...]
-    records: dict[str, torch.Tensor] = field(default_factory=dict)
+    records: RecordT
     kept_fraction: torch.Tensor | None = None
 
     @property
@@ -47,11 +49,3 @@ class ReductionInfo:
     @property
     def final_size(self) -> torch.Tensor | None:
         return self.sizes[-1] if self.sizes else None
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        records = self.__dict__.get("records", {})
-        if name in records:
-            return records[name]
-        raise AttributeError(
-            f"ReductionInfo has no field {name!r}; method-specific fields: {sorted(records)}"
-        )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenState:
     """What each current token stands for.
 
@@ -20,8 +20,8 @@ class TokenState:
         (before the first reduction), which keeps unreduced blocks bit-identical to the model.
     source: [B, N, N0] 0/1 map from current to original tokens, only when tracing sources.
     valid: [B, N] bool, False at padding slots once images keep different numbers of tokens
-        (methods.md §1.6; padding also has size 0); None while every slot is a real token.
-    mask: [B, N] soft key mask of a learned method's training forward (methods.md §2.7; forward
+        (docs/methods.md §1.6; padding also has size 0); None while every slot is a real token.
+    mask: [B, N] soft key mask of a learned method's training forward (docs/methods.md §2.7; forward
         values 0/1, straight-through gradients); None outside training.
     """
 

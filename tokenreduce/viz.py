@@ -98,9 +98,9 @@ def draw_token_maps(
             # padding slots (per-image counts) follow the real tokens: the fused one is the
             # last real token
             source = info.source_blk[block][b][:tokens]
-            fused = info.config.appends_fused_token
-            if "fused" in info.records:  # per image: a fused token only where some were pruned
-                fused = bool(info.records["fused"][b, info.reduce_blocks.index(block)])
+            fused = info.config.fused_token(info.records, info.reduce_blocks.index(block))
+            if isinstance(fused, torch.Tensor):
+                fused = bool(fused[b])
             owners = patch_owners(source, num_prefix, fused)
             axes[b, col].imshow(token_map(images[b], owners, grid))
             axes[b, col].set_title(f"after block {block}: {tokens} tok", fontsize=8)

@@ -6,21 +6,28 @@ No official code exists; every choice the paper leaves open is a named option (m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
-    Record,
+    BlockRecord,
     Strength,
     check_bool,
     class_attention_macs,
     register,
 )
-from tokenreduce.methods.learned import LearnedConfig, Step, check_threshold_values
+from tokenreduce.methods.learned import (
+    LearnedConfig,
+    LearnedRecord,
+    Step,
+    ThresholdSource,
+    ThresholdValues,
+    check_threshold_values,
+)
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -51,9 +58,16 @@ def head_weighted_scores(
     return score.masked_fill(~active, -torch.inf)
 
 
+@dataclass(frozen=True)
+class ASViTRecord(LearnedRecord):
+    """fused: [B] whether the image's fused token exists (some token was pruned); with fuse."""
+
+    fused: torch.Tensor | None = None
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
-class ASViTConfig(LearnedConfig):
+class ASViTConfig(LearnedConfig[ASViTRecord]):
     """AS-ViT: in each of `layers` (None = (L//4, L//2, 3L//4)) keep the non-prefix tokens whose
     mean-1 head-weighted class-attention score is above that layer's threshold.
 
@@ -64,6 +78,7 @@ class ASViTConfig(LearnedConfig):
     """
 
     name: ClassVar[str] = "asvit"
+    record_type: ClassVar[type[BlockRecord]] = ASViTRecord
     requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "values"})
     kinds: ClassVar[tuple[str, ...]] = ("thresholds",)
@@ -74,7 +89,7 @@ class ASViTConfig(LearnedConfig):
     )
     strength: ClassVar[Strength] = Strength("thresholds", False, True, lambda d: (0.0, 4.0))
 
-    thresholds: Any = 0.0
+    thresholds: ThresholdValues | ThresholdSource = 0.0
     tau: float = 0.1
     min_keep: int = 1
     fuse: bool = False
@@ -104,12 +119,15 @@ class ASViTConfig(LearnedConfig):
     def appends_fused_token(self) -> bool:
         return self.fuse
 
+    def fused_token(self, records: ASViTRecord, slot: int) -> torch.Tensor | bool:
+        return records.fused[:, slot] if records.fused is not None else False
+
     def identity_values(self) -> dict[str, float]:
         return {"thresholds": 0.0}
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Step
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, ASViTRecord]:
         prefix = state.num_prefix
         soft = state.mask is not None
         if soft:
@@ -132,7 +150,7 @@ class ASViTConfig(LearnedConfig):
                     "and set fuse=True on the trained thresholds"
                 )
             mask = torch.cat([state.mask[:, :prefix], state.mask[:, prefix:] * keep], dim=1)
-            return x, TokenState(prefix, state.size, state.source, state.valid, mask), {}
+            return x, replace(state, mask=mask), ASViTRecord()
         return self._prune(x, state, keep & active, score, cls_attn)
 
     def _prune(
@@ -142,7 +160,7 @@ class ASViTConfig(LearnedConfig):
         keep: torch.Tensor,
         score: torch.Tensor,
         cls_attn: torch.Tensor,
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, ASViTRecord]:
         """Remove the tokens not kept: [prefix, kept in original order, fused], padded."""
         prefix = state.num_prefix
         size = state.sizes_like(x)
@@ -159,17 +177,17 @@ class ASViTConfig(LearnedConfig):
                 source = torch.cat([source, fused], dim=1)
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
-        packing, record = self.pack(keep_all, rank)
-        if self.fuse:
-            record["fused"] = keep_all[:, -1]
+        packing, overflow = self.pack(keep_all, rank)
+        record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
         x = gather_packed(x, packing)
         size = gather_packed(size, packing)
         if source is not None:
             source = gather_packed(source, packing)
-        return x, TokenState(prefix, size, source, packing.valid), record
+        state = TokenState(num_prefix=prefix, size=size, source=source, valid=packing.valid)
+        return x, state, record
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: ASViTRecord, fused: bool
     ) -> torch.Tensor:
         return (
             class_attention_macs(n_in, dims, fused) + n_in * dims.attn_dim + dims.num_heads * n_in

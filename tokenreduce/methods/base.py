@@ -11,14 +11,49 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
-Record = dict[str, torch.Tensor]
+RecordT = TypeVar("RecordT", bound="BlockRecord")
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """Per-image values a method records at each reducing block.
+
+    A method declares its fields in a subclass (its config's `record_type`); each field is a
+    tensor [B] at one block, or None where the forward does not record it (e.g. in training).
+    `ReductionInfo.records` holds the same class with every field stacked over the reducing
+    blocks to [B, S]. The base class records nothing.
+    """
+
+    @classmethod
+    def stack(cls: type[RecordT], records: Sequence[BlockRecord]) -> RecordT:
+        """One record with each field stacked over `records` (the reducing blocks) to [B, S]."""
+        stacked: dict[str, torch.Tensor | None] = {}
+        for field in dataclasses.fields(cls):
+            values = [getattr(record, field.name) for record in records]
+            present = [v is not None for v in values]
+            if any(present) and not all(present):
+                raise RuntimeError(f"{cls.__name__}.{field.name} recorded at some blocks only")
+            stacked[field.name] = torch.stack(values, dim=1) if values and all(present) else None
+        return cls(**stacked)
+
+    def at(self: RecordT, slot: int) -> RecordT:
+        """The record of reducing block number `slot` out of a stacked record."""
+        return dataclasses.replace(
+            self,
+            **{
+                field.name: value[:, slot]
+                for field in dataclasses.fields(self)
+                if (value := getattr(self, field.name)) is not None
+            },
+        )
+
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
@@ -35,7 +70,7 @@ class Strength:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig:
+class MethodConfig(Generic[RecordT]):
     """Base of every method config. `trace_source` records original-token maps per block."""
 
     name: ClassVar[str]
@@ -44,6 +79,7 @@ class MethodConfig:
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
     strength: ClassVar[Strength | None] = None
     learned: ClassVar[bool] = False
+    record_type: ClassVar[type[BlockRecord]] = BlockRecord
 
     trace_source: bool = False
 
@@ -66,6 +102,11 @@ class MethodConfig:
         (drawn as pruned in token maps)."""
         return False
 
+    def fused_token(self, records: RecordT, slot: int) -> torch.Tensor | bool:
+        """Whether reducing block number `slot` ended with a fused token ([B] bool per image, or
+        one bool for the batch); `records` is the stacked record of the forward."""
+        return self.appends_fused_token
+
     def validate(self, dims: ModelDims) -> None:
         """Raise ValueError when the options do not fit this model."""
         if self.requires_class_token and not dims.has_class_token:
@@ -76,19 +117,23 @@ class MethodConfig:
             )
 
     def schedule(self, dims: ModelDims) -> list[Any | None]:
-        """Per block: the argument of its reduction step, or None when the block does not reduce."""
+        """Per block: the argument of its reduction step, or None when the block does not reduce.
+
+        The step's type is the method's own (ToMe/PPT: r, an int; keep-rate methods: a float;
+        learned methods: thresholds by kind), so the base class leaves it open.
+        """
         raise NotImplementedError
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Any
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, RecordT]:
         """Reduce post-attention tokens x [B, N, C]; returns new tokens, state and a record."""
         raise NotImplementedError
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: Any, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: Any, record: RecordT, fused: bool
     ) -> torch.Tensor:
-        """Per-image MACs [B] of this block's reduction decision itself (methods.md §4)."""
+        """Per-image MACs [B] of this block's reduction decision itself (docs/methods.md §4)."""
         raise NotImplementedError
 
 
@@ -131,12 +176,12 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     return cls(**options)
 
 
-def check_bool(method: str, option: str, value: Any) -> None:
+def check_bool(method: str, option: str, value: object) -> None:
     if not isinstance(value, bool):
         raise InvalidOptionError(f"{method}: option {option}={value!r} must be True or False")
 
 
-def check_keep_rate(method: str, value: Any) -> None:
+def check_keep_rate(method: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise InvalidOptionError(
             f"{method}: option keep_rate={value!r} is not accepted; accepted: a number in (0, 1]"
@@ -156,7 +201,7 @@ def resolve_layers(method: str, layers: Sequence[int] | None, depth: int) -> tup
     return tuple(sorted(layers))
 
 
-def check_layers_type(method: str, layers: Any) -> None:
+def check_layers_type(method: str, layers: object) -> None:
     ok = layers is None or (
         isinstance(layers, (list, tuple))
         and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.methods.base import Record, class_attention_macs, register
+from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig
 from tokenreduce.ops import (
     bipartite_soft_matching,
@@ -103,13 +103,13 @@ class BATConfig(KeepRateConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
         num_prefix = state.num_prefix
         keep, rest, num_clusters, matches = bat_counts(
             x.shape[1], num_prefix, step, self.clusters, self.attentive_matches
         )
         if rest == 0 and matches == 0:
-            return x, state, {}
+            return x, state, BlockRecord()
         score = attn.cls_attn.mean(dim=1)[:, num_prefix:]
         order = score.topk(score.shape[1], dim=-1, sorted=True).indices
         attentive, inattentive = order[:, :keep], order[:, keep:]
@@ -149,10 +149,10 @@ class BATConfig(KeepRateConfig):
         x_new = torch.cat([p[0] for p in pieces], dim=1)
         size_new = torch.cat([p[1] for p in pieces], dim=1)
         source_new = None if source is None else torch.cat([p[2] for p in pieces], dim=1)
-        return x_new, state.with_tokens(size_new, source_new), {}
+        return x_new, state.with_tokens(size_new, source_new), BlockRecord()
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool
     ) -> torch.Tensor:
         non_prefix = n_in - dims.num_prefix
         keep = torch.ceil(step * non_prefix)

@@ -12,8 +12,8 @@ from typing import ClassVar
 import torch
 
 from tokenreduce.methods.base import (
+    BlockRecord,
     MethodConfig,
-    Record,
     Strength,
     check_bool,
     check_keep_rate,
@@ -33,7 +33,7 @@ def keep_count(keep_rate: float, num_tokens: int, num_prefix: int) -> int:
 
 def attentive_keep(
     x: torch.Tensor, state: TokenState, cls_attn: torch.Tensor, keep_rate: float, fuse: bool
-) -> tuple[torch.Tensor, TokenState, Record]:
+) -> tuple[torch.Tensor, TokenState, BlockRecord]:
     """Keep the top-K non-prefix tokens by head-mean class attention; optionally fuse the rest.
 
     Output order: [prefix, kept in descending attention, fused token]. Sizes and sources of kept
@@ -42,7 +42,7 @@ def attentive_keep(
     num_prefix = state.num_prefix
     keep = keep_count(keep_rate, x.shape[1], num_prefix)
     if keep >= x.shape[1] - num_prefix:
-        return x, state, {}
+        return x, state, BlockRecord()
     score = cls_attn.mean(dim=1)[:, num_prefix:]
     x_new, idx = keep_top_tokens(x, score, keep, num_prefix)
     size = state.sizes_like(x)
@@ -60,11 +60,11 @@ def attentive_keep(
         if source is not None:
             fused_src = fuse_dropped(source[:, num_prefix:], ones, idx).clamp_max(1.0)
             source_new = torch.cat([source_new, fused_src], dim=1)
-    return x_new, state.with_tokens(size_new, source_new), {}
+    return x_new, state.with_tokens(size_new, source_new), BlockRecord()
 
 
 @dataclass(frozen=True, kw_only=True)
-class KeepRateConfig(MethodConfig):
+class KeepRateConfig(MethodConfig[BlockRecord]):
     """Shared options of the methods that keep the top ceil(keep_rate * (N - P)) tokens by
     head-mean class attention in each of `layers` (None = (L//4, L//2, 3L//4)): EViT, top-k,
     BAT."""
@@ -117,11 +117,11 @@ class EViTConfig(KeepRateConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
         return attentive_keep(x, state, attn.cls_attn, step, self.fuse)
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool
     ) -> torch.Tensor:
         macs = class_attention_macs(n_in, dims, fused)
         if self.fuse:

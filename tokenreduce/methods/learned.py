@@ -1,5 +1,6 @@
 """What the methods with learned thresholds (LTMP, AS-ViT) share: per-layer threshold options,
-the threshold file, trainable threshold parameters and the per-image batching (methods.md §1.6).
+the threshold file, trainable threshold parameters and the per-image batching
+(docs/methods.md §1.6).
 
 Each such method names its per-layer threshold vectors (`kinds`, also its option names). Options
 accept one number for every reducing layer, one per reducing layer, or — through `thresholds` —
@@ -19,18 +20,30 @@ import torch
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, MissingFileError
-from tokenreduce.methods.base import MethodConfig, check_layers_type, resolve_layers
+from tokenreduce.methods.base import (
+    BlockRecord,
+    MethodConfig,
+    RecordT,
+    check_layers_type,
+    resolve_layers,
+)
 from tokenreduce.ops.packing import Packing, pack_kept
 from tokenreduce.state import ModelDims
 
 THRESHOLD_FORMAT = "tokenreduce-thresholds/1"
 BATCHING = ("auto", "ragged", "packed", "masked")
 
-Step = dict[str, Any]
+Step = dict[str, float | torch.Tensor]
 """A reducing block's thresholds by kind: floats at inference, 0-d tensors while training."""
 
 
-def check_threshold_values(method: str, option: str, value: Any) -> float | tuple[float, ...]:
+ThresholdValues = float | Sequence[float] | torch.Tensor
+"""One threshold for every reducing layer, or one per reducing layer."""
+ThresholdSource = str | Path | torch.Tensor
+"""A threshold file written by `tokenreduce train`, or a [kinds, S] tensor."""
+
+
+def check_threshold_values(method: str, option: str, value: object) -> float | tuple[float, ...]:
     """One finite number, or a 1-d sequence/tensor of them, as a float or a tuple of floats."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 1:
@@ -134,8 +147,16 @@ class ThresholdParameters(nn.Module):
         return {kind: tuple(p.detach().double().tolist()) for kind, p in self.values.items()}
 
 
+@dataclass(frozen=True)
+class LearnedRecord(BlockRecord):
+    """overflow: [B] tokens the thresholds kept beyond `max_tokens` (dropped); only recorded
+    when `max_tokens` is set."""
+
+    overflow: torch.Tensor | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
-class LearnedConfig(MethodConfig):
+class LearnedConfig(MethodConfig[RecordT]):
     """Options shared by methods with learned per-image thresholds.
 
     tau: temperature of the soft masks in training. batching, how images with different counts
@@ -149,7 +170,7 @@ class LearnedConfig(MethodConfig):
     ragged and packed read the B counts from the device once per reducing block (ragged: once
     more, to build its flat layout); masked reads nothing. max_tokens (masked only): a static
     cap on the tokens after each reducing block; an image above it drops its lowest-score
-    surplus, counted in `info.overflow`.
+    surplus, counted in `info.records.overflow`.
     """
 
     learned: ClassVar[bool] = True
@@ -192,7 +213,7 @@ class LearnedConfig(MethodConfig):
         """Whether per-token work runs on the real tokens only (a flat layout between blocks)."""
         return self.batching in ("auto", "ragged")
 
-    def load_thresholds(self, source: Any) -> dict[str, Any]:
+    def load_thresholds(self, source: ThresholdSource | None) -> dict[str, Any]:
         """Option values {kind: tuple, maybe layers} from a threshold file or tensor."""
         if isinstance(source, (str, Path)):
             vectors, metadata = read_threshold_file(source, self.name, self.kinds)
@@ -283,15 +304,13 @@ class LearnedConfig(MethodConfig):
     def with_vectors(self, vectors: dict[str, Sequence[float]]) -> LearnedConfig:
         return replace(self, **{kind: tuple(float(v) for v in vectors[kind]) for kind in vectors})
 
-    def pack(
-        self, keep: torch.Tensor, score: torch.Tensor
-    ) -> tuple[Packing, dict[str, torch.Tensor]]:
-        """Compact kept tokens [B, N] per image by `batching`; the record holds the overflow."""
+    def pack(self, keep: torch.Tensor, score: torch.Tensor) -> tuple[Packing, torch.Tensor | None]:
+        """Compact kept tokens [B, N] per image by `batching`; also the overflow [B] to record
+        (None without `max_tokens`)."""
         length = None
         if self.batching == "masked":
             length = keep.shape[1]
             if self.max_tokens is not None:
                 length = min(length, self.max_tokens)
         packing = pack_kept(keep, length, score)
-        record = {"overflow": packing.overflow} if self.max_tokens is not None else {}
-        return packing, record
+        return packing, packing.overflow if self.max_tokens is not None else None

@@ -11,13 +11,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.methods.base import Record, Strength, matching_macs, register
-from tokenreduce.methods.learned import LearnedConfig, Step, check_threshold_values
+from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
+from tokenreduce.methods.learned import (
+    LearnedConfig,
+    LearnedRecord,
+    Step,
+    ThresholdSource,
+    ThresholdValues,
+    check_threshold_values,
+)
 from tokenreduce.ops.merging import prefix_first_order
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
@@ -69,9 +76,17 @@ def merge_into_partners(
     return torch.cat([y_a, y_b], dim=1)
 
 
+@dataclass(frozen=True)
+class LTMPRecord(LearnedRecord):
+    """merged: [B] tokens merged away; pruned: [B] tokens pruned (inference only)."""
+
+    merged: torch.Tensor | None = None
+    pruned: torch.Tensor | None = None
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
-class LTMPConfig(LearnedConfig):
+class LTMPConfig(LearnedConfig[LTMPRecord]):
     """LTMP: in each of `layers` (None = every block) merge, then prune, by learned thresholds.
 
     merge_thresholds / prune_thresholds: one number for every layer or one per layer (None:
@@ -81,6 +96,7 @@ class LTMPConfig(LearnedConfig):
     """
 
     name: ClassVar[str] = "ltmp"
+    record_type: ClassVar[type[BlockRecord]] = LTMPRecord
     requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"attn", "key_mean"})
     kinds: ClassVar[tuple[str, ...]] = ("merge_thresholds", "prune_thresholds")
@@ -92,9 +108,9 @@ class LTMPConfig(LearnedConfig):
     )
     strength: ClassVar[Strength] = Strength("merge_thresholds", False, False, lambda d: (0.0, 1.0))
 
-    thresholds: Any = None
-    merge_thresholds: Any = None
-    prune_thresholds: Any = None
+    thresholds: ThresholdSource | None = None
+    merge_thresholds: ThresholdValues | None = None
+    prune_thresholds: ThresholdValues | None = None
     tau: float = 0.5
 
     def __post_init__(self) -> None:
@@ -131,7 +147,7 @@ class LTMPConfig(LearnedConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Step
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, LTMPRecord]:
         prefix = state.num_prefix
         soft = state.mask is not None
         valid = None if soft else state.valid
@@ -169,23 +185,28 @@ class LTMPConfig(LearnedConfig):
             mask = reorder(torch.cat([unmerged, state.mask[:, 1::2]], dim=1))
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
-            return x, TokenState(prefix, weighted[..., -1:], source, None, mask), {}
+            state = TokenState(num_prefix=prefix, size=weighted[..., -1:], source=source, mask=mask)
+            return x, state, LTMPRecord()
 
         stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - num_a])], dim=1))
         keep = stay & prune
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
-        packing, record = self.pack(keep, importance)
+        packing, overflow = self.pack(keep, importance)
         weighted = gather_packed(weighted, packing)
         size = weighted[..., -1:]
         x = weighted[..., :-1] / size.clamp_min(1.0)
         if source is not None:
             source = gather_packed(source, packing)
-        record["merged"] = merge.sum(dim=1)
-        record["pruned"] = (stay & ~prune & (importance > -math.inf)).sum(dim=1)
-        return x, TokenState(prefix, size, source, packing.valid), record
+        record = LTMPRecord(
+            overflow=overflow,
+            merged=merge.sum(dim=1),
+            pruned=(stay & ~prune & (importance > -math.inf)).sum(dim=1),
+        )
+        state = TokenState(num_prefix=prefix, size=size, source=source, valid=packing.valid)
+        return x, state, record
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: LTMPRecord, fused: bool
     ) -> torch.Tensor:
         return dims.num_heads * n_in * n_in + matching_macs(n_in, dims)

@@ -11,8 +11,8 @@ import torch
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
+    BlockRecord,
     MethodConfig,
-    Record,
     Strength,
     check_bool,
     check_layers_type,
@@ -46,9 +46,18 @@ def importance_scores(
     return score / score.sum(dim=-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class PPTRecord(BlockRecord):
+    """policy: [B] long, 1 where the image pruned, 0 where it pooled; score_variance: [B] the
+    variance of its importance scores that decided it."""
+
+    policy: torch.Tensor | None = None
+    score_variance: torch.Tensor | None = None
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
-class PPTConfig(MethodConfig):
+class PPTConfig(MethodConfig[PPTRecord]):
     """PPT: in each of `layers`, every image removes r tokens, by pooling or by pruning.
 
     Per image, V = unbiased variance of the normalised importance scores. V < threshold: pool
@@ -62,6 +71,7 @@ class PPTConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "ppt"
+    record_type: ClassVar[type[BlockRecord]] = PPTRecord
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean", "values"})
     requires_class_token: ClassVar[bool] = True
     sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (20, 35, 50, 65, 80))
@@ -111,12 +121,12 @@ class PPTConfig(MethodConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, PPTRecord]:
         num_prefix = state.num_prefix
         score = importance_scores(attn.cls_attn, attn.values, num_prefix)
         variance = score.var(dim=-1)
         pool = variance < self.threshold
-        record = {"policy": (~pool).long(), "score_variance": variance}
+        record = PPTRecord(policy=(~pool).long(), score_variance=variance)
         r = min(step, max_merges(x.shape[1], num_prefix))
         if r <= 0:
             return x, state, record
@@ -141,8 +151,8 @@ class PPTConfig(MethodConfig):
         return x, state.with_tokens(size, source), record
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: PPTRecord, fused: bool
     ) -> torch.Tensor:
-        pooled = (record["policy"] == 0).to(n_in.dtype)
+        pooled = (record.policy == 0).to(n_in.dtype)
         macs = class_attention_macs(n_in, dims, fused) + n_in * dims.attn_dim + n_in
         return macs + pooled * matching_macs(n_in, dims)

@@ -13,8 +13,8 @@ import torch
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
+    BlockRecord,
     MethodConfig,
-    Record,
     Strength,
     check_bool,
     matching_macs,
@@ -57,7 +57,7 @@ def _check_r(r: object) -> None:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class ToMeConfig(MethodConfig):
+class ToMeConfig(MethodConfig[BlockRecord]):
     """ToMe: merge r tokens per block by bipartite soft matching of head-mean keys.
 
     r: int, (r, inflect) or per-block list (see `parse_r`); 13 is the DeiT-S setting of the paper.
@@ -94,16 +94,16 @@ class ToMeConfig(MethodConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
         matching = bipartite_soft_matching(
             attn.key_mean, step, state.num_prefix, sort_unmerged=state.num_prefix > 0
         )
         if matching is None:
-            return x, state, {}
+            return x, state, BlockRecord()
         x, size = merge_wavg(matching, x, state.sizes_like(x))
-        return x, state.with_tokens(size, merge_source(matching, state.source)), {}
+        return x, state.with_tokens(size, merge_source(matching, state.source)), BlockRecord()
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: int, record: BlockRecord, fused: bool
     ) -> torch.Tensor:
         return matching_macs(n_in, dims)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from tokenreduce.methods.base import Record, class_attention_macs, register
+from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig, attentive_keep
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -23,10 +23,10 @@ class TopKConfig(KeepRateConfig):
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float
-    ) -> tuple[torch.Tensor, TokenState, Record]:
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
         return attentive_keep(x, state, attn.cls_attn, step, fuse=False)
 
     def overhead_macs(
-        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: Record, fused: bool
+        self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool
     ) -> torch.Tensor:
         return class_attention_macs(n_in, dims, fused)

@@ -21,7 +21,7 @@ from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, NotReadyError, UnsupportedModelError
 from tokenreduce.info import ReductionInfo
-from tokenreduce.methods.base import MethodConfig
+from tokenreduce.methods.base import BlockRecord, MethodConfig
 from tokenreduce.ops.attention import (
     class_attention_row,
     masked_softmax,
@@ -121,23 +121,24 @@ def block_forward(
     config: MethodConfig,
     step: Any,
     layout: RaggedLayout | None = None,
-) -> tuple[torch.Tensor, TokenState, dict[str, torch.Tensor], bool, RaggedLayout | None]:
+) -> tuple[torch.Tensor, TokenState, BlockRecord | None, bool, RaggedLayout | None]:
     """One timm `Block` with the reduction between attention and MLP.
 
     x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
-    that `state` describes. Returns tokens, state, the method's record, whether attention ran
+    that `state` describes. Returns tokens, state, the method's record (None where the block does
+    not reduce), whether attention ran
     fused, and the layout of the returned tokens (None: [B, N, C]). A block that neither reduces
     nor needs a key bias or mask runs timm's own forward.
     """
     bias = key_bias(state, config.uses_prop_attn, x.dtype)
     if step is None and bias is None and state.mask is None:
-        return block(x), state, {}, bool(block.attn.fused_attn), layout
+        return block(x), state, None, bool(block.attn.fused_attn), layout
     needs = config.needs if step is not None else frozenset()
     attn_out, byproducts = attention_forward(
         block.attn, block.norm1(x), bias, needs, key_mask=state.mask, layout=layout
     )
     x = x + block.drop_path1(block.ls1(attn_out))
-    record: dict[str, torch.Tensor] = {}
+    record = None
     if step is not None:
         if layout is not None:
             x = layout.pad(x)
@@ -255,7 +256,7 @@ class TimmAdapter:
         """All blocks with their reductions; records this forward's info for this thread.
 
         A learned method in training mode (`model.training`) runs its soft-mask forward: every
-        token stays, a key mask removes them (methods.md §2.7), and the kept fraction per block
+        token stays, a key mask removes them (docs/methods.md §2.7), and the kept fraction per block
         is recorded with its gradient for the budget loss.
         """
         config = self.config
@@ -272,7 +273,7 @@ class TimmAdapter:
             steps = config.trainable_steps(self.steps, trainable)
         tokens_in = x.shape[1]
         counts, sizes, sources, fused, kept = [], [], [], [], []
-        records: dict[str, list[torch.Tensor]] = {}
+        records: list[BlockRecord] = []
         layout = None
         for block, step in zip(model.blocks, steps, strict=True):
             x, state, record, block_fused, layout = block_forward(
@@ -285,8 +286,8 @@ class TimmAdapter:
                 kept.append(state.mask.mean(dim=1))
             if state.source is not None:
                 sources.append(state.source > 0)
-            for key, value in record.items():
-                records.setdefault(key, []).append(value)
+            if record is not None:
+                records.append(record)
         if layout is not None:
             x = layout.pad(x)
         self._local.final_state = state
@@ -301,7 +302,7 @@ class TimmAdapter:
             sizes=sizes,
             source_blk=sources if config.trace_source else None,
             fused_attention=tuple(fused),
-            records={key: torch.stack(values, dim=1) for key, values in records.items()},
+            records=config.record_type.stack(records),
             kept_fraction=torch.stack(kept, dim=1) if kept else None,
         )
         return x
