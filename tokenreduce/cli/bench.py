@@ -7,38 +7,18 @@ import argparse
 import torch
 
 from tokenreduce import bench, data
-from tokenreduce.cli.options import (
-    AMP_DTYPES,
-    add_amp_args,
-    add_model_args,
-    add_results_args,
-    add_timing_args,
-    check_at_least,
-    check_timing,
-    load_model,
-    logger,
-    print_results,
-    weights_label,
-)
+from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
-COLUMNS = (
-    "method",
-    "options",
-    "batch_size",
-    "gmacs",
-    "ideal_speedup",
-    "measured_speedup",
-    "dense_ms",
-    "method_ms",
-)
+COLUMNS = "method options batch_size gmacs ideal_speedup measured_speedup dense_ms method_ms"
+"""The table's columns on stdout (the results file has every field)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "bench", help="GMACs and measured speedup of methods over the dense model"
     )
-    add_model_args(parser, "deit_small_patch16_224", random_by_default=True)
+    shared.add_model_args(parser, "deit_small_patch16_224", random_by_default=True)
     parser.add_argument("-b", "--batch-size", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
         "--method",
@@ -46,10 +26,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="NAME[:opt=value,...], repeatable; default: " + " ".join(bench.DEFAULT_METHODS),
     )
-    add_amp_args(parser)
-    add_timing_args(parser, warm=5, bench=20)
+    shared.add_amp_args(parser)
+    shared.add_timing_args(parser, warm=5, bench=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_results_args(parser)
+    shared.add_results_args(parser)
     parser.add_argument(
         "--data",
         default=None,
@@ -64,19 +44,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> list[bench.BenchResult]:
-    check_timing(args)
+    shared.check_timing(args)
     methods = [parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
-    model = load_model(args)
+    model = shared.load_model(args)
     images = None
     if args.data:
-        check_at_least(args, {"num_images": 1})
+        shared.check_at_least(args, {"num_images": 1})
         transform, _ = data.eval_transform(model)
         folder = data.ImageFolder(args.data, transform, args.num_images)
         images = torch.stack([folder[i][0] for i in range(len(folder))])
-    logger.info(
+    shared.logger.info(
         "benchmark: %s (%s), %s, %d threads",
         args.model,
-        weights_label(args),
+        shared.weights_label(args),
         args.device,
         torch.get_num_threads(),
     )
@@ -88,9 +68,11 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         num_warm_iter=args.num_warm_iter,
         num_bench_iter=args.num_bench_iter,
         amp=args.amp,
-        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        amp_dtype=shared.AMP_DTYPES[args.amp_dtype],
         device=args.device,
         images=images,
     )
-    print_results([r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format)
+    shared.print_results(
+        [r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format
+    )
     return results

@@ -8,33 +8,13 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce.cli.options import (
-    DEMO_MODEL,
-    RESULTS_FORMATS,
-    add_data_args,
-    add_model_args,
-    add_timing_args,
-    check_timing,
-    image_folder,
-    load_model,
-    logger,
-    print_results,
-    weights_label,
-)
+from tokenreduce.cli import shared
 from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
-COLUMNS = (
-    "method",
-    "options",
-    "gmacs",
-    "ideal_speedup",
-    "measured_speedup",
-    "top1",
-    "top1_drop",
-    "agreement",
-)
+COLUMNS = "method options gmacs ideal_speedup measured_speedup top1 top1_drop agreement"
+"""The table's columns on stdout (the results file has every field)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -45,9 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "measured speedup over dense, and accuracy when --data is given; writes CSV/JSON and "
         "PNG plots (accuracy vs GMACs with the Pareto front, speedup vs GMACs with the ideal).",
     )
-    add_model_args(parser, DEMO_MODEL)
+    shared.add_model_args(parser, shared.DEMO_MODEL)
     parser.add_argument("--data", default=None, help="ImageFolder root for accuracy (optional)")
-    add_data_args(parser)
+    shared.add_data_args(parser)
     parser.add_argument(
         "--method", action="append", default=None, help="sweep only these methods (repeatable)"
     )
@@ -55,28 +35,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--config", action="append", default=[], help="extra NAME:opt=value,... rows"
     )
     parser.add_argument("--bench-batch-size", type=int, default=8, help="batch for the timing")
-    add_timing_args(parser, warm=2, bench=10)
+    shared.add_timing_args(parser, warm=2, bench=10)
     parser.add_argument("--out-dir", default="tokenreduce-compare")
-    parser.add_argument("--results-format", default="csv", choices=RESULTS_FORMATS)
+    parser.add_argument("--results-format", default="csv", choices=shared.RESULTS_FORMATS)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[CompareRow]:
-    check_timing(args)
+    shared.check_timing(args)
     configs = sweep_configs(args.method) + [
         make_config(name, **options) for name, options in map(parse_method, args.config)
     ]
-    model = load_model(args)
-    dataset = image_folder(args, model, args.data) if args.data else None
+    model = shared.load_model(args)
+    dataset = shared.image_folder(args, model, args.data) if args.data else None
     if dataset is not None:
         picks = [i % len(dataset) for i in range(args.bench_batch_size)]
         timing = torch.stack([dataset[i][0] for i in picks])
     else:
         timing = torch.randn(args.bench_batch_size, 3, *model.patch_embed.img_size)
-    logger.info(
+    shared.logger.info(
         "compare: %s (%s), %d configurations, %d threads",
         args.model,
-        weights_label(args),
+        shared.weights_label(args),
         len(configs),
         torch.get_num_threads(),
     )
@@ -95,7 +75,7 @@ def run(args: argparse.Namespace) -> list[CompareRow]:
     out = Path(args.out_dir)
     results = out / f"compare_results.{args.results_format}"
     print()
-    print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
+    shared.print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
     dense_top1 = evaluation.dense_top1 if evaluation else None
     title = f"{args.model}" + (
         f", {evaluation.num_images} images, dense top-1 {dense_top1:.1f}%" if evaluation else ""

@@ -9,30 +9,14 @@ import torch
 
 import tokenreduce
 from tokenreduce import data, demo
-from tokenreduce.cli.options import (
-    DEMO_MODEL,
-    RESULTS_FORMATS,
-    add_model_args,
-    add_timing_args,
-    check_ratio,
-    check_timing,
-    load_model,
-    logger,
-    print_results,
-    weights_label,
-)
+from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
 COLUMNS = (
-    "method",
-    "options",
-    "gmacs",
-    "gmacs_ratio",
-    "ideal_speedup",
-    "measured_speedup",
-    "feature_cosine",
-    "min_feature_cosine",
+    "method options gmacs gmacs_ratio "
+    "ideal_speedup measured_speedup feature_cosine min_feature_cosine"
 )
+"""The table's columns on stdout (the results file has every field)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -43,7 +27,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "method to the same fraction of the dense GMACs, and reports measured speed, feature "
         "fidelity and token maps on real photographs.",
     )
-    add_model_args(parser, DEMO_MODEL)
+    shared.add_model_args(parser, shared.DEMO_MODEL)
     parser.add_argument("--gmacs-ratio", type=float, default=0.65, help="target fraction of dense")
     parser.add_argument(
         "--method", action="append", default=None, help="method name, repeatable; default: all"
@@ -61,16 +45,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="timing batch (photos repeated); default: all photos once",
     )
-    add_timing_args(parser, warm=3, bench=10)
+    shared.add_timing_args(parser, warm=3, bench=10)
     parser.add_argument("--quick", action="store_true", help="2 photos, 1 timing iteration (tests)")
     parser.add_argument("--out-dir", default="tokenreduce-demo", help="where PNGs and results go")
-    parser.add_argument("--results-format", default="csv", choices=RESULTS_FORMATS)
+    parser.add_argument("--results-format", default="csv", choices=shared.RESULTS_FORMATS)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[demo.DemoRow]:
-    check_timing(args)
-    check_ratio(args.gmacs_ratio)
+    shared.check_timing(args)
+    shared.check_ratio(args.gmacs_ratio)
     methods = args.method or tokenreduce.methods()
     for name in methods:
         parse_method(name)
@@ -78,11 +62,11 @@ def run(args: argparse.Namespace) -> list[demo.DemoRow]:
         args.num_warm_iter, args.num_bench_iter = 1, 1
     photos = [Path(p) for p in args.images] if args.images else data.packaged_photos()
     photos = photos[:2] if args.quick else photos
-    model = load_model(args)
-    logger.info(
+    model = shared.load_model(args)
+    shared.logger.info(
         "demo: %s (%s), %d photos, every method at %.0f%% of dense GMACs, CPU %d threads",
         args.model,
-        weights_label(args),
+        shared.weights_label(args),
         len(photos),
         args.gmacs_ratio * 100,
         torch.get_num_threads(),
@@ -100,6 +84,6 @@ def run(args: argparse.Namespace) -> list[demo.DemoRow]:
     )
     results = Path(args.out_dir) / f"demo_results.{args.results_format}"
     print()
-    print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
+    shared.print_results([r.as_dict() for r in rows], COLUMNS, results, args.results_format)
     print(f"token maps in {args.out_dir}/")
     return rows

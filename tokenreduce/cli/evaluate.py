@@ -7,36 +7,13 @@ import argparse
 import torch
 
 from tokenreduce import calibrate, distributed
-from tokenreduce.cli.options import (
-    AMP_DTYPES,
-    DEMO_MODEL,
-    add_amp_args,
-    add_data_args,
-    add_model_args,
-    add_results_args,
-    check_ratio,
-    image_folder,
-    load_model,
-    logger,
-    print_results,
-    weights_label,
-)
+from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
-COLUMNS = (
-    "method",
-    "options",
-    "top1",
-    "top5",
-    "top1_drop",
-    "agreement",
-    "gmacs_mean",
-    "gmacs_min",
-    "gmacs_max",
-    "gmacs_ratio",
-)
+COLUMNS = "method options top1 top5 top1_drop agreement gmacs_mean gmacs_min gmacs_max gmacs_ratio"
+"""The table's columns on stdout (the results file has every field)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -47,8 +24,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "difference, prediction agreement, per-image GMACs.",
     )
     parser.add_argument("data", help="ImageFolder root: DATA/<class>/<image>")
-    add_model_args(parser, DEMO_MODEL)
-    add_data_args(parser)
+    shared.add_model_args(parser, shared.DEMO_MODEL)
+    shared.add_data_args(parser)
     parser.add_argument(
         "--method",
         action="append",
@@ -63,17 +40,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "first --calib-images images) instead of its given value",
     )
     parser.add_argument("--calib-images", type=int, default=32)
-    add_amp_args(parser)
-    add_results_args(parser)
+    shared.add_amp_args(parser)
+    shared.add_results_args(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> EvalResult:
-    check_ratio(args.gmacs_ratio)
+    shared.check_ratio(args.gmacs_ratio)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
-    model = load_model(args)
-    dataset = image_folder(args, model, args.data)
+    model = shared.load_model(args)
+    dataset = shared.image_folder(args, model, args.data)
     configs = [make_config(name, **options) for name, options in specs]
     if args.gmacs_ratio is not None:
         count = min(args.calib_images, len(dataset))
@@ -82,10 +59,10 @@ def run(args: argparse.Namespace) -> EvalResult:
             calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
             for config in configs
         ]
-    logger.info(
+    shared.logger.info(
         "eval: %s (%s), %d threads, %d process(es)",
         args.model,
-        weights_label(args),
+        shared.weights_label(args),
         torch.get_num_threads(),
         context.world,
     )
@@ -97,7 +74,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         args.batch_size,
         args.workers,
         amp=args.amp,
-        amp_dtype=AMP_DTYPES[args.amp_dtype],
+        amp_dtype=shared.AMP_DTYPES[args.amp_dtype],
         progress=not args.no_progress,
     )
     distributed.teardown(context)
@@ -108,5 +85,5 @@ def run(args: argparse.Namespace) -> EvalResult:
         f"{result.dense_gmacs:.3f} GMACs, {result.num_images} images"
         + (f", {len(result.unreadable)} unreadable (skipped)" if result.unreadable else "")
     )
-    print_results(result.rows(), COLUMNS, args.results_file, args.results_format)
+    shared.print_results(result.rows(), COLUMNS, args.results_file, args.results_format)
     return result

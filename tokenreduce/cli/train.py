@@ -10,15 +10,7 @@ import torch
 import tokenreduce
 from tokenreduce import distributed
 from tokenreduce import train as training
-from tokenreduce.cli.options import (
-    DEMO_MODEL,
-    add_data_args,
-    add_model_args,
-    image_folder,
-    load_model,
-    logger,
-    weights_label,
-)
+from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import learned_method_names
 from tokenreduce.options import parse_method
@@ -33,8 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--finetune. Writes a threshold file for thresholds=PATH, with a JSON log beside it.",
     )
     parser.add_argument("data", help="ImageFolder root: DATA/<class>/<image> (training images)")
-    add_model_args(parser, DEMO_MODEL)
-    add_data_args(parser, batch_size=128)
+    shared.add_model_args(parser, shared.DEMO_MODEL)
+    shared.add_data_args(parser, batch_size=128)
     parser.add_argument("--method", required=True, help="NAME[:opt=value,...] (ltmp or asvit)")
     parser.add_argument(
         "--target", type=float, required=True, help="target fraction of dense GMACs"
@@ -78,14 +70,14 @@ def run(args: argparse.Namespace) -> training.TrainResult:
         )
     rates = learning_rates(args.lr)
     context = distributed.setup()
-    model = load_model(args)
-    dataset = image_folder(args, model, args.data)
+    model = shared.load_model(args)
+    dataset = shared.image_folder(args, model, args.data)
     if context.is_main:
-        logger.info(
+        shared.logger.info(
             "train: %s on %s (%s), target %s of dense GMACs, %d process(es), %d threads",
             name,
             args.model,
-            weights_label(args),
+            shared.weights_label(args),
             args.target,
             context.world,
             torch.get_num_threads(),

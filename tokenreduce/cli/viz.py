@@ -10,7 +10,7 @@ import torch
 
 import tokenreduce
 from tokenreduce import data, viz
-from tokenreduce.cli.options import DEMO_MODEL, add_model_args, check_at_least, load_model
+from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import describe_options, parse_method
@@ -22,7 +22,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="token maps after each reducing block, one PNG grid per method",
         description="Merged groups in their mean colour with borders, pruned patches grey.",
     )
-    add_model_args(parser, DEMO_MODEL)
+    shared.add_model_args(parser, shared.DEMO_MODEL)
     parser.add_argument(
         "--method", action="append", required=True, help="NAME[:opt=value,...], repeatable"
     )
@@ -35,12 +35,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    check_at_least(args, {"max_columns": 1})
+    shared.check_at_least(args, {"max_columns": 1})
     specs = [parse_method(spec) for spec in args.method]
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .png path")
-    model = load_model(args)
+    model = shared.load_model(args)
     images, display = data.load_images([Path(p) for p in args.image], model)
     written = []
     for name, options in specs:

@@ -149,13 +149,11 @@ def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.
 
 
 def print_results(
-    rows: Sequence[dict[str, Any]],
-    columns: Sequence[str],
-    path: str | Path | None,
-    fmt: str,
+    rows: Sequence[dict[str, Any]], columns: str, path: str | Path | None, fmt: str
 ) -> None:
-    """The human table on stdout; all columns to `path` (CSV/JSON) when given."""
-    print(format_table(rows, columns))
+    """The human table of `columns` (space-separated field names) on stdout; every field to
+    `path` (CSV/JSON) when given."""
+    print(format_table(rows, columns.split()))
     if path:
         write_results(rows, path, fmt)
         print(f"results written to {path}")
