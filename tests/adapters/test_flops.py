@@ -22,11 +22,6 @@ def test_dense_gmacs(name, expected):
     assert round(tokenreduce.flops.dense_gmacs(tiny_vit(name)), 3) == expected
 
 
-@pytest.fixture(scope="module")
-def deit_small():
-    return tiny_vit("deit_small_patch16_224")
-
-
 @pytest.mark.parametrize(
     "method,options,expected,counts",
     [

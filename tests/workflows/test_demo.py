@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 
 import tokenreduce
-from tests.conftest import tiny_vit
+from tests.conftest import run_cli, tiny_vit
 from tokenreduce import calibrate, data, viz
 from tokenreduce.methods import make_config
 
@@ -97,11 +95,9 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
             photos[-1]
         )
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenreduce.cli", "demo", "-m", "test_vit", "--random-weights"]
-        + ["--quick", "--out-dir", str(out), "--images", *map(str, photos[:2])],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        *["demo", "-m", "test_vit", "--random-weights", "--quick", "--out-dir", str(out)],
+        *["--images", *map(str, photos[:2])],
         timeout=300,
     )
     assert result.returncode == 0, result.stderr

@@ -245,3 +245,33 @@ def test_grad_checkpointing_is_rejected_not_ignored():
     model.set_grad_checkpointing(True)
     with pytest.raises(ValueError, match="grad_checkpointing"):
         model(torch.randn(1, 3, 224, 224))
+
+
+def test_unsupported_model_class():
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(TypeError, match="unsupported model class ResNet; supported: timm Vision"):
+        tokenreduce.apply(model, "tome")
+
+
+def test_unsupported_block_class():
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        block_fn=timm.models.vision_transformer.ResPostBlock,
+    )
+    with pytest.raises(TypeError, match="unsupported block 0 .*ResPostBlock"):
+        tokenreduce.apply(model, "tome")
+
+
+def test_remove_without_apply():
+    with pytest.raises(ValueError, match="no token reduction"):
+        tokenreduce.remove(tiny_vit())
+
+
+def test_failed_apply_leaves_model_untouched():
+    model = tiny_vit()
+    with pytest.raises(ValueError):
+        tokenreduce.apply(model, "evit", layers=(99,))
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))

@@ -7,8 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import tokenreduce
-from tests.conftest import FIXTURES, require_shared
+from tests.conftest import FIXTURES, reduced_forward, require_shared
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,6 @@ def images():
     return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
-def run(model, images, method, **options):
-    tokenreduce.apply(model, method, trace_source=True, **options)
-    try:
-        with torch.no_grad():
-            logits = model(images)
-        return logits, tokenreduce.last_info(model)
-    finally:
-        tokenreduce.remove(model)
-
-
 def expected(name):
     return load_file(require_shared(FIXTURES / f"{name}.safetensors"))
 
@@ -47,7 +36,7 @@ def test_dense_logits(fixture_model, images):
 @pytest.mark.parametrize("r", [13, 8])
 def test_tome_matches_official(fixture_model, images, r):
     ref = expected(f"tome_r{r}")
-    logits, info = run(fixture_model, images, "tome", r=r)
+    logits, info = reduced_forward(fixture_model, images, "tome", trace_source=True, r=r)
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
     for block in range(12):
         assert torch.equal(info.source_blk[block], ref[f"source_blk{block}"]), f"block {block}"
@@ -67,7 +56,9 @@ def kept_indices_from_sources(info, block, keep):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_evit_matches_official(fixture_model, images, fuse):
     ref = expected(f"evit_kr0.7_{'fuse' if fuse else 'nofuse'}")
-    logits, info = run(fixture_model, images, "evit", keep_rate=0.7, fuse=fuse)
+    logits, info = reduced_forward(
+        fixture_model, images, "evit", trace_source=True, keep_rate=0.7, fuse=fuse
+    )
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
     for block in (3, 6, 9):
         kept = ref[f"kept_blk{block}"]
@@ -77,7 +68,7 @@ def test_evit_matches_official(fixture_model, images, fuse):
 
 def test_topk_equals_evit_without_fuse(fixture_model, images):
     ref = expected("evit_kr0.7_nofuse")
-    logits, info = run(fixture_model, images, "topk", keep_rate=0.7)
+    logits, info = reduced_forward(fixture_model, images, "topk", trace_source=True, keep_rate=0.7)
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
 
@@ -88,7 +79,9 @@ PPT_CASES = ["7e-5", "0", "1", "1.55e-4"]
 @pytest.mark.parametrize("threshold", PPT_CASES)
 def test_ppt_matches_official(fixture_model, images, threshold):
     ref = expected(f"ppt_thr{threshold}")
-    logits, info = run(fixture_model, images, "ppt", r=50, threshold=float(threshold))
+    logits, info = reduced_forward(
+        fixture_model, images, "ppt", trace_source=True, r=50, threshold=float(threshold)
+    )
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
     assert torch.equal(info.records.policy, ref["policy"])
     torch.testing.assert_close(
@@ -101,10 +94,14 @@ def test_ppt_matches_official(fixture_model, images, threshold):
 
 @pytest.mark.parametrize("threshold", ["7e-5", "1.55e-4"])
 def test_ppt_mixed_batch_equals_each_image_alone(fixture_model, images, threshold):
-    batched, info = run(fixture_model, images, "ppt", threshold=float(threshold))
+    batched, info = reduced_forward(
+        fixture_model, images, "ppt", trace_source=True, threshold=float(threshold)
+    )
     assert 0 < info.records.policy[:, 0].sum() < 4, "the batch mixes pooling and pruning"
     for i in range(images.shape[0]):
-        alone, info_alone = run(fixture_model, images[i : i + 1], "ppt", threshold=float(threshold))
+        alone, info_alone = reduced_forward(
+            fixture_model, images[i : i + 1], "ppt", trace_source=True, threshold=float(threshold)
+        )
         torch.testing.assert_close(alone[0], batched[i], atol=1e-10, rtol=0)
         assert torch.equal(info_alone.records.policy[0], info.records.policy[i])
         for block in (3, 6, 9):

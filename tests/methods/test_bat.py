@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import tokenreduce
-from tests.conftest import tiny_vit
-from tokenreduce.ops import dpc_knn, merge_clusters
+from tests.conftest import reduced_forward, tiny_vit
 
 # DeiT-S, 224^2 (N0 = 197): published BAT GMACs (official logs, torchprofile) per keep rate
 PUBLISHED_GMACS = {0.7: 3.0048, 0.6: 2.5832, 0.5: 2.3444, 0.4: 2.0830, 0.3: 1.8233, 0.2: 1.6451}
@@ -25,23 +24,10 @@ COUNTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def deit_small():
-    return tiny_vit("deit_small_patch16_224")
-
-
-def run(model, x, **options):
-    tokenreduce.apply(model, "bat", trace_source=True, **options)
-    with torch.no_grad():
-        logits = model(x)
-    info = tokenreduce.last_info(model)
-    tokenreduce.remove(model)
-    return logits, info
-
-
 @pytest.mark.parametrize("keep_rate", sorted(PUBLISHED_GMACS))
 def test_counts_and_published_gmacs(deit_small, keep_rate):
-    _, info = run(deit_small, torch.randn(2, 3, 224, 224), keep_rate=keep_rate)
+    x = torch.randn(2, 3, 224, 224)
+    _, info = reduced_forward(deit_small, x, "bat", trace_source=True, keep_rate=keep_rate)
     counts = info.tokens_per_block
     assert (counts[:, [3, 6, 9]] == torch.tensor(COUNTS[keep_rate])).all()
     assert (counts[:, :3] == 197).all()
@@ -52,7 +38,9 @@ def test_counts_and_published_gmacs(deit_small, keep_rate):
 
 def test_invariants(deit_small):
     x = torch.randn(3, 3, 224, 224)
-    _, info = run(deit_small, x, keep_rate=0.5, clusters=7, attentive_matches=5)
+    _, info = reduced_forward(
+        deit_small, x, "bat", trace_source=True, keep_rate=0.5, clusters=7, attentive_matches=5
+    )
     for block in (3, 6, 9):
         source = info.source_blk[block]
         assert source[:, 0, 0].all() and not source[:, 0, 1:].any()  # prefix untouched
@@ -70,33 +58,11 @@ def test_invariants(deit_small):
 
 def test_mixed_batch_equals_each_image_alone(deit_small):
     x = torch.randn(3, 3, 224, 224)
-    together, info = run(deit_small, x)
+    together, info = reduced_forward(deit_small, x, "bat", trace_source=True)
     for i in range(3):
-        alone, info_one = run(deit_small, x[i : i + 1])
+        alone, info_one = reduced_forward(deit_small, x[i : i + 1], "bat", trace_source=True)
         torch.testing.assert_close(alone, together[i : i + 1], atol=1e-5, rtol=1e-5)
         assert torch.equal(info_one.source_blk[-1][0], info.source_blk[-1][i])
-
-
-def test_dpc_knn_finds_obvious_clusters():
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    offsets = torch.tensor([[0.0, 0.0], [0.3, 0.0], [0.0, 0.3], [-0.3, 0.0], [0.0, -0.3]])
-    points = (centres[:, None] + offsets[None]).reshape(15, 2)
-    perm = torch.randperm(15)
-    assignment, chosen = dpc_knn(points[perm][None], num_clusters=3, k=3)
-    blob = (perm // 5)[None]  # true blob of each permuted point
-    # the three centres are the blob middles (densest point with a far-away denser neighbour)
-    assert sorted(perm[chosen[0]].tolist()) == [0, 5, 10]
-    for b in range(3):
-        assert assignment[blob == b].unique().numel() == 1
-    assert assignment.unique().numel() == 3
-    assert (assignment.gather(1, chosen) == torch.arange(3)).all()  # centres own their cluster
-
-
-def test_merge_clusters_weighted_average():
-    y = torch.tensor([[[1.0], [3.0], [10.0]]])
-    assignment = torch.tensor([[0, 0, 1]])
-    assert merge_clusters(y, assignment, 2).tolist() == [[[4.0], [10.0]]]
-    assert merge_clusters(y, assignment, 2, "amax").tolist() == [[[3.0], [10.0]]]
 
 
 @pytest.mark.parametrize(

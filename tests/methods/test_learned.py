@@ -10,14 +10,12 @@ import pytest
 import torch
 
 import tokenreduce
-from tests.conftest import tiny_vit
-from tests.test_distributed import make_image_folder
+from tests.conftest import make_image_folder, peaky_vit, reduced_forward, tiny_vit
 from tokenreduce import data, train
 from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
 from tokenreduce.ops.packing import pack_kept
-from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.patch.timm import TRAINABLE_ATTR, block_forward
 from tokenreduce.state import AttentionOutputs, TokenState
 
@@ -25,24 +23,6 @@ VARIABLE = {
     "asvit": {"thresholds": (0.9, 1.0, 1.1)},
     "ltmp": {"merge_thresholds": 0.6, "prune_thresholds": 0.05},
 }
-
-
-def peaky_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
-    """A random tiny ViT whose attention is far from uniform (scaled query/key weights), so that
-    learned thresholds keep different token counts per image."""
-    model = tiny_vit(name, img_size=64, num_classes=10, **kwargs)
-    with torch.no_grad():
-        for block in model.blocks:
-            dim = block.attn.qkv.in_features
-            block.attn.qkv.weight[: 2 * dim] *= 12
-    return model.double()
-
-
-def run(model: torch.nn.Module, method: str, images: torch.Tensor, **options):
-    tokenreduce.apply(model, method, **options)
-    with torch.no_grad():
-        out = model(images)
-    return out, tokenreduce.last_info(model)
 
 
 # ---- threshold semantics on hand-made scores -------------------------------------------------
@@ -66,25 +46,6 @@ def test_asvit_threshold_is_strict_and_keeps_the_prefix():
     kept, state = asvit_step(2.0, min_keep=0)
     assert kept == [0.0]  # all below, min_keep=0: only the prefix token stays
     assert state.size.flatten().tolist() == [1.0]
-
-
-def test_threshold_mask_is_strict_and_soft_forward_equals_hard():
-    score = torch.tensor([0.2, 0.5, 0.7])
-    assert threshold_mask(score, 0.5, 0.1, soft=False).tolist() == [False, False, True]
-    soft = threshold_mask(score, torch.tensor(0.5, requires_grad=True), 0.1, soft=True)
-    assert soft.tolist() == [0.0, 0.0, 1.0]
-    assert soft.requires_grad
-
-
-def test_soft_sigmoid_tends_to_the_hard_decision_as_tau_goes_to_zero():
-    score = torch.linspace(-1, 1, 101, dtype=torch.float64)
-    hard = (score > 0.1).double()
-    gaps = [
-        (torch.sigmoid((score - 0.1) / tau) - hard)[(score - 0.1).abs() > 1e-9].abs().max()
-        for tau in (1.0, 0.1, 0.01, 1e-4)
-    ]
-    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
-    assert gaps[-1] < 1e-12
 
 
 def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
@@ -118,12 +79,12 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
     model = peaky_vit()
     images = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     options = dict(VARIABLE[method], trace_source=trace_source)
-    batched, info = run(model, method, images, batching=batching, **options)
+    batched, info = reduced_forward(model, images, method, batching=batching, **options)
     counts = info.tokens_per_block
     assert len({tuple(row) for row in counts.tolist()}) > 2, "counts must differ per image"
     assert counts[:, -1].min() < info.tokens_in
     for i in range(len(images)):
-        alone, single = run(model, method, images[i : i + 1], **options)
+        alone, single = reduced_forward(model, images[i : i + 1], method, **options)
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-9, atol=1e-9)
         assert counts[i].tolist() == single.tokens_per_block[0].tolist()
         assert all(
@@ -160,7 +121,7 @@ def test_ragged_per_token_work_runs_on_the_real_tokens_only(method):
             )
             for block in model.blocks
         ]
-        _, info = run(model, method, images, batching=batching, **VARIABLE[method])
+        _, info = reduced_forward(model, images, method, batching=batching, **VARIABLE[method])
         for hook in hooks:
             hook.remove()
     counts = info.tokens_per_block
@@ -173,7 +134,7 @@ def test_a_batch_of_equal_counts_has_no_padding():
     """Ragged/packed read the counts: when every image keeps the same count, no padding."""
     model = peaky_vit()
     image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
-    _, info = run(model, "ltmp", image.expand(3, -1, -1, -1), **VARIABLE["ltmp"])
+    _, info = reduced_forward(model, image.expand(3, -1, -1, -1), "ltmp", **VARIABLE["ltmp"])
     assert info.tokens_per_block[:, -1].min() < info.tokens_in
     assert all(
         s is None or s.shape[1] == n
@@ -186,8 +147,8 @@ def test_masked_path_equals_packed_path(method):
     model = peaky_vit()
     images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     options = dict(VARIABLE[method], trace_source=True)
-    packed, packed_info = run(model, method, images, **options)
-    masked, masked_info = run(model, method, images, batching="masked", **options)
+    packed, packed_info = reduced_forward(model, images, method, **options)
+    masked, masked_info = reduced_forward(model, images, method, batching="masked", **options)
     torch.testing.assert_close(masked, packed, rtol=1e-9, atol=1e-9)
     assert masked_info.tokens_per_block.tolist() == packed_info.tokens_per_block.tolist()
     # masked keeps static shapes: every block holds all N0 slots, padding included
@@ -228,8 +189,10 @@ def test_padding_never_changes_real_tokens():
     """Extra padding slots (a second image that keeps everything) leave the first's output."""
     model = peaky_vit()
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    alone, _ = run(model, "asvit", images[:1], batching="masked", thresholds=(0.9, 1.0, 1.1))
-    both, _ = run(model, "asvit", images, batching="masked", thresholds=(0.9, 1.0, 1.1))
+    alone, _ = reduced_forward(
+        model, images[:1], "asvit", batching="masked", thresholds=(0.9, 1.0, 1.1)
+    )
+    both, _ = reduced_forward(model, images, "asvit", batching="masked", thresholds=(0.9, 1.0, 1.1))
     torch.testing.assert_close(both[:1], alone, rtol=1e-9, atol=1e-9)
 
 
@@ -240,7 +203,9 @@ def test_static_cap_drops_the_lowest_scores_and_records_the_overflow():
     assert packing.index[0].tolist() == [0, 3, 4] and packing.overflow.tolist() == [1]
     model = peaky_vit()
     images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
-    _, info = run(model, "asvit", images, batching="masked", max_tokens=8, thresholds=0.0)
+    _, info = reduced_forward(
+        model, images, "asvit", batching="masked", max_tokens=8, thresholds=0.0
+    )
     assert info.records.overflow.sum() > 0
     assert info.tokens_per_block[:, 3:].max() <= 8
 
@@ -250,7 +215,7 @@ def test_untrained_thresholds_are_the_dense_model(method):
     model = tiny_vit("vit_tiny_patch16_224", img_size=64)
     images = torch.randn(2, 3, 64, 64)
     dense = model(images)
-    out, info = run(model, method, images)
+    out, info = reduced_forward(model, images, method)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     assert (info.tokens_per_block == info.tokens_in).all()
 
@@ -264,7 +229,9 @@ def test_prefix_tokens_stay_first(method, model_name):
         model = tiny_vit(model_name, img_size=64, depth=4)
     prefix = model.num_prefix_tokens
     options = {"asvit": {"thresholds": 1.0}, "ltmp": {"merge_thresholds": 0.2}}[method]
-    _, info = run(model, method, torch.randn(2, 3, 64, 64), trace_source=True, **options)
+    _, info = reduced_forward(
+        model, torch.randn(2, 3, 64, 64), method, trace_source=True, **options
+    )
     for source in info.source_blk:
         assert (source[:, :prefix, :prefix] == torch.eye(prefix, dtype=torch.bool)).all()
         assert not source[:, prefix:, :prefix].any()

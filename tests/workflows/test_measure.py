@@ -6,18 +6,15 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 import tokenreduce
-from tests.conftest import SHARED_DATA, require_shared
+from tests.conftest import SHARED_DATA, make_image_folder, require_shared, run_cli
 from tokenreduce import data, models
 from tokenreduce.compare import pareto_front
 from tokenreduce.data import ImageFolder
@@ -26,25 +23,10 @@ from tokenreduce.evaluate import evaluate
 CLASSES = ("cat", "dog", "fish")
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tokenreduce.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """3 classes x 4 random images of assorted sizes, plus one unreadable file."""
-    root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)), 3)
-            Image.fromarray(rng.integers(0, 255, size, np.uint8)).save(root / name / f"{i}.png")
+    root = make_image_folder(tmp_path / "data", 4, CLASSES, size=None)
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     return root
 
