@@ -36,10 +36,8 @@ TRAINABLE_ATTR = "tokenreduce_thresholds"
 """Name of the submodule holding a learned method's trainable thresholds (a model attribute, so
 that optimisers, DDP and state dicts see it)."""
 
-SUPPORTED = (
-    "timm VisionTransformer (and subclasses such as VisionTransformerDistilled) whose blocks are "
-    "timm.models.vision_transformer.Block with timm.layers.Attention"
-)
+ADAPTER_ATTR = "_tokenreduce"
+"""Name of the model attribute that holds the attached adapter."""
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -162,7 +160,11 @@ def key_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> torch.Te
 class TimmAdapter:
     """Holds a method config on a timm ViT and runs its reducing forward."""
 
-    ATTR = "_tokenreduce"
+    ATTR = ADAPTER_ATTR
+    SUPPORTED = (
+        "timm VisionTransformer (and subclasses such as VisionTransformerDistilled) whose blocks "
+        "are timm.models.vision_transformer.Block with timm.layers.Attention"
+    )
 
     def __init__(self, model: VisionTransformer, config: MethodConfig) -> None:
         self.dims = self.describe(model)
@@ -179,16 +181,22 @@ class TimmAdapter:
 
     # ---- support checks and shape facts -------------------------------------------------
     @staticmethod
-    def check_supported(model: nn.Module) -> None:
-        if not isinstance(model, VisionTransformer):
+    def supports(model: nn.Module) -> bool:
+        """Whether the model belongs to this adapter's family (checked in detail later)."""
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        """UnsupportedModelError naming the first part of the model this adapter cannot run."""
+        if not cls.supports(model):
             raise UnsupportedModelError(
-                f"unsupported model class {type(model).__name__}; supported: {SUPPORTED}"
+                f"unsupported model class {type(model).__name__}; supported: {cls.SUPPORTED}"
             )
         for i, block in enumerate(model.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
                 raise UnsupportedModelError(
                     f"unsupported block {i} of {type(model).__name__}: {type(block).__name__} with "
-                    f"{type(getattr(block, 'attn', None)).__name__}; supported: {SUPPORTED}"
+                    f"{type(getattr(block, 'attn', None)).__name__}; supported: {cls.SUPPORTED}"
                 )
         if not isinstance(model.patch_embed, PatchEmbed):
             raise UnsupportedModelError(
