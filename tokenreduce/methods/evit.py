@@ -22,7 +22,7 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.ops import fuse_dropped, gather_tokens, keep_top_tokens
+from tokenreduce.ops import fuse_dropped, keep_rows, keep_top_tokens
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -46,13 +46,9 @@ def attentive_keep(
     score = cls_attn.mean(dim=1)[:, num_prefix:]
     x_new, idx = keep_top_tokens(x, score, keep, num_prefix)
     size = state.sizes_like(x)
-    size_new = torch.cat([size[:, :num_prefix], gather_tokens(size[:, num_prefix:], idx)], dim=1)
+    size_new = keep_rows(size, idx, num_prefix)
     source = state.source
-    source_new = None
-    if source is not None:
-        source_new = torch.cat(
-            [source[:, :num_prefix], gather_tokens(source[:, num_prefix:], idx)], dim=1
-        )
+    source_new = None if source is None else keep_rows(source, idx, num_prefix)
     if fuse:
         ones = torch.ones_like(score)
         x_new = torch.cat([x_new, fuse_dropped(x[:, num_prefix:], score, idx)], dim=1)

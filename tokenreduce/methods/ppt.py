@@ -23,7 +23,7 @@ from tokenreduce.methods.base import (
 )
 from tokenreduce.ops import (
     bipartite_soft_matching,
-    gather_tokens,
+    keep_rows,
     keep_top_tokens,
     merge_source,
     merge_wavg,
@@ -137,14 +137,12 @@ class PPTConfig(MethodConfig[PPTRecord]):
 
         keep = x.shape[1] - num_prefix - r
         x_prune, idx = keep_top_tokens(x, score, keep, num_prefix)
-        size_prune = torch.cat([size[:, :num_prefix], gather_tokens(size[:, num_prefix:], idx)], 1)
+        size_prune = keep_rows(size, idx, num_prefix)
 
         choose_pool = pool.view(-1, 1, 1)
         source = state.source
         if source is not None:
-            source_prune = torch.cat(
-                [source[:, :num_prefix], gather_tokens(source[:, num_prefix:], idx)], dim=1
-            )
+            source_prune = keep_rows(source, idx, num_prefix)
             source = torch.where(choose_pool, merge_source(matching, source), source_prune)
         x = torch.where(choose_pool, x_pool, x_prune)
         size = torch.where(choose_pool, size_pool, size_prune)

@@ -9,7 +9,7 @@ from tokenreduce.ops.merging import (
     merge_tokens,
     merge_wavg,
 )
-from tokenreduce.ops.selection import fuse_dropped, gather_tokens, keep_top_tokens
+from tokenreduce.ops.selection import fuse_dropped, gather_tokens, keep_rows, keep_top_tokens
 
 __all__ = [
     "Matching",
@@ -18,6 +18,7 @@ __all__ = [
     "dpc_knn",
     "fuse_dropped",
     "gather_tokens",
+    "keep_rows",
     "keep_top_tokens",
     "merge_clusters",
     "merge_source",

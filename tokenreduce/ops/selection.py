@@ -10,6 +10,11 @@ def gather_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return y.gather(1, idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
 
 
+def keep_rows(y: torch.Tensor, idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """The prefix rows of y [B, N, C], then its non-prefix rows idx [B, K] -> [B, P + K, C]."""
+    return torch.cat([y[:, :num_prefix], gather_tokens(y[:, num_prefix:], idx)], dim=1)
+
+
 def keep_top_tokens(
     y: torch.Tensor, score: torch.Tensor, keep: int, num_prefix: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,8 +24,7 @@ def keep_top_tokens(
     Returns the new tokens [B, P + keep, C] and the kept indices [B, keep] into the non-prefix part.
     """
     idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
-    kept = torch.cat([y[:, :num_prefix], gather_tokens(y[:, num_prefix:], idx)], dim=1)
-    return kept, idx
+    return keep_rows(y, idx, num_prefix), idx
 
 
 def fuse_dropped(y: torch.Tensor, weight: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
