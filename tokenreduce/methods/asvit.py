@@ -1,7 +1,8 @@
 """AS-ViT: prune tokens whose head-importance-weighted class attention is below a learned
 threshold (Liu, Wu, Guo, arXiv 2209.13802).
 
-No official code exists; every choice the paper leaves open is a named option (methods.md §3.6).
+No official code exists; every choice the paper leaves open is a named option
+(docs/methods.md §3.6).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ TMLR 2023). Official code: Mxbonn/ltmp, `ltmp/timm/lt_mergeprune*.py`, `tools/tr
 
 Per image, an A token merges into its most similar B token when their cosine similarity is above
 the block's merge threshold, and a token is pruned when the attention it receives (mean over
-heads and queries) is not above the prune threshold; counts differ per image (methods.md §3.5).
+heads and queries) is not above the prune threshold; counts differ per image (docs/methods.md §3.5).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def padding_bias(valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Attention with a soft key mask, as LTMP trains (methods.md §2.7).
+    """Attention with a soft key mask, as LTMP trains (docs/methods.md §2.7).
 
     logits: [B, H, N, N] (size bias included); mask: [B, N] with values in [0, 1]. Masked keys get
     no weight while the mask's straight-through gradient still flows:

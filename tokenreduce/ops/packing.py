@@ -1,7 +1,7 @@
 """Per-image token counts in a batch: compact each image's kept tokens to the front and pad, and
 the flat (ragged) layout of the real tokens alone.
 
-Padding follows methods.md §1.6: padding slots sit after the real tokens and are marked invalid
+Padding follows docs/methods.md §1.6: padding slots sit after the real tokens and are marked invalid
 (the adapter gives them size 0, so they are never a key, a merge partner or counted).
 """
 

@@ -8,7 +8,7 @@ import torch
 def threshold_mask(
     score: torch.Tensor, threshold: torch.Tensor | float, tau: float, soft: bool
 ) -> torch.Tensor:
-    """Keep where score > threshold (strict), methods.md §2.6.
+    """Keep where score > threshold (strict), docs/methods.md §2.6.
 
     soft=False: a bool tensor. soft=True (training): a float tensor whose forward values are the
     hard 0/1 decisions and whose gradient is that of sigmoid((score - threshold) / tau)

@@ -56,7 +56,8 @@ def attention_forward(
 
     Mirrors timm's computation op for op, so with no bias the output equals timm's. The fused path
     stays fused; the class-attention row then comes from `class_attention_row` (no N x N matrix).
-    key_mask [B, N] (training of learned methods) selects the explicit masked softmax (§2.7).
+    key_mask [B, N] (training of learned methods) selects the explicit masked softmax
+    (docs/methods.md §2.7).
     layout: x is the flat [M, C] real tokens of a ragged batch; the linear layers run on them and
     only the attention itself runs on the padded batch (by-products are padded, output is flat).
     """
