@@ -102,15 +102,16 @@ def compare(
             top1_drop=accuracy.top1_drop if accuracy else None,
             agreement=accuracy.agreement if accuracy else None,
         )
-        logger.info(
-            "  %s %s: %.3f GMACs, %.2fx (ideal %.2fx)%s",
-            row.method,
-            row.options,
-            row.gmacs,
-            row.measured_speedup,
-            row.ideal_speedup,
-            f", top-1 {row.top1:.1f}%" if accuracy else "",
-        )
+        if progress:
+            logger.info(
+                "  %s %s: %.3f GMACs, %.2fx (ideal %.2fx)%s",
+                row.method,
+                row.options,
+                row.gmacs,
+                row.measured_speedup,
+                row.ideal_speedup,
+                f", top-1 {row.top1:.1f}%" if accuracy else "",
+            )
         rows.append(row)
     return rows, evaluation
 

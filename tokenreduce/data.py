@@ -7,6 +7,7 @@ import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -58,8 +59,11 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise InvalidOptionError(f"image file {path} could not be read: {err}") from err
 
 
-def eval_transform(model: nn.Module, **overrides: object):
-    """timm's evaluation transform for `model` (its pretrained config, with overrides)."""
+def eval_transform(
+    model: nn.Module, **overrides: object
+) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
+    """timm's evaluation transform for `model` (its pretrained config, with overrides), and the
+    resolved config."""
     config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
     return create_transform(**config, is_training=False), config
 
@@ -90,7 +94,7 @@ def read_class_map(path: str | Path) -> list[str]:
                 loaded = sorted(loaded, key=loaded.__getitem__)
         else:
             loaded = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:  # TypeError: {name: index} not comparable
         raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
     if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
         raise InvalidOptionError(f"class map file {path} must list class names in label order")
@@ -108,7 +112,7 @@ class ImageFolder(Dataset):
     def __init__(
         self,
         root: str | Path,
-        transform: Callable,
+        transform: Callable[[Image.Image], torch.Tensor],
         num_samples: int | None = None,
         classes: Sequence[str] | None = None,
     ):

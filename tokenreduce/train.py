@@ -53,7 +53,7 @@ class TrainResult:
         return self.mean_gmacs / self.dense_gmacs
 
 
-def _check_number(option: str, value: Any, low: float, high: float | None) -> None:
+def _check_number(option: str, value: object, low: float, high: float | None) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"

@@ -1,4 +1,4 @@
-"""Analytic GMACs: reference values of measurement.md and a FlopCounterMode cross-check."""
+"""Analytic GMACs: reference values of docs/measurement.md and a FlopCounterMode cross-check."""
 
 from __future__ import annotations
 

@@ -95,6 +95,12 @@ def test_eval_gmacs_ratio_matches_cost(image_folder, tiny_checkpoint, tmp_path):
         (["compare", "--num-bench-iter", "0"], "--num-bench-iter=0"),
         (["viz", "--method", "tome", "--image", "{missing}", "--out", "x.png"], "missing"),
         (["viz", "--method", "tome", "--image", "{image}", "--out", "x.jpg"], "--out=x.jpg"),
+        (["eval", "{data}", "--crop-pct", "-0.5"], "--crop-pct=-0.5"),
+        (["eval", "{data}", "--interpolation", "foo"], "--interpolation: invalid choice: 'foo'"),
+        (["eval", "{data}", "--gmacs-ratio", "0.6", "--calib-images", "0"], "--calib-images=0"),
+        (["eval", "{data}", "--threads", "-1"], "--threads=-1"),
+        (["compare", "--bench-batch-size", "0"], "--bench-batch-size=0"),
+        (["eval", "{data}", "--class-map", "{mixed_map}"], "could not be read"),
     ],
 )
 def test_cli_errors_are_clear(args, message, image_folder, tmp_path):
@@ -104,12 +110,15 @@ def test_cli_errors_are_clear(args, message, image_folder, tmp_path):
     save_file({"nope": torch.zeros(1)}, bad_ckpt)
     class_map = tmp_path / "classes.txt"
     class_map.write_text("cat\ndog\n")
+    mixed_map = tmp_path / "mixed.json"
+    mixed_map.write_text('{"cat": 0, "dog": "one", "fish": 2}')
     values = {
         "missing": str(tmp_path / "missing"),
         "empty": str(empty),
         "data": str(image_folder),
         "bad_ckpt": str(bad_ckpt),
         "class_map": str(class_map),
+        "mixed_map": str(mixed_map),
         "image": str(image_folder / "cat" / "0.png"),
     }
     argv = [a.format(**values) for a in args] + ["-m", "test_vit", "--random-weights"]

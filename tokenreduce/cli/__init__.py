@@ -1,4 +1,5 @@
-"""The `tokenreduce` command line: one module per command, shared options in `options`.
+"""The `tokenreduce` command line: one module per command, shared options and steps in
+`shared`.
 
 Each command module has `add_parser(commands)`, which registers its sub-parser with
 `run(args)` as the default `run`. A user error (`tokenreduce.errors.TokenReduceError`) becomes
@@ -30,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("tokenreduce")
+    if not log.handlers:  # progress lines of our own modules only, on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         args.run(args)
     except TokenReduceError as err:

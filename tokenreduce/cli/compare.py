@@ -43,6 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> list[CompareRow]:
     shared.check_timing(args)
+    shared.check_at_least(args, {"bench_batch_size": 1})
     configs = sweep_configs(args.method) + [
         make_config(name, **options) for name, options in map(parse_method, args.config)
     ]

@@ -47,6 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> EvalResult:
     shared.check_ratio(args.gmacs_ratio)
+    shared.check_at_least(args, {"calib_images": 1})
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
     model = shared.load_model(args)

@@ -21,6 +21,7 @@ logger = logging.getLogger("tokenreduce.cli")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "vit_small_patch14_dinov2.imgfocus"
 RESULTS_FORMATS = ("json", "csv")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
 
 
 def add_model_args(
@@ -49,8 +50,10 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
     """Batching, loading and preprocessing of an ImageFolder."""
     parser.add_argument("-b", "--batch-size", type=int, default=batch_size)
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
-    parser.add_argument("--crop-pct", type=float, default=None)
-    parser.add_argument("--interpolation", default=None, help="e.g. bicubic, bilinear")
+    parser.add_argument(
+        "--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]"
+    )
+    parser.add_argument("--interpolation", default=None, choices=INTERPOLATIONS)
     parser.add_argument("--mean", type=float, nargs=3, default=None)
     parser.add_argument("--std", type=float, nargs=3, default=None)
     parser.add_argument(
@@ -90,6 +93,7 @@ def weights_label(args: argparse.Namespace) -> str:
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
+    check_at_least(args, {"threads": 1})
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = {
@@ -128,6 +132,10 @@ def check_ratio(ratio: float | None) -> None:
 def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.ImageFolder:
     """The ImageFolder at `root`, preprocessed for `model` with the data options' overrides."""
     check_at_least(args, {"workers": 0, "num_samples": 1, "batch_size": 1})
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise InvalidOptionError(
+            f"--crop-pct={args.crop_pct} is not accepted; accepted: a number in (0, 1]"
+        )
     transform, config = data.eval_transform(
         model,
         input_size=(3, args.img_size, args.img_size) if args.img_size else None,

@@ -137,7 +137,11 @@ class MethodConfig(Generic[RecordT]):
         raise NotImplementedError
 
 
-def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+ConfigT = TypeVar("ConfigT", bound="MethodConfig")
+
+
+def register(cls: type[ConfigT]) -> type[ConfigT]:
+    """Register a method config class under its `name` (a class decorator)."""
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenreduce.errors import InvalidOptionError
+
 
 def _tie_break(count: int, device: torch.device) -> torch.Tensor:
     """1e-6 x a fixed pseudo-random value in [0, 1) per position (TCFormer's tie-break, made
@@ -25,7 +27,7 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, t
     """
     batch, points, channels = x.shape
     if not 1 <= num_clusters <= points:
-        raise ValueError(f"num_clusters={num_clusters} must be in 1..{points}")
+        raise InvalidOptionError(f"num_clusters={num_clusters} must be in 1..{points}")
     dist = torch.cdist(x.float(), x.float()) / channels**0.5
     k = max(1, min(k, points - 1))
     eye = torch.eye(points, dtype=torch.bool, device=x.device)

@@ -7,6 +7,8 @@ yes then checks the model in detail (`check_supported`) and runs its reducing fo
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import nn
 
 from tokenreduce.errors import UnsupportedModelError
@@ -15,11 +17,14 @@ from tokenreduce.patch.timm import ADAPTER_ATTR, TimmAdapter
 ADAPTERS: list[type[TimmAdapter]] = [TimmAdapter]
 """Registered adapter classes, asked in order."""
 
+AdapterT = TypeVar("AdapterT", bound=type[TimmAdapter])
 
-def register_adapter(adapter: type[TimmAdapter]) -> type[TimmAdapter]:
-    """Add an adapter class for another model family (usable as a class decorator)."""
+
+def register_adapter(adapter: AdapterT) -> AdapterT:
+    """Add an adapter class for another model family (usable as a class decorator). It is asked
+    before those registered earlier, so a family built on timm classes is not taken for timm's."""
     if adapter not in ADAPTERS:
-        ADAPTERS.append(adapter)
+        ADAPTERS.insert(0, adapter)
     return adapter
 
 
