@@ -56,7 +56,8 @@ for name, opts in methods:
     ):
         batches = image_batches(images, bs)[: max(1, 64 // bs) if bs < 1024 else 1]
         warm = max(warm, len(batches))  # every batch (every shape) seen once before timing
-        d, r = measure_speedup(model, red, batches, warm, iters, amp=True)
+        timing = measure_speedup(model, red, batches, warm, iters, amp=True)
+        d, r = timing.dense_s, timing.reduced_s
         g = []
         with torch.inference_mode(), torch.autocast(DEV, dtype=torch.bfloat16):
             for b in batches:

@@ -29,6 +29,47 @@ DEFAULT_METHODS = (
 )
 
 
+NOISY_SPREAD = 0.10
+"""A timing is flagged noisy when the dense model's own repeats spread more than this (relative
+to their median): the machine was busy, and the speedup is not to be trusted."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per batch of each timed round, dense and reduced.
+
+    `dense_s` / `reduced_s` summarise them: the median with one input batch, the mean with
+    several (each round runs the next batch, so the mean covers every image)."""
+
+    dense: list[float]
+    reduced: list[float]
+    several_batches: bool = False
+
+    def _summary(self, times: list[float]) -> float:
+        return statistics.fmean(times) if self.several_batches else statistics.median(times)
+
+    @property
+    def dense_s(self) -> float:
+        return self._summary(self.dense)
+
+    @property
+    def reduced_s(self) -> float:
+        return self._summary(self.reduced)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.reduced_s
+
+    @property
+    def dense_spread(self) -> float:
+        """(max - min) / median of the dense model's rounds: the machine's noise."""
+        return (max(self.dense) - min(self.dense)) / statistics.median(self.dense)
+
+    @property
+    def noisy(self) -> bool:
+        return self.dense_spread > NOISY_SPREAD
+
+
 @dataclass(frozen=True)
 class BenchResult:
     model: str
@@ -42,6 +83,11 @@ class BenchResult:
     measured_speedup: float
     dense_ms: float
     method_ms: float
+    dense_ms_min: float
+    dense_ms_max: float
+    method_ms_min: float
+    method_ms_max: float
+    noisy: bool
     method_img_per_s: float
     device: str
     precision: str
@@ -59,8 +105,8 @@ def measure_speedup(
     num_bench_iter: int,
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
-) -> tuple[float, float]:
-    """Seconds per batch of dense and reduced, timed alternately on the same input.
+) -> Timing:
+    """Dense and reduced, timed alternately on the same input, round by round.
 
     x: one batch (median over iterations) or several (iteration k runs batch k mod count; mean
     over iterations, so that methods whose cost depends on the image are timed on many).
@@ -75,8 +121,17 @@ def measure_speedup(
         for k in range(num_bench_iter):
             dense_times.append(timed_forward(dense, batches[k % len(batches)]))
             reduced_times.append(timed_forward(reduced, batches[k % len(batches)]))
-    summary = statistics.median if len(batches) == 1 else statistics.fmean
-    return summary(dense_times), summary(reduced_times)
+    return Timing(dense_times, reduced_times, several_batches=len(batches) > 1)
+
+
+def noise_note(timing: Timing) -> str:
+    """A caveat to print beside a noisy speedup, else ""."""
+    if not timing.noisy:
+        return ""
+    return (
+        f"  NOISY: the dense model's own rounds spread {timing.dense_spread:.0%} "
+        "(another process is using the CPU?)"
+    )
 
 
 def image_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -121,7 +176,7 @@ def bench_model(
     iteration runs the next one; GMACs are their mean), instead of one random batch.
     """
     model = model.to(device).eval()
-    img_size = model.patch_embed.img_size
+    img_size = tokenreduce.flops.model_dims(model).input_size
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)
     precision = f"amp-{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
     results = []
@@ -132,7 +187,7 @@ def bench_model(
                 batches = [torch.randn(batch_size, 3, *img_size, device=device)]
             else:
                 batches = image_batches(images.to(device), batch_size)
-            dense_s, reduced_s = measure_speedup(
+            timing = measure_speedup(
                 model, reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
             )
             report = _mean_report(reduced, batches, amp, amp_dtype)
@@ -145,21 +200,27 @@ def bench_model(
                 gmacs_with_overhead=round(report.mean_total, 4),
                 dense_gmacs=round(dense_gmacs, 4),
                 ideal_speedup=round(dense_gmacs / report.mean, 3),
-                measured_speedup=round(dense_s / reduced_s, 3),
-                dense_ms=round(dense_s * 1e3, 2),
-                method_ms=round(reduced_s * 1e3, 2),
-                method_img_per_s=round(batch_size / reduced_s, 1),
+                measured_speedup=round(timing.speedup, 3),
+                dense_ms=round(timing.dense_s * 1e3, 2),
+                method_ms=round(timing.reduced_s * 1e3, 2),
+                dense_ms_min=round(min(timing.dense) * 1e3, 2),
+                dense_ms_max=round(max(timing.dense) * 1e3, 2),
+                method_ms_min=round(min(timing.reduced) * 1e3, 2),
+                method_ms_max=round(max(timing.reduced) * 1e3, 2),
+                noisy=timing.noisy,
+                method_img_per_s=round(batch_size / timing.reduced_s, 1),
                 device=device,
                 precision=precision,
                 threads=torch.get_num_threads(),
             )
             logger.info(
-                "  %s %s b=%d: %.2fx (ideal %.2fx)",
+                "  %s %s b=%d: %.2fx (ideal %.2fx)%s",
                 name,
                 result.options,
                 batch_size,
                 result.measured_speedup,
                 result.ideal_speedup,
+                noise_note(timing),
             )
             results.append(result)
     return results

@@ -19,6 +19,10 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.patch import attached_adapter
 
+UNREACHABLE = 0.02
+"""How far (relative) above the target the strongest setting may cost before the target counts
+as unreachable rather than matched."""
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -94,6 +98,13 @@ def match_gmacs(
         best = int(best) if strength.integer else float(best)
         config = make_config(base, **{strength.option: best})
         gmacs = cost(best)
+        strongest = high if strength.larger_reduces_more else low
+        if best == strongest and gmacs > target * (1 + UNREACHABLE):
+            raise InvalidOptionError(
+                f"ratio={ratio} of the dense GMACs cannot be reached by {base.name}: its "
+                f"strongest setting {strength.option}={best} costs {gmacs / dense:.3f} of dense "
+                f"on these images; accepted: a ratio >= {gmacs / dense:.3f} for {base.name}"
+            )
     finally:
         if attached_adapter(model) is not None:
             tokenreduce.remove(model)

@@ -36,6 +36,8 @@ class CompareRow:
     gmacs_ratio: float
     ideal_speedup: float
     measured_speedup: float
+    dense_spread: float
+    noisy: bool
     batch_size: int
     top1: float | None
     top1_drop: float | None
@@ -82,9 +84,7 @@ def compare(
     rows = []
     for k, config in enumerate(configs):
         reduced = tokenreduce.apply(copy.deepcopy(model), config)
-        dense_s, reduced_s = bench.measure_speedup(
-            model, reduced, timing_images, num_warm_iter, num_bench_iter
-        )
+        timing = bench.measure_speedup(model, reduced, timing_images, num_warm_iter, num_bench_iter)
         if evaluation is not None:
             gmacs = evaluation.methods[k].gmacs_mean
         else:
@@ -96,7 +96,9 @@ def compare(
             gmacs=round(gmacs, 4),
             gmacs_ratio=round(gmacs / dense, 4),
             ideal_speedup=round(dense / gmacs, 3),
-            measured_speedup=round(dense_s / reduced_s, 3),
+            measured_speedup=round(timing.speedup, 3),
+            dense_spread=round(timing.dense_spread, 3),
+            noisy=timing.noisy,
             batch_size=len(timing_images),
             top1=accuracy.top1 if accuracy else None,
             top1_drop=accuracy.top1_drop if accuracy else None,
@@ -104,13 +106,14 @@ def compare(
         )
         if progress:
             logger.info(
-                "  %s %s: %.3f GMACs, %.2fx (ideal %.2fx)%s",
+                "  %s %s: %.3f GMACs, %.2fx (ideal %.2fx)%s%s",
                 row.method,
                 row.options,
                 row.gmacs,
                 row.measured_speedup,
                 row.ideal_speedup,
                 f", top-1 {row.top1:.1f}%" if accuracy else "",
+                bench.noise_note(timing),
             )
         rows.append(row)
     return rows, evaluation

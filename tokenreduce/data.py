@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.flops import model_dims
 
 # Real photographs inside the scikit-image and matplotlib wheels (licences: skimage.data
 # docstrings; matplotlib's sample_data). No download is involved.
@@ -63,8 +64,11 @@ def eval_transform(
     model: nn.Module, **overrides: object
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
     """timm's evaluation transform for `model` (its pretrained config, with overrides), and the
-    resolved config."""
-    config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+    resolved config. The input size is the model's own (e.g. built with another img_size than
+    its pretrained config's) unless overridden."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    given.setdefault("input_size", (3, *model_dims(model).input_size))
+    config = resolve_data_config(given, model=model)
     return create_transform(**config, is_training=False), config
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench, calibrate, data, viz
-from tokenreduce.options import format_options
+from tokenreduce.options import MethodSpec, describe_options
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class DemoRow:
     gmacs_ratio: float
     ideal_speedup: float
     measured_speedup: float
+    dense_spread: float
+    noisy: bool
     batch_size: int
     feature_cosine: float
     min_feature_cosine: float
@@ -52,7 +54,7 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def run_demo(
     model: nn.Module,
     photos: Sequence[Path],
-    methods: Sequence[str],
+    methods: Sequence[str | MethodSpec],
     out_dir: str | Path,
     gmacs_ratio: float = 0.65,
     batch_size: int | None = None,
@@ -62,29 +64,32 @@ def run_demo(
 ) -> list[DemoRow]:
     """Run every method in `methods` at `gmacs_ratio` x dense GMACs on `photos`.
 
+    methods: names, or (name, options) whose options stay fixed while the strength option is
+    matched to the ratio.
+
     Speed is timed on a batch of `batch_size` photos (repeated cyclically; default: all photos
     once). Writes `token_maps_<method>.png` per method into `out_dir`.
     """
     out_dir = Path(out_dir)
     images, display = data.load_images(photos, model)
-    grid = tuple(model.patch_embed.grid_size)
+    grid = tokenreduce.flops.model_dims(model).grid_size
     timing_batch = images[torch.arange(batch_size or len(photos)) % len(photos)]
     dense_features = pooled_features(model, images)
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)
     labels = [Path(p).stem for p in photos]
     rows = []
-    for step, name in enumerate(methods, start=1):
+    specs = [(m, {}) if isinstance(m, str) else m for m in methods]
+    for step, (name, given) in enumerate(specs, start=1):
         logger.info(
             "[%d/%d] %s: matching %.0f%% of dense GMACs ...",
             step,
-            len(methods),
+            len(specs),
             name,
             gmacs_ratio * 100,
         )
-        matched = calibrate.match_gmacs(model, name, gmacs_ratio, images)
-        strength = type(matched.config).strength.option
-        options = {strength: getattr(matched.config, strength)}
-        reduced = tokenreduce.apply(copy.deepcopy(model), name, **options, trace_source=True)
+        matched = calibrate.match_gmacs(model, name, gmacs_ratio, images, **given)
+        options = describe_options(matched.config)
+        reduced = tokenreduce.apply(copy.deepcopy(model), matched.config, trace_source=True)
         features = pooled_features(reduced, images)
         info = tokenreduce.last_info(reduced)
         report = tokenreduce.flops.gmacs(reduced, info)
@@ -94,35 +99,36 @@ def run_demo(
             info,
             grid,
             out_dir / f"token_maps_{name}.png",
-            title=f"{name} {format_options(options)}: {report.mean:.2f} GMACs "
+            title=f"{name} {options}: {report.mean:.2f} GMACs "
             f"({report.mean / dense_gmacs:.0%} of dense)",
             row_labels=labels,
             max_columns=max_map_columns,
         )
-        tokenreduce.apply(reduced, name, **options)  # the same reduction, untraced, for timing
-        dense_s, reduced_s = bench.measure_speedup(
-            model, reduced, timing_batch, num_warm_iter, num_bench_iter
-        )
+        tokenreduce.apply(reduced, matched.config)  # the same reduction, untraced, for timing
+        timing = bench.measure_speedup(model, reduced, timing_batch, num_warm_iter, num_bench_iter)
         row = DemoRow(
             method=name,
-            options=format_options(options),
+            options=options,
             gmacs=round(report.mean, 4),
             dense_gmacs=round(dense_gmacs, 4),
             gmacs_ratio=round(report.mean / dense_gmacs, 3),
             ideal_speedup=round(dense_gmacs / report.mean, 3),
-            measured_speedup=round(dense_s / reduced_s, 3),
+            measured_speedup=round(timing.speedup, 3),
+            dense_spread=round(timing.dense_spread, 3),
+            noisy=timing.noisy,
             batch_size=len(timing_batch),
             feature_cosine=round(float(cosine.mean()), 4),
             min_feature_cosine=round(float(cosine.min()), 4),
             token_maps=str(map_path),
         )
         logger.info(
-            "      %s: %.3f GMACs, %.2fx measured (ideal %.2fx), feature cosine %.4f",
+            "      %s: %.3f GMACs, %.2fx measured (ideal %.2fx), feature cosine %.4f%s",
             row.options,
             row.gmacs,
             row.measured_speedup,
             row.ideal_speedup,
             row.feature_cosine,
+            bench.noise_note(timing),
         )
         rows.append(row)
     return rows

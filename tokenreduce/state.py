@@ -91,6 +91,12 @@ class ModelDims:
     pool_fixed_macs: int = 0
     pool_attn_queries: int = 0
     pool_include_prefix: bool = False
+    model_name: str = ""
+    input_size: tuple[int, int] = (0, 0)
+    """(H, W) of the images the model takes."""
+    grid_size: tuple[int, int] = (0, 0)
+    """(rows, columns) of its patch grid."""
+    """The model's name (timm: architecture.tag of its pretrained config), "" when unknown."""
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ the thresholds; each rank reads its own shard of the data; rank 0 writes the fil
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from tokenreduce.methods.base import MethodConfig, learned_method_names, make_co
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
 from tokenreduce.patch.timm import TRAINABLE_ATTR
 from tokenreduce.runtime import progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,8 @@ def train_thresholds(
     _check_number("target_ratio", target_ratio, 0.0, 1.0)
     _check_number("reg_scale", reg_scale, 0.0, None)
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    if backbone_lr is not None:
+        _check_number("backbone_lr", backbone_lr, 0.0, None)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InvalidOptionError(
             f"train: option epochs={epochs!r} is not accepted; accepted: an int >= 1"
@@ -137,7 +142,11 @@ def train_thresholds(
     tokenreduce.apply(model, config)
     dims = tokenreduce.flops.model_dims(model)
     layers = len(config.reduce_layers(dims))
-    thresholds = ThresholdParameters({kind: [v] * layers for kind, v in config.train_init.items()})
+    if config.has_thresholds:  # warm start from the given thresholds (e.g. a threshold file)
+        start = {kind: list(values) for kind, values in config.threshold_vectors(dims).items()}
+    else:
+        start = {kind: [value] * layers for kind, value in config.train_init.items()}
+    thresholds = ThresholdParameters(start)
     model.add_module(TRAINABLE_ATTR, thresholds.to(device))
     groups = [
         {"params": [thresholds.values[kind]], "lr": rates[kind], "kind": kind}
@@ -170,6 +179,8 @@ def train_thresholds(
         start = time.perf_counter()
         for images, labels, indices, ok in loader:
             seen += indices.tolist()
+            for i in indices[~ok].tolist():
+                logger.warning("unreadable image skipped: %s", dataset.samples[i][0])
             images, labels = images[ok].to(device), labels[ok].to(device)
             if len(images) == 0:
                 continue

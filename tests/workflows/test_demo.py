@@ -96,7 +96,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
         )
     out = tmp_path / "demo"
     result = run_cli(
-        *["demo", "-m", "test_vit", "--random-weights", "--quick", "--out-dir", str(out)],
+        *["demo", "-m", "test_vit", "--weights", "random", "--quick", "--out-dir", str(out)],
         *["--images", *map(str, photos[:2])],
         timeout=300,
     )
@@ -116,7 +116,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
 def test_demo_rejects_bad_options(tmp_path):
     from tokenreduce.cli import main
 
-    assert main(["demo", "-m", "test_vit", "--random-weights", "--gmacs-ratio", "2"]) == 2
-    assert main(["demo", "-m", "test_vit", "--random-weights", "--method", "nope"]) == 2
+    assert main(["demo", "-m", "test_vit", "--weights", "random", "--gmacs-ratio", "2"]) == 2
+    assert main(["demo", "-m", "test_vit", "--weights", "random", "--method", "nope"]) == 2
     missing = str(tmp_path / "nope.jpg")
-    assert main(["demo", "-m", "test_vit", "--random-weights", "--images", missing]) == 2
+    assert main(["demo", "-m", "test_vit", "--weights", "random", "--images", missing]) == 2

@@ -69,7 +69,7 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
 @pytest.mark.parametrize("spec", ["tome:r=2", "asvit:thresholds=1.0,fuse=True"])
 def test_train_cli_rejects_bad_options(tmp_path, spec):
     root = make_image_folder(tmp_path / "train", per_class=1)
-    args = ["train", str(root), *MODEL, "--random-weights", "--method", spec, "--target", "0.5"]
+    args = ["train", str(root), *MODEL, "--weights", "random", "--method", spec, "--target", "0.5"]
     args += ["--out", str(tmp_path / "t.safetensors"), "-b", "2", "-j", "0", "--no-progress"]
     result = run_cli(*args)
     assert result.returncode == 2

@@ -121,7 +121,7 @@ def test_cli_errors_are_clear(args, message, image_folder, tmp_path):
         "mixed_map": str(mixed_map),
         "image": str(image_folder / "cat" / "0.png"),
     }
-    argv = [a.format(**values) for a in args] + ["-m", "test_vit", "--random-weights"]
+    argv = [a.format(**values) for a in args] + ["-m", "test_vit", "--weights", "random"]
     result = run_cli(*argv)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
@@ -150,7 +150,7 @@ def test_compare_cli_writes_rows_and_plots(image_folder, tiny_checkpoint, tmp_pa
 def test_compare_without_data_has_no_accuracy_plot(tmp_path):
     out = tmp_path / "compare"
     result = run_cli(
-        "compare", "-m", "test_vit", "--random-weights", "--method", "topk",
+        "compare", "-m", "test_vit", "--weights", "random", "--method", "topk",
         "--bench-batch-size", "1", "--num-warm-iter", "0", "--num-bench-iter", "1",
         "--out-dir", str(out), "--results-format", "json",
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_viz_cli_one_png_per_method(image_folder, tmp_path):
     images = [str(image_folder / "cat" / "0.png"), str(image_folder / "fish" / "1.png")]
     out = tmp_path / "maps.png"
     result = run_cli(
-        "viz", "-m", "test_vit", "--random-weights", "--method", "tome:r=4",
+        "viz", "-m", "test_vit", "--weights", "random", "--method", "tome:r=4",
         "--method", "ppt:r=10", "--method", "evit", "--image", *images, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

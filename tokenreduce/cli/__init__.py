@@ -19,6 +19,23 @@ from tokenreduce.errors import TokenReduceError
 COMMANDS = (demo, bench, evaluate, compare, train, viz)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Progress lines to whatever sys.stderr is when they are logged (main() may run again
+    with another stderr, e.g. under a test's capture)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+_PROGRESS = _StderrHandler()
+_PROGRESS.setFormatter(logging.Formatter("%(message)s"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenreduce", description="Token pruning and merging for pretrained ViTs."
@@ -26,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(commands)
+    for sub in commands.choices.values():  # every option's default in --help
+        sub.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = logging.getLogger("tokenreduce")
-    if not log.handlers:  # progress lines of our own modules only, on stderr
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    if _PROGRESS not in log.handlers:  # progress lines of our own modules only
+        log.addHandler(_PROGRESS)
         log.setLevel(logging.INFO)
     try:
         args.run(args)

@@ -10,7 +10,10 @@ from tokenreduce import bench, data
 from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
-COLUMNS = "method options batch_size gmacs ideal_speedup measured_speedup dense_ms method_ms"
+COLUMNS = (
+    "method options batch_size gmacs ideal_speedup measured_speedup dense_ms method_ms "
+    "dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"
+)
 """The table's columns on stdout (the results file has every field)."""
 
 
@@ -19,7 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "bench", help="GMACs and measured speedup of methods over the dense model"
     )
     shared.add_model_args(parser, "deit_small_patch16_224", random_by_default=True)
-    parser.add_argument("-b", "--batch-size", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "-b", "--batch-size", type=int, nargs="+", default=[1, 32], help="batch sizes to time"
+    )
     parser.add_argument(
         "--method",
         action="append",
@@ -28,7 +33,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     shared.add_amp_args(parser)
     shared.add_timing_args(parser, warm=5, bench=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
+    )
     shared.add_results_args(parser)
     parser.add_argument(
         "--data",
@@ -45,6 +54,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_timing(args)
+    shared.check_device("--device", args.device)
+    shared.check_output_file("--results-file", args.results_file)
     methods = [parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
     model = shared.load_model(args)
     images = None

@@ -13,7 +13,10 @@ from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_confi
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
-COLUMNS = "method options gmacs ideal_speedup measured_speedup top1 top1_drop agreement"
+COLUMNS = (
+    "method options gmacs ideal_speedup measured_speedup dense_spread noisy "
+    "top1 top1_drop agreement"
+)
 """The table's columns on stdout (the results file has every field)."""
 
 
@@ -36,14 +39,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bench-batch-size", type=int, default=8, help="batch for the timing")
     shared.add_timing_args(parser, warm=2, bench=10)
-    parser.add_argument("--out-dir", default="tokenreduce-compare")
-    parser.add_argument("--results-format", default="csv", choices=shared.RESULTS_FORMATS)
+    parser.add_argument(
+        "--out-dir", default="tokenreduce-compare", help="where the results and plots go"
+    )
+    shared.add_results_format(parser, "csv")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[CompareRow]:
     shared.check_timing(args)
     shared.check_at_least(args, {"bench_batch_size": 1})
+    shared.check_output_dir("--out-dir", args.out_dir)
     configs = sweep_configs(args.method) + [
         make_config(name, **options) for name, options in map(parse_method, args.config)
     ]
@@ -53,7 +59,8 @@ def run(args: argparse.Namespace) -> list[CompareRow]:
         picks = [i % len(dataset) for i in range(args.bench_batch_size)]
         timing = torch.stack([dataset[i][0] for i in picks])
     else:
-        timing = torch.randn(args.bench_batch_size, 3, *model.patch_embed.img_size)
+        size = tokenreduce.flops.model_dims(model).input_size
+        timing = torch.randn(args.bench_batch_size, 3, *size)
     shared.logger.info(
         "compare: %s (%s), %d configurations, %d threads",
         args.model,

@@ -13,8 +13,8 @@ from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
 COLUMNS = (
-    "method options gmacs gmacs_ratio "
-    "ideal_speedup measured_speedup feature_cosine min_feature_cosine"
+    "method options gmacs gmacs_ratio ideal_speedup measured_speedup dense_spread noisy "
+    "feature_cosine min_feature_cosine"
 )
 """The table's columns on stdout (the results file has every field)."""
 
@@ -30,7 +30,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     shared.add_model_args(parser, shared.DEMO_MODEL)
     parser.add_argument("--gmacs-ratio", type=float, default=0.65, help="target fraction of dense")
     parser.add_argument(
-        "--method", action="append", default=None, help="method name, repeatable; default: all"
+        "--method",
+        action="append",
+        default=None,
+        help="NAME[:opt=value,...], repeatable; its strength option is matched to --gmacs-ratio, "
+        "the other options stay as given; default: every method",
     )
     parser.add_argument(
         "--images",
@@ -48,16 +52,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     shared.add_timing_args(parser, warm=3, bench=10)
     parser.add_argument("--quick", action="store_true", help="2 photos, 1 timing iteration (tests)")
     parser.add_argument("--out-dir", default="tokenreduce-demo", help="where PNGs and results go")
-    parser.add_argument("--results-format", default="csv", choices=shared.RESULTS_FORMATS)
+    shared.add_results_format(parser, "csv")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[demo.DemoRow]:
     shared.check_timing(args)
+    shared.check_output_dir("--out-dir", args.out_dir)
     shared.check_ratio(args.gmacs_ratio)
-    methods = args.method or tokenreduce.methods()
-    for name in methods:
-        parse_method(name)
+    methods = [parse_method(spec) for spec in (args.method or tokenreduce.methods())]
     if args.quick:
         args.num_warm_iter, args.num_bench_iter = 1, 1
     photos = [Path(p) for p in args.images] if args.images else data.packaged_photos()

@@ -9,8 +9,9 @@ import torch
 from tokenreduce import calibrate, distributed
 from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
-from tokenreduce.methods.base import make_config
-from tokenreduce.options import parse_method
+from tokenreduce.methods.base import MethodConfig, make_config
+from tokenreduce.methods.learned import LearnedConfig
+from tokenreduce.options import format_spec, parse_method
 
 COLUMNS = "method options top1 top5 top1_drop agreement gmacs_mean gmacs_min gmacs_max gmacs_ratio"
 """The table's columns on stdout (the results file has every field)."""
@@ -39,15 +40,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="set each method's strength to this fraction of dense GMACs (matched on the "
         "first --calib-images images) instead of its given value",
     )
-    parser.add_argument("--calib-images", type=int, default=32)
+    parser.add_argument(
+        "--calib-images", type=int, default=32, help="images --gmacs-ratio is matched on"
+    )
     shared.add_amp_args(parser)
     shared.add_results_args(parser)
     parser.set_defaults(run=run)
 
 
+def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> list[str]:
+    """What of the given options GMACs matching overwrites: the strength option, and for a
+    threshold file the per-layer values it held of that kind."""
+    strength = type(config).strength
+    if strength is None:
+        return []
+    replaced = [strength.option] if strength.option in options else []
+    if isinstance(config, LearnedConfig) and config.trained_for is not None:
+        replaced.append(f"the per-layer {strength.option} of its threshold file")
+    return replaced
+
+
 def run(args: argparse.Namespace) -> EvalResult:
     shared.check_ratio(args.gmacs_ratio)
     shared.check_at_least(args, {"calib_images": 1})
+    shared.check_output_file("--results-file", args.results_file)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
     model = shared.load_model(args)
@@ -56,6 +72,15 @@ def run(args: argparse.Namespace) -> EvalResult:
     if args.gmacs_ratio is not None:
         count = min(args.calib_images, len(dataset))
         images = torch.stack([dataset[i][0] for i in range(count)])
+        for (name, options), config in zip(specs, configs, strict=True):
+            replaced = replaced_by_matching(config, options)
+            if replaced:
+                shared.logger.warning(
+                    "--gmacs-ratio %s replaces %s of --method %s by the value matched to the ratio",
+                    args.gmacs_ratio,
+                    " and ".join(replaced),
+                    format_spec(name, options),
+                )
         configs = [
             calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
             for config in configs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from tokenreduce import data, models
+from tokenreduce.bench import NOISY_SPREAD
 from tokenreduce.errors import InvalidOptionError
+from tokenreduce.patch import adapter_for
 from tokenreduce.report import format_table, write_results
 
 logger = logging.getLogger("tokenreduce.cli")
@@ -32,14 +35,19 @@ def add_model_args(
         "-m", "--model", default=default_model, help="timm model name (or an offline model)"
     )
     parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
-    if random_by_default:
-        parser.add_argument(
-            "--pretrained", action="store_true", help="timm hub weights (needs network)"
-        )
-    else:
-        parser.add_argument(
-            "--random-weights", action="store_true", help="random weights (speed only; tests)"
-        )
+    auto = (
+        "; auto: pretrained for an offline model or with --checkpoint, else random (speed does "
+        "not depend on the weights)"
+        if random_by_default
+        else ""
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "pretrained", "random") if random_by_default else ("pretrained", "random"),
+        default="auto" if random_by_default else "pretrained",
+        help="pretrained: --checkpoint, an offline model's, or timm hub weights (network); "
+        f"random: random initialisation{auto}",
+    )
     parser.add_argument("--img-size", type=int, default=None, help="input resolution")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
     parser.add_argument("--head", default=None, help="linear head file (weight, bias)")
@@ -48,14 +56,25 @@ def add_model_args(
 
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
     """Batching, loading and preprocessing of an ImageFolder."""
-    parser.add_argument("-b", "--batch-size", type=int, default=batch_size)
+    parser.add_argument(
+        "-b", "--batch-size", type=int, default=batch_size, help="images per forward pass"
+    )
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
     parser.add_argument(
         "--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]"
     )
-    parser.add_argument("--interpolation", default=None, choices=INTERPOLATIONS)
-    parser.add_argument("--mean", type=float, nargs=3, default=None)
-    parser.add_argument("--std", type=float, nargs=3, default=None)
+    parser.add_argument(
+        "--interpolation",
+        default=None,
+        choices=INTERPOLATIONS,
+        help="resize interpolation; default: the model's pretrained config",
+    )
+    parser.add_argument(
+        "--mean", type=float, nargs=3, default=None, help="normalisation mean; default: model's"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs=3, default=None, help="normalisation std; default: model's"
+    )
     parser.add_argument(
         "--num-samples", type=int, default=None, help="evenly spaced subset of the images"
     )
@@ -69,23 +88,39 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
 
 def add_amp_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="autocast mixed precision")
-    parser.add_argument("--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES))
+    parser.add_argument(
+        "--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES), help="dtype with --amp"
+    )
 
 
 def add_timing_args(parser: argparse.ArgumentParser, warm: int, bench: int) -> None:
-    parser.add_argument("--num-warm-iter", type=int, default=warm)
-    parser.add_argument("--num-bench-iter", type=int, default=bench)
+    parser.add_argument(
+        "--num-warm-iter", type=int, default=warm, help="untimed rounds before timing"
+    )
+    parser.add_argument(
+        "--num-bench-iter",
+        type=int,
+        default=bench,
+        help="timed rounds, each one dense then one reduced forward",
+    )
 
 
 def add_results_args(parser: argparse.ArgumentParser, fmt: str = "json") -> None:
-    parser.add_argument("--results-file", default=None)
-    parser.add_argument("--results-format", default=fmt, choices=RESULTS_FORMATS)
+    parser.add_argument("--results-file", default=None, help="write every result field here")
+    add_results_format(parser, fmt)
+
+
+def add_results_format(parser: argparse.ArgumentParser, fmt: str) -> None:
+    parser.add_argument(
+        "--results-format", default=fmt, choices=RESULTS_FORMATS, help="format of the results file"
+    )
 
 
 def real_weights(args: argparse.Namespace) -> bool:
-    if hasattr(args, "pretrained"):
-        return args.pretrained or args.model in models.OFFLINE_SOURCES
-    return not args.random_weights
+    """Whether --weights (or the command's default) asks for real weights."""
+    if args.weights == "auto":
+        return args.checkpoint is not None or args.model in models.OFFLINE_SOURCES
+    return args.weights == "pretrained"
 
 
 def weights_label(args: argparse.Namespace) -> str:
@@ -93,7 +128,13 @@ def weights_label(args: argparse.Namespace) -> str:
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
-    check_at_least(args, {"threads": 1})
+    """The model of the model options, checked to be one tokenreduce supports."""
+    check_at_least(args, {"threads": 1, "img_size": 1, "num_classes": 0})
+    if args.weights == "random" and args.checkpoint:
+        raise InvalidOptionError(
+            f"--weights random with --checkpoint {args.checkpoint}: the checkpoint would replace "
+            "the random weights; accepted: one of the two"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = {
@@ -102,9 +143,60 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if v is not None
     }
     logger.info("loading %s ...", args.model)
-    return models.load(
+    model = models.load(
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
+    adapter_for(model)  # an unsupported model is refused before any work
+    return model
+
+
+def check_device(option: str, device: str) -> None:
+    """A torch device string that names a device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise InvalidOptionError(
+            f"{option}={device!r} is not accepted; accepted: cpu, cuda, cuda:N ({err})"
+        ) from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(f"{option}={device!r} is not accepted: no CUDA GPU is available")
+    if parsed.type not in ("cpu", "cuda"):
+        raise InvalidOptionError(
+            f"{option}={device!r} is not accepted; accepted: cpu, cuda, cuda:N"
+        )
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_file(option: str, path: str | Path | None) -> None:
+    """A file path that can be written: not a folder, under a folder that exists or can be
+    made. Checked before any work, so that a long run does not end in an error."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidOptionError(f"{option}={path} is a folder; accepted: a file path")
+    _check_writable_parent(option, path)
+
+
+def check_output_dir(option: str, path: str | Path) -> None:
+    """A folder path that exists or can be made (not an existing file), checked before work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidOptionError(f"{option}={path} is an existing file; accepted: a folder path")
+    _check_writable_parent(option, path)
+
+
+def _check_writable_parent(option: str, path: Path) -> None:
+    base = _first_existing(path.parent if not path.is_dir() else path)
+    if not base.is_dir():
+        raise InvalidOptionError(f"{option}={path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK):
+        raise InvalidOptionError(f"{option}={path}: folder {base} is not writable")
 
 
 def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
@@ -162,6 +254,12 @@ def print_results(
     """The human table of `columns` (space-separated field names) on stdout; every field to
     `path` (CSV/JSON) when given."""
     print(format_table(rows, columns.split()))
+    noisy = [row for row in rows if row.get("noisy")]
+    if noisy:
+        print(
+            f"NOISY: {len(noisy)} of {len(rows)} timings had the dense model's own rounds spread "
+            f"more than {NOISY_SPREAD:.0%}; the machine was busy — re-run them on a quiet machine"
+        )
     if path:
         write_results(rows, path, fmt)
         print(f"results written to {path}")

@@ -32,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--target", type=float, required=True, help="target fraction of dense GMACs"
     )
     parser.add_argument("--out", required=True, help="threshold file to write (.safetensors)")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training images")
     parser.add_argument(
         "--lr",
         action="append",
@@ -41,10 +41,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "method's (ltmp merge_thresholds=5e-3, prune_thresholds=5e-6; asvit thresholds=1e-3)",
     )
     parser.add_argument("--reg-scale", type=float, default=10.0, help="budget loss weight")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
     parser.add_argument("--finetune", action="store_true", help="also train the backbone (AdamW)")
     parser.add_argument("--backbone-lr", type=float, default=None, help="default 1e-5 x batch/512")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data order and initialisation")
     parser.set_defaults(run=run)
 
 
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> training.TrainResult:
             f"--method={args.method!r} is not accepted; accepted: {learned_method_names()}"
         )
     rates = learning_rates(args.lr)
+    shared.check_output_file("--out", args.out)
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .png path")
+    shared.check_output_file("--out", out)
     model = shared.load_model(args)
     images, display = data.load_images([Path(p) for p in args.image], model)
     written = []
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             viz.draw_token_maps(
                 display,
                 info,
-                tuple(model.patch_embed.grid_size),
+                tokenreduce.flops.model_dims(model).grid_size,
                 path,
                 title=f"{args.model}, {name} {describe_options(config)}: {report.mean:.2f} GMACs",
                 row_labels=[Path(p).name for p in args.image],

@@ -104,6 +104,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
         else:
             value = check_threshold_values(self.name, "thresholds", self.thresholds)
             object.__setattr__(self, "thresholds", value)
+        self.check_ranges()
         check_bool(self.name, "fuse", self.fuse)
         is_count = isinstance(self.min_keep, int) and not isinstance(self.min_keep, bool)
         if not is_count or self.min_keep < 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +24,7 @@ from tokenreduce.methods.base import (
     BlockRecord,
     MethodConfig,
     RecordT,
+    check_bool,
     check_layers_type,
     resolve_layers,
 )
@@ -62,6 +63,28 @@ def check_threshold_values(method: str, option: str, value: object) -> float | t
     raise InvalidOptionError(
         f"{method}: option {option}={value!r} is not accepted; accepted: a finite number (every "
         "reducing layer), a sequence or 1-d tensor with one per reducing layer"
+    )
+
+
+MODEL_FACTS = ("name", "depth", "embed_dim", "num_tokens")
+"""What a threshold file records of the model it was trained for, and `apply` checks."""
+
+
+def model_facts(dims: ModelDims) -> dict[str, str | int]:
+    """The facts of a model that a threshold file records (`MODEL_FACTS`)."""
+    return {
+        "name": dims.model_name,
+        "depth": dims.depth,
+        "embed_dim": dims.embed_dim,
+        "num_tokens": dims.num_tokens,
+    }
+
+
+def describe_facts(facts: dict[str, Any]) -> str:
+    name = facts.get("name") or "unnamed model"
+    return (
+        f"{name} (depth {facts.get('depth')}, width {facts.get('embed_dim')}, "
+        f"{facts.get('num_tokens')} tokens)"
     )
 
 
@@ -121,13 +144,14 @@ def write_threshold_file(
     options = {
         key: value
         for key, value in config.options().items()
-        if key not in config.kinds and key != "thresholds"
+        if key not in config.kinds and key not in ("thresholds", "transfer", "trained_for")
     }
     options["layers"] = list(config.reduce_layers(dims))
     header = {
         "format": THRESHOLD_FORMAT,
         "method": config.name,
         "options": json.dumps(options),
+        "model_facts": json.dumps(model_facts(dims)),
         **{key: json.dumps(value) for key, value in metadata.items()},
     }
     save_file(tensors, str(path), metadata=header)
@@ -183,10 +207,15 @@ class LearnedConfig(MethodConfig[RecordT]):
     tau: float = 0.1
     batching: str = "auto"
     max_tokens: int | None = None
+    transfer: bool = False
+    trained_for: str | None = field(default=None, repr=False, metadata={"internal": True})
+    """JSON of the threshold file's path and recorded model facts, set when thresholds come from
+    a file; `validate` refuses a model with other facts unless `transfer=True`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_layers_type(self.name, self.layers)
+        check_bool(self.name, "transfer", self.transfer)
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
             raise InvalidOptionError(
                 f"{self.name}: option tau={self.tau!r} is not accepted; accepted: a number > 0"
@@ -218,6 +247,8 @@ class LearnedConfig(MethodConfig[RecordT]):
         if isinstance(source, (str, Path)):
             vectors, metadata = read_threshold_file(source, self.name, self.kinds)
             updates: dict[str, Any] = dict(vectors)
+            facts = json.loads(metadata.get("model_facts", "{}"))
+            updates["trained_for"] = json.dumps({"file": str(source), **facts})
             layers = json.loads(metadata.get("options", "{}")).get("layers")
             if self.layers is None and layers is not None:
                 updates["layers"] = tuple(layers)
@@ -276,8 +307,52 @@ class LearnedConfig(MethodConfig[RecordT]):
         return vectors
 
     def validate(self, dims: ModelDims) -> None:
+        self.check_trained_for(dims)
         super().validate(dims)
         self.threshold_vectors(dims)
+
+    def check_trained_for(self, dims: ModelDims) -> None:
+        """A threshold file's recorded model facts against this model (first: a file for
+        another model fails every other check too, and this says why)."""
+        if self.trained_for is None or self.transfer:
+            return
+        recorded = json.loads(self.trained_for)
+        ours = model_facts(dims)
+        differ = [
+            key
+            for key in MODEL_FACTS
+            if recorded.get(key) not in (None, "")
+            and ours[key] not in (None, "")
+            and recorded[key] != ours[key]
+        ]
+        if differ:
+            raise InvalidOptionError(
+                f"{self.name}: threshold file {recorded['file']!r} was trained for "
+                f"{describe_facts(recorded)}, not for this model, {describe_facts(ours)} "
+                f"({', '.join(differ)} differ); accepted: a threshold file trained for this model, "
+                "or the option transfer=True to use it anyway"
+            )
+
+    @property
+    def has_thresholds(self) -> bool:
+        """Whether any threshold was given (a file, a tensor or values), not the defaults."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.kinds}
+        return any(getattr(self, kind) != defaults[kind] for kind in self.kinds)
+
+    def check_ranges(self) -> None:
+        """Thresholds inside the range training clamps them to (`clamp`)."""
+        low, high = self.clamp
+        for kind in self.kinds:
+            value = getattr(self, kind)
+            if value is None or isinstance(value, (str, Path, torch.Tensor)):
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v < low or (high is not None and v > high) for v in values):
+                bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise InvalidOptionError(
+                    f"{self.name}: option {kind}={value!r} is not accepted; accepted: values "
+                    f"in {bound} (the range training keeps them in)"
+                )
 
     def schedule(self, dims: ModelDims) -> list[Step | None]:
         layers = self.reduce_layers(dims)

@@ -134,6 +134,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
                 object.__setattr__(
                     self, kind, check_threshold_values(self.name, kind, getattr(self, kind))
                 )
+        self.check_ranges()
 
     @property
     def uses_prop_attn(self) -> bool:

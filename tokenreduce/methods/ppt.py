@@ -93,8 +93,16 @@ class PPTConfig(MethodConfig[PPTRecord]):
                 "ints >= 0, one per reducing layer"
             )
         check_layers_type(self.name, self.layers)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise InvalidOptionError(f"ppt: option threshold={self.threshold!r} must be a number")
+        threshold = self.threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or threshold != threshold
+        ):
+            raise InvalidOptionError(
+                f"ppt: option threshold={threshold!r} is not accepted; accepted: a number (inf: "
+                "always pool), not NaN"
+            )
         check_bool(self.name, "prop_attn", self.prop_attn)
 
     def _layer_r(self, dims: ModelDims) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -38,7 +38,7 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
         return Packing(keep[0].nonzero().view(1, -1), None, torch.zeros_like(kept))
     uniform = False
     if length is None:
-        counts = kept.tolist()
+        counts = kept.tolist() or [keep.shape[1]]  # an empty batch keeps its (empty) shape
         length, uniform = max(counts), min(counts) == max(counts)
     elif score is not None and length < keep.shape[1]:
         ranked = score.masked_fill(~keep, -torch.inf).argsort(dim=1, descending=True, stable=True)

@@ -40,6 +40,13 @@ ADAPTER_ATTR = "_tokenreduce"
 """Name of the model attribute that holds the attached adapter."""
 
 
+def _model_name(model: nn.Module) -> str:
+    """timm's name of the model: architecture.tag from its pretrained config ("" if none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or ""
+    return f"{name}.{cfg['tag']}" if name and cfg.get("tag") else name
+
+
 def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
@@ -246,6 +253,9 @@ class TimmAdapter:
             mlp_macs_per_token=_linear_macs(model.blocks[0].mlp),
             patch_embed_macs=num_patches * patch_macs,
             head_macs=head_macs,
+            model_name=_model_name(model),
+            input_size=tuple(model.patch_embed.img_size),
+            grid_size=tuple(model.patch_embed.grid_size),
             **pool_kwargs,
         )
 
@@ -358,6 +368,16 @@ class TimmAdapter:
         return mean
 
 
+def restore_reduced(
+    cls: type[VisionTransformer], state: dict[str, Any], config: MethodConfig
+) -> VisionTransformer:
+    """A pickled reduced model: the original model of class `cls`, `config` applied again."""
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    TimmAdapter(model, config).attach(model)
+    return model
+
+
 _REDUCING_CLASSES: dict[type, type] = {}
 
 
@@ -397,6 +417,13 @@ def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
         pooled = getattr(self, TimmAdapter.ATTR).weighted_pool(self, x, pool_type)
         return cls.pool(self, x, pool_type) if pooled is None else pooled
 
+    def __reduce_ex__(self: VisionTransformer, protocol: int) -> tuple:
+        # the reducing class is made at run time, so pickle (torch.save, deepcopy) stores the
+        # original model and the config, and re-applies the reduction when it loads them
+        adapter = getattr(self, ADAPTER_ATTR)
+        state = {k: v for k, v in self.__dict__.items() if k != ADAPTER_ATTR}
+        return (restore_reduced, (adapter.original_class, state, adapter.config))
+
     def forward_intermediates(self: VisionTransformer, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
             "forward_intermediates is not available on a model with token reduction (token counts "
@@ -410,6 +437,7 @@ def _reducing_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
             "forward_features": forward_features,
             "pool": pool,
             "forward_intermediates": forward_intermediates,
+            "__reduce_ex__": __reduce_ex__,
             "__module__": __name__,
         },
     )
