@@ -107,7 +107,31 @@ def test_gmacs_ratio_says_what_it_replaces(paths, caplog):
     caplog.set_level(logging.WARNING, logger="tokenreduce")
     argv = ["eval", paths["data"], *TINY, "--method", "tome:r=3", "--gmacs-ratio", "0.8"]
     assert main([*argv, "-j", "0", "--no-progress"]) == 0
-    assert "--gmacs-ratio 0.8 replaces r of --method tome:r=3" in caplog.text
+    assert "--gmacs-ratio 0.8 replaces r (--method tome:r=3)" in caplog.text
+
+
+def test_gmacs_ratio_says_it_replaces_a_threshold_file(paths, tmp_path, caplog):
+    model = tokenreduce.models.load("test_vit", pretrained=False)
+    config = make_config("asvit", thresholds=(0.5, 0.6, 0.7))
+    path = write_threshold_file(tmp_path / "t.safetensors", config, flops.model_dims(model), {})
+    caplog.set_level(logging.WARNING, logger="tokenreduce")
+    argv = ["eval", paths["data"], *TINY, "--method", f"asvit:thresholds={path}"]
+    assert main([*argv, "--gmacs-ratio", "0.8", "-j", "0", "--no-progress"]) == 0
+    assert f"replaces the per-layer thresholds read from threshold file {path}" in caplog.text
+
+
+def test_demo_takes_method_options_and_bench_prints_no_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", *TINY, "--quick", "--method", "tome:prop_attn=False", "--out-dir", str(out)]
+    assert main(argv) == 0
+    rows = (out / "demo_results.csv").read_text()
+    assert "prop_attn=False" in rows and "r=" in rows  # the option kept, the strength matched
+    capsys.readouterr()
+    argv = ["bench", *TINY, "-b", "1", "--num-warm-iter", "0", "--num-bench-iter", "1"]
+    assert main([*argv, "--method", "tome:r=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["method", "options"]
+    assert not any(line.lstrip().startswith("{") for line in lines)
 
 
 def test_viz_preprocesses_at_the_model_img_size(paths, tmp_path):

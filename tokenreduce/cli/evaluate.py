@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -54,10 +55,10 @@ def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> li
     strength = type(config).strength
     if strength is None:
         return []
-    replaced = [strength.option] if strength.option in options else []
     if isinstance(config, LearnedConfig) and config.trained_for is not None:
-        replaced.append(f"the per-layer {strength.option} of its threshold file")
-    return replaced
+        source = json.loads(config.trained_for)["file"]
+        return [f"the per-layer {strength.option} read from threshold file {source}"]
+    return [strength.option] if strength.option in options else []
 
 
 def run(args: argparse.Namespace) -> EvalResult:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> EvalResult:
             replaced = replaced_by_matching(config, options)
             if replaced:
                 shared.logger.warning(
-                    "--gmacs-ratio %s replaces %s of --method %s by the value matched to the ratio",
+                    "--gmacs-ratio %s replaces %s (--method %s) by one value matched to the ratio",
                     args.gmacs_ratio,
                     " and ".join(replaced),
                     format_spec(name, options),
