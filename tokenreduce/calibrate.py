@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.errors import InvalidOptionError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.patch import attached_adapter
 
@@ -58,6 +58,23 @@ def match_gmacs(
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise InvalidOptionError(f"ratio={ratio!r} is not accepted; accepted: a number in (0, 1]")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        raise InvalidTypeError(
+            "images must be a tensor [B, 3, H, W] with at least one image, got "
+            + (
+                f"shape {tuple(images.shape)}"
+                if isinstance(images, torch.Tensor)
+                else type(images).__name__
+            )
+        )
+    size = tokenreduce.flops.model_dims(model).input_size
+    if tuple(images.shape[-2:]) != size:
+        raise InvalidOptionError(
+            f"images of {tuple(images.shape[-2:])} pixels do not fit the model's {size}; accepted: "
+            "images preprocessed for this model (tokenreduce.data.eval_transform)"
+        )
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise InvalidOptionError(f"tolerance={tolerance!r} is not accepted; accepted: (0, 1)")
     base = make_config(method, **options)
     strength = type(base).strength
     if strength is None:

@@ -52,6 +52,11 @@ def sweep_configs(methods: Sequence[str] | None = None) -> list[MethodConfig]:
     names = list(methods) if methods else method_names()
     configs = []
     for name in names:
+        if ":" in name:
+            raise InvalidOptionError(
+                f"--method {name!r} is not accepted: compare's --method takes a method name and "
+                "sweeps its grid; give one configuration with --config NAME:opt=value"
+            )
         cls = type(make_config(name))
         if not cls.sweep:
             raise InvalidOptionError(

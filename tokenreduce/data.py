@@ -15,7 +15,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset
 
-from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
 from tokenreduce.flops import model_dims
 
 # Real photographs inside the scikit-image and matplotlib wheels (licences: skimage.data
@@ -51,6 +51,8 @@ def packaged_photos() -> list[Path]:
 def open_rgb(path: str | Path) -> Image.Image:
     """An image file as RGB; a missing or unreadable file is reported by name."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidOptionError(f"image file {path} is a folder; accepted: an image file")
     if not path.is_file():
         raise MissingFileError(f"image file not found: {path}")
     try:
@@ -89,6 +91,10 @@ def read_class_map(path: str | Path) -> list[str]:
     """Class names in label order from a .txt file (one per line, as timm's --class-map) or a
     .json file (a list of names, or {name: index})."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidOptionError(
+            f"class map file {path} is a folder; accepted: a .txt or .json file"
+        )
     if not path.is_file():
         raise MissingFileError(f"class map file not found: {path}")
     try:
@@ -102,6 +108,9 @@ def read_class_map(path: str | Path) -> list[str]:
         raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
     if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
         raise InvalidOptionError(f"class map file {path} must list class names in label order")
+    repeated = sorted({name for name in loaded if loaded.count(name) > 1})
+    if repeated:
+        raise InvalidOptionError(f"class map file {path} names {repeated} more than once")
     return loaded
 
 
@@ -120,9 +129,21 @@ class ImageFolder(Dataset):
         num_samples: int | None = None,
         classes: Sequence[str] | None = None,
     ):
+        if not isinstance(root, (str, Path)):
+            raise InvalidTypeError(f"root must be a folder path, got {type(root).__name__}")
         root = Path(root)
+        if root.is_file():
+            raise InvalidOptionError(f"dataset folder {root} is a file; accepted: a folder")
         if not root.is_dir():
             raise MissingFileError(f"dataset folder not found: {root}")
+        if num_samples is not None and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+        ):
+            raise InvalidOptionError(
+                f"num_samples={num_samples!r} is not accepted; accepted: an int >= 1, or None"
+            )
+        if classes is not None and len(set(classes)) != len(classes):
+            raise InvalidOptionError("classes names a class more than once")
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not folders:
             raise InvalidOptionError(

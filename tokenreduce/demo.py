@@ -20,7 +20,8 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench, calibrate, data, viz
-from tokenreduce.options import MethodSpec, describe_options
+from tokenreduce.methods.base import make_config
+from tokenreduce.options import MethodSpec, describe_options, unique_labels
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def run_demo(
     labels = [Path(p).stem for p in photos]
     rows = []
     specs = [(m, {}) if isinstance(m, str) else m for m in methods]
+    map_names = unique_labels([name for name, _ in specs])
     for step, (name, given) in enumerate(specs, start=1):
         logger.info(
             "[%d/%d] %s: matching %.0f%% of dense GMACs ...",
@@ -87,6 +89,15 @@ def run_demo(
             name,
             gmacs_ratio * 100,
         )
+        strength = make_config(name).strength
+        if strength is not None and strength.option in given:
+            logger.warning(
+                "%s: the given %s=%r is replaced by the value matched to %.0f%% of dense GMACs",
+                name,
+                strength.option,
+                given[strength.option],
+                gmacs_ratio * 100,
+            )
         matched = calibrate.match_gmacs(model, name, gmacs_ratio, images, **given)
         options = describe_options(matched.config)
         reduced = tokenreduce.apply(copy.deepcopy(model), matched.config, trace_source=True)
@@ -98,7 +109,7 @@ def run_demo(
             display,
             info,
             grid,
-            out_dir / f"token_maps_{name}.png",
+            out_dir / f"token_maps_{map_names[step - 1]}.png",
             title=f"{name} {options}: {report.mean:.2f} GMACs "
             f"({report.mean / dense_gmacs:.0%} of dense)",
             row_labels=labels,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tokenreduce.errors import InvalidTypeError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.patch import adapter_for
 from tokenreduce.state import ModelDims
@@ -80,6 +80,12 @@ def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
             f"got {type(info).__name__}"
         )
     dims = model_dims(model)
+    if info.tokens_in != dims.num_tokens or info.tokens_per_block.shape[1] != dims.depth:
+        raise InvalidOptionError(
+            f"info describes a forward of {info.tokens_in} tokens through "
+            f"{info.tokens_per_block.shape[1]} blocks, not this model ({dims.num_tokens} tokens, "
+            f"{dims.depth} blocks); accepted: tokenreduce.last_info(model) of the same model"
+        )
     counts = info.tokens_per_block
     macs = network_macs(dims, info.tokens_in, counts)
     overhead = torch.zeros_like(macs)

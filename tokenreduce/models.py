@@ -28,10 +28,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (library messages can run to pages)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch checkpoint (optionally under
     'state_dict' / 'model'); errors name the file as `what` ("checkpoint", "head file")."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidOptionError(f"{what} {path} is a folder; accepted: a .safetensors/.pth file")
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
@@ -41,13 +49,13 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
             return load_file(path)
         except Exception as err:
             raise InvalidOptionError(
-                f"{what} {path} is not a readable safetensors file: {err}"
+                f"{what} {path} is not a readable safetensors file: {first_line(err)}"
             ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise InvalidOptionError(
-            f"{what} {path} is not a readable torch checkpoint: {err}"
+            f"{what} {path} is not a torch checkpoint (.pth) or safetensors file: {first_line(err)}"
         ) from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -61,7 +69,11 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, na
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise InvalidOptionError(f"{what} does not fit model {name}: {err}") from err
+        details = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+        raise InvalidOptionError(
+            f"{what} does not fit model {name} (a classifier of another size needs "
+            f"--num-classes / num_classes): {details}"
+        ) from err
 
 
 def load_head(model: nn.Module, path: str | Path) -> None:

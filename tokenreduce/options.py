@@ -28,6 +28,8 @@ def parse_method(spec: str) -> MethodSpec:
         key, sep, value = item.partition("=")
         if not sep:
             raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")
+        if key.strip() in options:
+            raise InvalidOptionError(f"method option {key.strip()!r} is given twice in {spec!r}")
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -48,6 +50,13 @@ def _split_top_level(text: str) -> list[str]:
         else:
             current += char
     return parts + [current]
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """File labels for a list of method names: the name, numbered where a name repeats."""
+    return [
+        f"{n}{names[:k].count(n) + 1}" if names.count(n) > 1 else n for k, n in enumerate(names)
+    ]
 
 
 def format_spec(name: str, options: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,3 +38,56 @@ def write_results(rows: Sequence[dict[str, Any]], path: str | Path, fmt: str) ->
         raise InvalidOptionError(
             f"--results-format={fmt!r} is not accepted; accepted: 'csv', 'json'"
         )
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_file(option: str, path: str | Path | None) -> None:
+    """A file path that can be written: not a folder, under a folder that exists or can be
+    made. Checked before any work, so that a long run does not end in an error."""
+    if path is None:
+        return
+    if str(path) == "":
+        raise InvalidOptionError(f"{option} is an empty path; accepted: a file path")
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidOptionError(f"{option}={path} is a folder; accepted: a file path")
+    _check_writable_parent(option, path)
+    existed = path.exists()
+    try:  # really open it: permission bits do not tell (root, read-only or virtual file systems)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):
+            pass
+    except OSError as err:
+        raise InvalidOptionError(f"{option}={path} cannot be written: {err}") from err
+    if not existed:
+        path.unlink(missing_ok=True)  # under torchrun another rank may have removed it
+
+
+def check_output_dir(option: str, path: str | Path) -> None:
+    """A folder path that exists or can be made (not an existing file), checked before work."""
+    if str(path) == "":
+        raise InvalidOptionError(f"{option} is an empty path; accepted: a folder path")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidOptionError(f"{option}={path} is an existing file; accepted: a folder path")
+    _check_writable_parent(option, path)
+    probe = path / f".tokenreduce-write-test-{os.getpid()}"
+    try:  # the folder is made now, as the command would make it; a file in it must be writable
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise InvalidOptionError(f"{option}={path} cannot be written: {err}") from err
+
+
+def _check_writable_parent(option: str, path: Path) -> None:
+    base = _first_existing(path.parent if not path.is_dir() else path)
+    if not base.is_dir():
+        raise InvalidOptionError(f"{option}={path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK):
+        raise InvalidOptionError(f"{option}={path}: folder {base} is not writable")

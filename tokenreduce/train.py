@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import tokenreduce
 from tokenreduce import distributed
 from tokenreduce.data import ImageFolder
-from tokenreduce.errors import InvalidOptionError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
 from tokenreduce.patch.timm import TRAINABLE_ATTR
+from tokenreduce.report import check_output_file
 from tokenreduce.runtime import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,18 @@ def train_thresholds(
             f"{learned_method_names()}"
         )
     _check_number("target_ratio", target_ratio, 0.0, 1.0)
+    if target_ratio == 0:
+        raise InvalidOptionError("train: option target_ratio=0 is not accepted; accepted: (0, 1]")
+    for option, value, low in (("workers", workers, 0), ("gmacs_images", gmacs_images, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidOptionError(
+                f"train: option {option}={value!r} is not accepted; accepted: an int >= {low}"
+            )
+    if not isinstance(dataset, ImageFolder):
+        raise InvalidTypeError(
+            f"train: dataset must be a tokenreduce.data.ImageFolder, got {type(dataset).__name__}"
+        )
+    check_output_file("out", out)
     _check_number("reg_scale", reg_scale, 0.0, None)
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     if backbone_lr is not None:

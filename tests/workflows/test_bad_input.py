@@ -39,6 +39,10 @@ def paths(tmp_path) -> dict[str, str]:
     truncated = tmp_path / "truncated.safetensors"
     save_file({"weight": torch.zeros(3, 192), "bias": torch.zeros(3)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:40])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    dup_map = tmp_path / "classes.txt"
+    dup_map.write_text("cat\ncat\ndog\n")
     bad_bias = tmp_path / "bad_bias.safetensors"
     save_file({"weight": torch.zeros(3, 192), "bias": torch.zeros(5)}, bad_bias)
     return {
@@ -50,6 +54,8 @@ def paths(tmp_path) -> dict[str, str]:
         "truncated": str(truncated),
         "bad_bias": str(bad_bias),
         "learned": str(LEARNED_FILE),
+        "text": str(text),
+        "dup_map": str(dup_map),
     }
 
 
@@ -76,9 +82,24 @@ CLI_CASES = [
     ),
     (["eval", "{missing}", *TINY], "dataset folder not found"),
     (["eval", "{data}", *TINY, "--gmacs-ratio", "0.01", "-j", "0"], "cannot be reached by tome"),
+    (["bench", *TINY, "--checkpoint", "{file}"], "one of the two"),
+    (["bench", *TINY, "--results-file", "/proc/tokenreduce.csv"], "cannot be written"),
+    (["compare", *TINY, "--out-dir", ""], "--out-dir is an empty path"),
+    (["bench", *TINY, "--img-size", "100"], "a multiple of its patch size 16"),
+    (["bench", *TINY, "--method", "ltmp:trained_for=x"], "option 'trained_for' is not an option"),
+    (["bench", *TINY, "--method", "tome:r=2,r=5"], "method option 'r' is given twice"),
+    (["eval", "{data}", *TINY, "--std", "0", "0", "0"], "--std 0.0 0.0 0.0 is not accepted"),
+    (["eval", "{data}", *TINY, "--mean", "nan", "0", "0"], "--mean nan 0.0 0.0 is not accepted"),
+    (["bench", "-m", "test_vit", "--checkpoint", "{text}"], "is not a torch checkpoint"),
+    (["bench", "-m", "test_vit", "--checkpoint", "{dir}"], "is a folder"),
+    (["eval", "{data}", *TINY, "--head", "{bad_bias}", "--num-classes", "5"], "sets the classes"),
+    (["eval", "{file}", *TINY], "is a file; accepted: a folder"),
+    (["eval", "{data}", *TINY, "--class-map", "{dup_map}"], "names ['cat'] more than once"),
+    (["compare", *TINY, "--method", "tome:r=4"], "give one configuration with --config"),
     (
-        ["bench", "-m", "test_vit", "--weights", "random", "--checkpoint", "{file}"],
-        "one of the two",
+        ["train", "{data}", *TINY, "--method", "asvit", "--target", "0"]
+        + ["--out", "{dir}/t.safetensors"],
+        "target_ratio=0 is not accepted",
     ),
     (
         ["eval", "{data}", *TINY, "--method", "ltmp:thresholds={learned}", "-j", "0"],
@@ -136,7 +157,8 @@ def test_demo_takes_method_options_and_bench_prints_no_json(tmp_path, capsys):
 
 def test_viz_preprocesses_at_the_model_img_size(paths, tmp_path):
     out = tmp_path / "maps.png"
-    argv = ["viz", *TINY, "--img-size", "96", "--method", "tome:r=2", "--image", paths["image"]]
+    argv = ["viz", *TINY, "--img-size", "96", "--method", "tome:r=2,trace_source=False"]
+    argv += ["--image", paths["image"]]
     assert main([*argv, "--out", str(out)]) == 0
     assert out.is_file()
 
@@ -240,6 +262,24 @@ def test_a_noisy_timing_is_flagged(capsys):
     rows = [{"method": "a", "noisy": quiet.noisy}, {"method": "b", "noisy": busy.noisy}]
     print_results(rows, "method noisy", None, "csv")
     assert "NOISY: 1 of 2 timings" in capsys.readouterr().out
+
+
+def test_api_checks_arguments_before_work(tmp_path):
+    model = tiny_vit()
+    root = make_image_folder(tmp_path / "images", 1)
+    with pytest.raises(InvalidOptionError, match="num_samples=0 is not accepted"):
+        ImageFolder(root, data.eval_transform(model)[0], num_samples=0)
+    with pytest.raises(InvalidTypeError, match="images must be a tensor"):
+        tokenreduce.calibrate.match_gmacs(model, "tome", 0.5, torch.randn(3, 224, 224))
+    with pytest.raises(InvalidOptionError, match="do not fit the model's"):
+        tokenreduce.calibrate.match_gmacs(model, "tome", 0.5, torch.randn(1, 3, 64, 64))
+    with pytest.raises(InvalidOptionError, match="tau=nan is not accepted"):
+        tokenreduce.apply(model, "ltmp", tau=math.nan)
+    other = tokenreduce.apply(peaky_vit(dtype=torch.float32), "tome")
+    with torch.no_grad():
+        other(torch.randn(1, 3, 64, 64))
+    with pytest.raises(InvalidOptionError, match="not this model"):
+        flops.gmacs(tokenreduce.apply(model, "tome"), tokenreduce.last_info(other))
 
 
 def test_user_errors_share_one_base():

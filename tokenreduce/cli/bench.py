@@ -6,8 +6,9 @@ import argparse
 
 import torch
 
-from tokenreduce import bench, data
+from tokenreduce import bench, data, report
 from tokenreduce.cli import shared
+from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
 COLUMNS = (
@@ -55,15 +56,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_timing(args)
     shared.check_device("--device", args.device)
-    shared.check_output_file("--results-file", args.results_file)
-    methods = [parse_method(spec) for spec in (args.method or bench.DEFAULT_METHODS)]
+    report.check_output_file("--results-file", args.results_file)
+    specs = args.method or bench.DEFAULT_METHODS
+    methods = [parse_method(spec) for spec in specs]
+    shared.warn_untrained([make_config(name, **options) for name, options in methods], specs)
     model = shared.load_model(args)
     images = None
     if args.data:
         shared.check_at_least(args, {"num_images": 1})
         transform, _ = data.eval_transform(model)
         folder = data.ImageFolder(args.data, transform, args.num_images)
-        images = torch.stack([folder[i][0] for i in range(len(folder))])
+        images = shared.readable_images(folder, range(len(folder)), "the timing")
     shared.logger.info(
         "benchmark: %s (%s), %s, %d threads",
         args.model,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import tokenreduce
+from tokenreduce import report
 from tokenreduce.cli import shared
 from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_configs
 from tokenreduce.methods.base import make_config
@@ -49,7 +50,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> list[CompareRow]:
     shared.check_timing(args)
     shared.check_at_least(args, {"bench_batch_size": 1})
-    shared.check_output_dir("--out-dir", args.out_dir)
+    report.check_output_dir("--out-dir", args.out_dir)
     configs = sweep_configs(args.method) + [
         make_config(name, **options) for name, options in map(parse_method, args.config)
     ]
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> list[CompareRow]:
     dataset = shared.image_folder(args, model, args.data) if args.data else None
     if dataset is not None:
         picks = [i % len(dataset) for i in range(args.bench_batch_size)]
-        timing = torch.stack([dataset[i][0] for i in picks])
+        timing = shared.readable_images(dataset, picks, "the timing batch")
     else:
         size = tokenreduce.flops.model_dims(model).input_size
         timing = torch.randn(args.bench_batch_size, 3, *size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce import data, demo
+from tokenreduce import data, demo, report
 from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
@@ -58,7 +58,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> list[demo.DemoRow]:
     shared.check_timing(args)
-    shared.check_output_dir("--out-dir", args.out_dir)
+    report.check_output_dir("--out-dir", args.out_dir)
     shared.check_ratio(args.gmacs_ratio)
     methods = [parse_method(spec) for spec in (args.method or tokenreduce.methods())]
     if args.quick:

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tokenreduce import calibrate, distributed
+from tokenreduce import calibrate, distributed, report
 from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.methods.base import MethodConfig, make_config
@@ -64,15 +64,17 @@ def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> li
 def run(args: argparse.Namespace) -> EvalResult:
     shared.check_ratio(args.gmacs_ratio)
     shared.check_at_least(args, {"calib_images": 1})
-    shared.check_output_file("--results-file", args.results_file)
+    report.check_output_file("--results-file", args.results_file)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)
     configs = [make_config(name, **options) for name, options in specs]
+    if args.gmacs_ratio is None:
+        shared.warn_untrained(configs, args.method or ["tome:r=13"])
     if args.gmacs_ratio is not None:
         count = min(args.calib_images, len(dataset))
-        images = torch.stack([dataset[i][0] for i in range(count)])
+        images = shared.readable_images(dataset, range(count), "--gmacs-ratio matching")
         for (name, options), config in zip(specs, configs, strict=True):
             replaced = replaced_by_matching(config, options)
             if replaced:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from torch import nn
 from tokenreduce import data, models
 from tokenreduce.bench import NOISY_SPREAD
 from tokenreduce.errors import InvalidOptionError
+from tokenreduce.flops import model_dims
+from tokenreduce.methods.learned import LearnedConfig
 from tokenreduce.patch import adapter_for
 from tokenreduce.report import format_table, write_results
 
@@ -130,6 +132,11 @@ def weights_label(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model of the model options, checked to be one tokenreduce supports."""
     check_at_least(args, {"threads": 1, "img_size": 1, "num_classes": 0})
+    if args.head and args.num_classes is not None:
+        raise InvalidOptionError(
+            f"--head {args.head} with --num-classes {args.num_classes}: the head file sets the "
+            "classes; accepted: one of the two"
+        )
     if args.weights == "random" and args.checkpoint:
         raise InvalidOptionError(
             f"--weights random with --checkpoint {args.checkpoint}: the checkpoint would replace "
@@ -147,6 +154,13 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
     adapter_for(model)  # an unsupported model is refused before any work
+    dims = model_dims(model)
+    patch = tuple(i // g for i, g in zip(dims.input_size, dims.grid_size, strict=True))
+    if args.img_size and any(args.img_size % p for p in patch):
+        raise InvalidOptionError(
+            f"--img-size={args.img_size} is not accepted for {args.model}; accepted: a multiple "
+            f"of its patch size {patch[0]}"
+        )
     return model
 
 
@@ -164,39 +178,6 @@ def check_device(option: str, device: str) -> None:
         raise InvalidOptionError(
             f"{option}={device!r} is not accepted; accepted: cpu, cuda, cuda:N"
         )
-
-
-def _first_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_output_file(option: str, path: str | Path | None) -> None:
-    """A file path that can be written: not a folder, under a folder that exists or can be
-    made. Checked before any work, so that a long run does not end in an error."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidOptionError(f"{option}={path} is a folder; accepted: a file path")
-    _check_writable_parent(option, path)
-
-
-def check_output_dir(option: str, path: str | Path) -> None:
-    """A folder path that exists or can be made (not an existing file), checked before work."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InvalidOptionError(f"{option}={path} is an existing file; accepted: a folder path")
-    _check_writable_parent(option, path)
-
-
-def _check_writable_parent(option: str, path: Path) -> None:
-    base = _first_existing(path.parent if not path.is_dir() else path)
-    if not base.is_dir():
-        raise InvalidOptionError(f"{option}={path}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK):
-        raise InvalidOptionError(f"{option}={path}: folder {base} is not writable")
 
 
 def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
@@ -224,6 +205,14 @@ def check_ratio(ratio: float | None) -> None:
 def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.ImageFolder:
     """The ImageFolder at `root`, preprocessed for `model` with the data options' overrides."""
     check_at_least(args, {"workers": 0, "num_samples": 1, "batch_size": 1})
+    for option, values, low in (("--mean", args.mean, None), ("--std", args.std, 0.0)):
+        if values is not None and not all(
+            math.isfinite(v) and (low is None or v > low) for v in values
+        ):
+            accepted = "finite numbers > 0" if low is not None else "finite numbers"
+            raise InvalidOptionError(
+                f"{option} {' '.join(map(str, values))} is not accepted; accepted: three {accepted}"
+            )
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise InvalidOptionError(
             f"--crop-pct={args.crop_pct} is not accepted; accepted: a number in (0, 1]"
@@ -246,6 +235,33 @@ def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.
         ", ".join(f"{k}={v}" for k, v in config.items()),
     )
     return dataset
+
+
+def readable_images(
+    dataset: data.ImageFolder, indices: Sequence[int], purpose: str
+) -> torch.Tensor:
+    """The images at `indices` stacked [K, 3, H, W]; unreadable ones are named and left out."""
+    items = [dataset[i] for i in indices]
+    for _, _, index, ok in items:
+        if not ok:
+            logger.warning(
+                "unreadable image left out of %s: %s", purpose, dataset.samples[index][0]
+            )
+    images = [image for image, _, _, ok in items if ok]
+    if not images:
+        raise InvalidOptionError(f"no readable image for {purpose} in {len(items)} tried")
+    return torch.stack(images)
+
+
+def warn_untrained(configs: Sequence[object], specs: Sequence[str]) -> None:
+    """A learned method given no thresholds runs as the dense model: say so."""
+    for config, spec in zip(configs, specs, strict=True):
+        if isinstance(config, LearnedConfig) and not config.has_thresholds:
+            logger.warning(
+                "--method %s has no thresholds (a thresholds=FILE from tokenreduce train, or "
+                "values): it keeps every token, the dense model's cost",
+                spec,
+            )
 
 
 def print_results(

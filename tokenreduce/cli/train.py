@@ -8,7 +8,7 @@ import json
 import torch
 
 import tokenreduce
-from tokenreduce import distributed
+from tokenreduce import distributed, report
 from tokenreduce import train as training
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> training.TrainResult:
             f"--method={args.method!r} is not accepted; accepted: {learned_method_names()}"
         )
     rates = learning_rates(args.lr)
-    shared.check_output_file("--out", args.out)
+    report.check_output_file("--out", args.out)
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)

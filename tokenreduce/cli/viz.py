@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce import data, viz
+from tokenreduce import data, report, viz
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
-from tokenreduce.options import describe_options, parse_method
+from tokenreduce.options import describe_options, parse_method, unique_labels
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,25 +40,26 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .png path")
-    shared.check_output_file("--out", out)
+    report.check_output_file("--out", out)
     model = shared.load_model(args)
     images, display = data.load_images([Path(p) for p in args.image], model)
     written = []
-    for name, options in specs:
-        config = make_config(name, **options, trace_source=True)
+    labels = unique_labels([name for name, _ in specs])
+    for k, (name, options) in enumerate(specs):
+        config = make_config(name, **{**options, "trace_source": True})
         reduced = tokenreduce.apply(copy.deepcopy(model), config)
         with torch.inference_mode():
             reduced(images)
         info = tokenreduce.last_info(reduced)
-        path = out if len(specs) == 1 else out.with_name(f"{out.stem}_{name}{out.suffix}")
-        report = tokenreduce.flops.gmacs(reduced, info)
+        path = out if len(specs) == 1 else out.with_name(f"{out.stem}_{labels[k]}{out.suffix}")
+        cost = tokenreduce.flops.gmacs(reduced, info)
         written.append(
             viz.draw_token_maps(
                 display,
                 info,
                 tokenreduce.flops.model_dims(model).grid_size,
                 path,
-                title=f"{args.model}, {name} {describe_options(config)}: {report.mean:.2f} GMACs",
+                title=f"{args.model}, {name} {describe_options(config)}: {cost.mean:.2f} GMACs",
                 row_labels=[Path(p).name for p in args.image],
                 max_columns=args.max_columns,
             )

@@ -169,7 +169,9 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
         raise InvalidTypeError(
             f"method must be a method name (str) or a MethodConfig, got {type(method).__name__}"
         )
-    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    accepted = [
+        f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")
+    ]
     for key in options:
         if key not in accepted:
             raise InvalidOptionError(

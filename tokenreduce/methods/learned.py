@@ -216,7 +216,9 @@ class LearnedConfig(MethodConfig[RecordT]):
         super().__post_init__()
         check_layers_type(self.name, self.layers)
         check_bool(self.name, "transfer", self.transfer)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
+        tau = self.tau
+        number = isinstance(tau, (int, float)) and not isinstance(tau, bool)
+        if not number or not math.isfinite(tau) or tau <= 0:
             raise InvalidOptionError(
                 f"{self.name}: option tau={self.tau!r} is not accepted; accepted: a number > 0"
             )
