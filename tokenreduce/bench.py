@@ -71,6 +71,41 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class SpeedRow:
+    """Cost and measured speed of one reduced model against the dense one (a table row)."""
+
+    method: str
+    options: str
+    gmacs: float
+    gmacs_ratio: float
+    ideal_speedup: float
+    measured_speedup: float
+    dense_spread: float
+    noisy: bool
+    batch_size: int
+
+    @staticmethod
+    def fields_of(
+        method: str, options: str, gmacs: float, dense_gmacs: float, timing: Timing, batch: int
+    ) -> dict[str, Any]:
+        """The row's fields from mean GMACs, the dense GMACs and a timing."""
+        return {
+            "method": method,
+            "options": options,
+            "gmacs": round(gmacs, 4),
+            "gmacs_ratio": round(gmacs / dense_gmacs, 4),
+            "ideal_speedup": round(dense_gmacs / gmacs, 3),
+            "measured_speedup": round(timing.speedup, 3),
+            "dense_spread": round(timing.dense_spread, 3),
+            "noisy": timing.noisy,
+            "batch_size": batch,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class BenchResult:
     model: str
     method: str

@@ -10,9 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,22 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CompareRow:
-    method: str
-    options: str
-    gmacs: float
-    gmacs_ratio: float
-    ideal_speedup: float
-    measured_speedup: float
-    dense_spread: float
-    noisy: bool
-    batch_size: int
+class CompareRow(bench.SpeedRow):
+    """Speed and cost, and accuracy when a dataset was given."""
+
     top1: float | None
     top1_drop: float | None
     agreement: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sweep_configs(methods: Sequence[str] | None = None) -> list[MethodConfig]:
@@ -96,15 +85,9 @@ def compare(
             gmacs = tokenreduce.flops.gmacs(reduced, tokenreduce.last_info(reduced)).mean
         accuracy = evaluation.methods[k] if evaluation is not None else None
         row = CompareRow(
-            method=config.name,
-            options=describe_options(config),
-            gmacs=round(gmacs, 4),
-            gmacs_ratio=round(gmacs / dense, 4),
-            ideal_speedup=round(dense / gmacs, 3),
-            measured_speedup=round(timing.speedup, 3),
-            dense_spread=round(timing.dense_spread, 3),
-            noisy=timing.noisy,
-            batch_size=len(timing_images),
+            **bench.SpeedRow.fields_of(
+                config.name, describe_options(config), gmacs, dense, timing, len(timing_images)
+            ),
             top1=accuracy.top1 if accuracy else None,
             top1_drop=accuracy.top1_drop if accuracy else None,
             agreement=accuracy.agreement if accuracy else None,

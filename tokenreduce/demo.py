@@ -10,9 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DemoRow:
-    method: str
-    options: str
-    gmacs: float
+class DemoRow(bench.SpeedRow):
+    """Speed and cost, and how close the pooled features stay to the dense model's."""
+
     dense_gmacs: float
-    gmacs_ratio: float
-    ideal_speedup: float
-    measured_speedup: float
-    dense_spread: float
-    noisy: bool
-    batch_size: int
     feature_cosine: float
     min_feature_cosine: float
     token_maps: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -118,16 +107,10 @@ def run_demo(
         tokenreduce.apply(reduced, matched.config)  # the same reduction, untraced, for timing
         timing = bench.measure_speedup(model, reduced, timing_batch, num_warm_iter, num_bench_iter)
         row = DemoRow(
-            method=name,
-            options=options,
-            gmacs=round(report.mean, 4),
+            **bench.SpeedRow.fields_of(
+                name, options, report.mean, dense_gmacs, timing, len(timing_batch)
+            ),
             dense_gmacs=round(dense_gmacs, 4),
-            gmacs_ratio=round(report.mean / dense_gmacs, 3),
-            ideal_speedup=round(dense_gmacs / report.mean, 3),
-            measured_speedup=round(timing.speedup, 3),
-            dense_spread=round(timing.dense_spread, 3),
-            noisy=timing.noisy,
-            batch_size=len(timing_batch),
             feature_cosine=round(float(cosine.mean()), 4),
             min_feature_cosine=round(float(cosine.min()), 4),
             token_maps=str(map_path),
