@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenreduce import imgfocus
-from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,6 +92,8 @@ def load_head(model: nn.Module, path: str | Path) -> None:
             f"{state['weight'].shape[0]} rows; accepted: a bias of shape "
             f"({state['weight'].shape[0]},)"
         )
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise InvalidOptionError(f"head file {path} holds NaN or infinite values")
     num_classes, width = state["weight"].shape
     if width != model.num_features:
         raise InvalidOptionError(
@@ -228,6 +230,15 @@ def load(
     benchmarks only). `head`: a linear-classifier file loaded into `model.head` afterwards.
     Extra kwargs go to `timm.create_model`.
     """
+    if not isinstance(name, str) or not name:
+        raise InvalidTypeError(f"name must be a model name (str), got {name!r}")
+    for option, value, low in (("img_size", img_size, 1), ("num_classes", num_classes, 0)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+        ):
+            raise InvalidOptionError(
+                f"{option}={value!r} is not accepted; accepted: an int >= {low}, or None"
+            )
     if img_size is not None:
         kwargs["img_size"] = img_size
     if num_classes is not None:

@@ -67,6 +67,8 @@ def _check_number(option: str, value: object, low: float, high: float | None) ->
 
 
 def _learning_rates(config: LearnedConfig, lr: Mapping[str, float] | None) -> dict[str, float]:
+    if lr is not None and not isinstance(lr, Mapping):
+        raise InvalidTypeError(f"train: lr must be a mapping {{kind: rate}}, got {lr!r}")
     rates = dict(type(config).train_lr)
     for kind, value in (lr or {}).items():
         if kind not in rates:
@@ -125,6 +127,15 @@ def train_thresholds(
             f"train: dataset must be a tokenreduce.data.ImageFolder, got {type(dataset).__name__}"
         )
     check_output_file("out", out)
+    if not isinstance(finetune, bool):
+        raise InvalidTypeError(f"train: option finetune={finetune!r} must be True or False")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidTypeError(f"train: option seed={seed!r} must be an int")
+    if backbone_lr is not None and not finetune:
+        raise InvalidOptionError(
+            "train: option backbone_lr is given but finetune=False (the backbone stays frozen); "
+            "accepted: backbone_lr with finetune=True"
+        )
     _check_number("reg_scale", reg_scale, 0.0, None)
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     if backbone_lr is not None:

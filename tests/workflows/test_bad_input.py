@@ -96,6 +96,20 @@ CLI_CASES = [
     (["eval", "{file}", *TINY], "is a file; accepted: a folder"),
     (["eval", "{data}", *TINY, "--class-map", "{dup_map}"], "names ['cat'] more than once"),
     (["compare", *TINY, "--method", "tome:r=4"], "give one configuration with --config"),
+    (["bench", *TINY, "--num-images", "8"], "--num-images=8 acts only with --data"),
+    (["eval", "{data}", *TINY, "--calib-images", "8"], "acts only with --gmacs-ratio"),
+    (["bench", *TINY, "--amp-dtype", "float16"], "--amp-dtype=float16 acts only with --amp"),
+    (["bench", *TINY, "--method", "asvit:thresholds=nan"], "thresholds='nan' is not accepted"),
+    (["bench", *TINY, "--method", "evit:layers=()"], "layers=() is not accepted"),
+    (
+        ["train", "{data}", *TINY, "--method", "asvit", "--target", "0.5"]
+        + ["--out", "{dir}/t.safetensors", "--backbone-lr", "0.1"],
+        "--backbone-lr=0.1 acts only with --finetune",
+    ),
+    (
+        ["train", "{data}", *TINY, "--method", "asvit", "--target", "0.5", "--out", "{dir}/t.txt"],
+        "accepted: a .safetensors path",
+    ),
     (
         ["train", "{data}", *TINY, "--method", "asvit", "--target", "0"]
         + ["--out", "{dir}/t.safetensors"],

@@ -48,13 +48,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "methods whose cost depends on the image (ltmp, asvit, ppt)",
     )
     parser.add_argument(
-        "--num-images", type=int, default=64, help="evenly spaced images taken from --data"
+        "--num-images",
+        type=int,
+        default=None,
+        help="evenly spaced images taken from --data (default with --data: 64)",
     )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_timing(args)
+    shared.check_needs(args, [("num_images", "data")])
     shared.check_device("--device", args.device)
     report.check_output_file("--results-file", args.results_file)
     specs = args.method or bench.DEFAULT_METHODS
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     model = shared.load_model(args)
     images = None
     if args.data:
+        args.num_images = 64 if args.num_images is None else args.num_images
         shared.check_at_least(args, {"num_images": 1})
         transform, _ = data.eval_transform(model)
         folder = data.ImageFolder(args.data, transform, args.num_images)
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         num_warm_iter=args.num_warm_iter,
         num_bench_iter=args.num_bench_iter,
         amp=args.amp,
-        amp_dtype=shared.AMP_DTYPES[args.amp_dtype],
+        amp_dtype=shared.amp_dtype(args),
         device=args.device,
         images=images,
     )

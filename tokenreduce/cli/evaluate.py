@@ -42,7 +42,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "first --calib-images images) instead of its given value",
     )
     parser.add_argument(
-        "--calib-images", type=int, default=32, help="images --gmacs-ratio is matched on"
+        "--calib-images",
+        type=int,
+        default=None,
+        help="images --gmacs-ratio is matched on (default with --gmacs-ratio: 32)",
     )
     shared.add_amp_args(parser)
     shared.add_results_args(parser)
@@ -63,6 +66,8 @@ def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> li
 
 def run(args: argparse.Namespace) -> EvalResult:
     shared.check_ratio(args.gmacs_ratio)
+    shared.check_needs(args, [("calib_images", "gmacs_ratio"), ("amp_dtype", "amp")])
+    args.calib_images = 32 if args.calib_images is None else args.calib_images
     shared.check_at_least(args, {"calib_images": 1})
     report.check_output_file("--results-file", args.results_file)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         args.batch_size,
         args.workers,
         amp=args.amp,
-        amp_dtype=shared.AMP_DTYPES[args.amp_dtype],
+        amp_dtype=shared.amp_dtype(args),
         progress=not args.no_progress,
     )
     distributed.teardown(context)

@@ -91,7 +91,10 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
 def add_amp_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="autocast mixed precision")
     parser.add_argument(
-        "--amp-dtype", default="bfloat16", choices=sorted(AMP_DTYPES), help="dtype with --amp"
+        "--amp-dtype",
+        default=None,
+        choices=sorted(AMP_DTYPES),
+        help="dtype with --amp (default with --amp: bfloat16)",
     )
 
 
@@ -191,7 +194,22 @@ def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
             )
 
 
+def check_needs(args: argparse.Namespace, pairs: Sequence[tuple[str, str]]) -> None:
+    """An option given without the one it acts with would be ignored: refuse it."""
+    for option, partner in pairs:
+        if getattr(args, option, None) is not None and not getattr(args, partner, None):
+            flag, other = (f"--{name.replace('_', '-')}" for name in (option, partner))
+            raise InvalidOptionError(
+                f"{flag}={getattr(args, option)} acts only with {other}, which is not given"
+            )
+
+
+def amp_dtype(args: argparse.Namespace) -> torch.dtype:
+    return AMP_DTYPES[args.amp_dtype or "bfloat16"]
+
+
 def check_timing(args: argparse.Namespace) -> None:
+    check_needs(args, [("amp_dtype", "amp")])
     check_at_least(args, {"num_warm_iter": 0, "num_bench_iter": 1, "threads": 1, "batch_size": 1})
 
 

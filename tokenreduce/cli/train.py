@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -69,7 +70,10 @@ def run(args: argparse.Namespace) -> training.TrainResult:
             f"--method={args.method!r} is not accepted; accepted: {learned_method_names()}"
         )
     rates = learning_rates(args.lr)
+    shared.check_needs(args, [("backbone_lr", "finetune")])
     report.check_output_file("--out", args.out)
+    if Path(args.out).suffix != ".safetensors":
+        raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .safetensors path")
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)

@@ -210,6 +210,7 @@ def resolve_layers(method: str, layers: Sequence[int] | None, depth: int) -> tup
 def check_layers_type(method: str, layers: object) -> None:
     ok = layers is None or (
         isinstance(layers, (list, tuple))
+        and len(layers) > 0
         and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     )
     if not ok:

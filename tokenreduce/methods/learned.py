@@ -66,6 +66,14 @@ def check_threshold_values(method: str, option: str, value: object) -> float | t
     )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 MODEL_FACTS = ("name", "depth", "embed_dim", "num_tokens")
 """What a threshold file records of the model it was trained for, and `apply` checks."""
 
@@ -246,6 +254,11 @@ class LearnedConfig(MethodConfig[RecordT]):
 
     def load_thresholds(self, source: ThresholdSource | None) -> dict[str, Any]:
         """Option values {kind: tuple, maybe layers} from a threshold file or tensor."""
+        if isinstance(source, str) and _is_number(source) and not Path(source).exists():
+            raise InvalidOptionError(
+                f"{self.name}: option thresholds={source!r} is not accepted; accepted: finite "
+                "numbers, or a threshold file written by tokenreduce train"
+            )
         if isinstance(source, (str, Path)):
             vectors, metadata = read_threshold_file(source, self.name, self.kinds)
             updates: dict[str, Any] = dict(vectors)

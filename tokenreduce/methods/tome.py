@@ -47,7 +47,7 @@ def _check_r(r: object) -> None:
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
         ok = is_count(r[0]) and -1.0 <= r[1] <= 1.0
     elif isinstance(r, (list, tuple)):
-        ok = all(is_count(v) for v in r)
+        ok = len(r) > 0 and all(is_count(v) for v in r)
     if not ok:
         raise InvalidOptionError(
             f"tome: option r={r!r} is not accepted; accepted: an int >= 0, a tuple (r, inflect) "
