@@ -136,6 +136,8 @@ class ImageFolder(Dataset):
             raise InvalidOptionError(f"dataset folder {root} is a file; accepted: a folder")
         if not root.is_dir():
             raise MissingFileError(f"dataset folder not found: {root}")
+        if not callable(transform):
+            raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
         if num_samples is not None and (
             isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
         ):

@@ -262,6 +262,8 @@ def load(
         )
     try:
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
+    except TypeError as err:  # a keyword timm's model does not take
+        raise InvalidTypeError(f"model {name!r} does not take the options {kwargs}: {err}") from err
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
             raise InvalidOptionError(

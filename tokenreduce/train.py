@@ -127,6 +127,10 @@ def train_thresholds(
             f"train: dataset must be a tokenreduce.data.ImageFolder, got {type(dataset).__name__}"
         )
     check_output_file("out", out)
+    try:
+        json.dumps(dict(metadata or {}))
+    except (TypeError, ValueError) as err:
+        raise InvalidTypeError(f"train: metadata must be JSON values: {err}") from err
     if not isinstance(finetune, bool):
         raise InvalidTypeError(f"train: option finetune={finetune!r} must be True or False")
     if isinstance(seed, bool) or not isinstance(seed, int):

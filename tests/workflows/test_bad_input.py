@@ -97,6 +97,9 @@ CLI_CASES = [
     (["eval", "{data}", *TINY, "--class-map", "{dup_map}"], "names ['cat'] more than once"),
     (["compare", *TINY, "--method", "tome:r=4"], "give one configuration with --config"),
     (["bench", *TINY, "--num-images", "8"], "--num-images=8 acts only with --data"),
+    (["bench", *TINY, "--img-size", "8192"], "--img-size=8192 is not accepted; accepted: at most"),
+    (["bench", *TINY, "--results-file", "{dir}/r.csv"], "with --results-format json"),
+    (["compare", *TINY, "--crop-pct", "0.9"], "--crop-pct=0.9 acts only with --data"),
     (["eval", "{data}", *TINY, "--calib-images", "8"], "acts only with --gmacs-ratio"),
     (["bench", *TINY, "--amp-dtype", "float16"], "--amp-dtype=float16 acts only with --amp"),
     (["bench", *TINY, "--method", "asvit:thresholds=nan"], "thresholds='nan' is not accepted"),
@@ -294,6 +297,18 @@ def test_api_checks_arguments_before_work(tmp_path):
         other(torch.randn(1, 3, 64, 64))
     with pytest.raises(InvalidOptionError, match="not this model"):
         flops.gmacs(tokenreduce.apply(model, "tome"), tokenreduce.last_info(other))
+
+
+def test_api_refuses_bad_arguments_of_loading_and_training(tmp_path):
+    with pytest.raises(InvalidTypeError, match="does not take the options"):
+        tokenreduce.models.load("test_vit", pretrained=False, no_such_option=1)
+    root = make_image_folder(tmp_path / "images", 1)
+    with pytest.raises(InvalidTypeError, match="transform must be callable"):
+        ImageFolder(root, "x")
+    model = peaky_vit(dtype=torch.float32)
+    dataset = ImageFolder(root, data.eval_transform(model)[0])
+    with pytest.raises(InvalidTypeError, match="metadata must be JSON values"):
+        train.train_thresholds(model, "asvit", dataset, target_ratio=0.5, metadata={"a": object()})
 
 
 def test_user_errors_share_one_base():

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from tokenreduce import bench, data, report
+from tokenreduce import bench, data
 from tokenreduce.cli import shared
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_timing(args)
     shared.check_needs(args, [("num_images", "data")])
     shared.check_device("--device", args.device)
-    report.check_output_file("--results-file", args.results_file)
+    shared.check_results_file(args)
     specs = args.method or bench.DEFAULT_METHODS
     methods = [parse_method(spec) for spec in specs]
     shared.warn_untrained([make_config(name, **options) for name, options in methods], specs)

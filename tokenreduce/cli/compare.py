@@ -50,6 +50,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> list[CompareRow]:
     shared.check_timing(args)
     shared.check_at_least(args, {"bench_batch_size": 1})
+    data_only = ("crop_pct", "interpolation", "mean", "std", "num_samples", "class_map")
+    shared.check_needs(args, [(option, "data") for option in data_only])
     report.check_output_dir("--out-dir", args.out_dir)
     configs = sweep_configs(args.method) + [
         make_config(name, **options) for name, options in map(parse_method, args.config)

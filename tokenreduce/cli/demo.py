@@ -49,8 +49,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="timing batch (photos repeated); default: all photos once",
     )
-    shared.add_timing_args(parser, warm=3, bench=10)
-    parser.add_argument("--quick", action="store_true", help="2 photos, 1 timing iteration (tests)")
+    shared.add_timing_args(parser, warm=None, bench=None)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 of the default photos and 1 timing round, unless --images / --num-*-iter say "
+        "otherwise (tests)",
+    )
     parser.add_argument("--out-dir", default="tokenreduce-demo", help="where PNGs and results go")
     shared.add_results_format(parser, "csv")
     parser.set_defaults(run=run)
@@ -61,10 +66,15 @@ def run(args: argparse.Namespace) -> list[demo.DemoRow]:
     report.check_output_dir("--out-dir", args.out_dir)
     shared.check_ratio(args.gmacs_ratio)
     methods = [parse_method(spec) for spec in (args.method or tokenreduce.methods())]
-    if args.quick:
-        args.num_warm_iter, args.num_bench_iter = 1, 1
-    photos = [Path(p) for p in args.images] if args.images else data.packaged_photos()
-    photos = photos[:2] if args.quick else photos
+    quick = {"num_warm_iter": 1, "num_bench_iter": 1} if args.quick else {}
+    for option, default in (("num_warm_iter", 3), ("num_bench_iter", 10)):
+        if getattr(args, option) is None:
+            setattr(args, option, quick.get(option, default))
+    photos = (
+        [Path(p) for p in args.images]
+        if args.images
+        else data.packaged_photos()[: 2 if args.quick else None]
+    )
     model = shared.load_model(args)
     shared.logger.info(
         "demo: %s (%s), %d photos, every method at %.0f%% of dense GMACs, CPU %d threads",

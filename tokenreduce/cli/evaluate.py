@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tokenreduce import calibrate, distributed, report
+from tokenreduce import calibrate, distributed
 from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.methods.base import MethodConfig, make_config
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     shared.check_needs(args, [("calib_images", "gmacs_ratio"), ("amp_dtype", "amp")])
     args.calib_images = 32 if args.calib_images is None else args.calib_images
     shared.check_at_least(args, {"calib_images": 1})
-    report.check_output_file("--results-file", args.results_file)
+    shared.check_results_file(args)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
     model = shared.load_model(args)

@@ -19,13 +19,15 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import model_dims
 from tokenreduce.methods.learned import LearnedConfig
 from tokenreduce.patch import adapter_for
-from tokenreduce.report import format_table, write_results
+from tokenreduce.report import check_output_file, format_table, write_results
 
 logger = logging.getLogger("tokenreduce.cli")
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_MODEL = "vit_small_patch14_dinov2.imgfocus"
 RESULTS_FORMATS = ("json", "csv")
+MAX_IMG_SIZE = 4096
+"""Largest --img-size: beyond it a ViT's token count and attention exceed any machine's memory."""
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
 
 
@@ -98,15 +100,20 @@ def add_amp_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_timing_args(parser: argparse.ArgumentParser, warm: int, bench: int) -> None:
+def add_timing_args(parser: argparse.ArgumentParser, warm: int | None, bench: int | None) -> None:
+    """Timing rounds; None: the command sets them (demo: 3 / 10, 1 / 1 with --quick)."""
     parser.add_argument(
-        "--num-warm-iter", type=int, default=warm, help="untimed rounds before timing"
+        "--num-warm-iter",
+        type=int,
+        default=warm,
+        help="untimed rounds before timing" + ("" if warm is not None else " (default 3)"),
     )
     parser.add_argument(
         "--num-bench-iter",
         type=int,
         default=bench,
-        help="timed rounds, each one dense then one reduced forward",
+        help="timed rounds, each one dense then one reduced forward"
+        + ("" if bench is not None else " (default 10)"),
     )
 
 
@@ -135,6 +142,10 @@ def weights_label(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model of the model options, checked to be one tokenreduce supports."""
     check_at_least(args, {"threads": 1, "img_size": 1, "num_classes": 0})
+    if args.img_size is not None and args.img_size > MAX_IMG_SIZE:
+        raise InvalidOptionError(
+            f"--img-size={args.img_size} is not accepted; accepted: at most {MAX_IMG_SIZE}"
+        )
     if args.head and args.num_classes is not None:
         raise InvalidOptionError(
             f"--head {args.head} with --num-classes {args.num_classes}: the head file sets the "
@@ -202,6 +213,17 @@ def check_needs(args: argparse.Namespace, pairs: Sequence[tuple[str, str]]) -> N
             raise InvalidOptionError(
                 f"{flag}={getattr(args, option)} acts only with {other}, which is not given"
             )
+
+
+def check_results_file(args: argparse.Namespace) -> None:
+    """--results-file writable, and its suffix (if .csv/.json) the --results-format."""
+    check_output_file("--results-file", args.results_file)
+    suffix = Path(args.results_file).suffix.lstrip(".") if args.results_file else ""
+    if suffix in RESULTS_FORMATS and suffix != args.results_format:
+        raise InvalidOptionError(
+            f"--results-file={args.results_file} with --results-format {args.results_format}; "
+            f"accepted: a .{args.results_format} file, or --results-format {suffix}"
+        )
 
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype:
