@@ -56,7 +56,7 @@ def check_output_file(option: str, path: str | Path | None) -> None:
     path = Path(path)
     if path.is_dir():
         raise InvalidOptionError(f"{option}={path} is a folder; accepted: a file path")
-    _check_writable_parent(option, path)
+    _check_parent_is_folder(option, path)
     existed = path.exists()
     try:  # really open it: permission bits do not tell (root, read-only or virtual file systems)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def check_output_dir(option: str, path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InvalidOptionError(f"{option}={path} is an existing file; accepted: a folder path")
-    _check_writable_parent(option, path)
+    _check_parent_is_folder(option, path)
     probe = path / f".tokenreduce-write-test-{os.getpid()}"
     try:  # the folder is made now, as the command would make it; a file in it must be writable
         path.mkdir(parents=True, exist_ok=True)
@@ -85,9 +85,8 @@ def check_output_dir(option: str, path: str | Path) -> None:
         raise InvalidOptionError(f"{option}={path} cannot be written: {err}") from err
 
 
-def _check_writable_parent(option: str, path: Path) -> None:
+def _check_parent_is_folder(option: str, path: Path) -> None:
+    """The nearest existing ancestor must be a folder (writability: the write probes below)."""
     base = _first_existing(path.parent if not path.is_dir() else path)
     if not base.is_dir():
         raise InvalidOptionError(f"{option}={path}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK):
-        raise InvalidOptionError(f"{option}={path}: folder {base} is not writable")

@@ -117,7 +117,12 @@ def train_thresholds(
     _check_number("target_ratio", target_ratio, 0.0, 1.0)
     if target_ratio == 0:
         raise InvalidOptionError("train: option target_ratio=0 is not accepted; accepted: (0, 1]")
-    for option, value, low in (("workers", workers, 0), ("gmacs_images", gmacs_images, 1)):
+    for option, value, low in (
+        ("workers", workers, 0),
+        ("gmacs_images", gmacs_images, 1),
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidOptionError(
                 f"train: option {option}={value!r} is not accepted; accepted: an int >= {low}"
@@ -144,14 +149,6 @@ def train_thresholds(
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     if backbone_lr is not None:
         _check_number("backbone_lr", backbone_lr, 0.0, None)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise InvalidOptionError(
-            f"train: option epochs={epochs!r} is not accepted; accepted: an int >= 1"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidOptionError(
-            f"train: option batch_size={batch_size!r} is not accepted; accepted: an int >= 1"
-        )
     num_classes = getattr(model, "num_classes", 0)
     if num_classes < len(dataset.classes):
         raise InvalidOptionError(

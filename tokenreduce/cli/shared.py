@@ -232,7 +232,7 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def check_timing(args: argparse.Namespace) -> None:
     check_needs(args, [("amp_dtype", "amp")])
-    check_at_least(args, {"num_warm_iter": 0, "num_bench_iter": 1, "threads": 1, "batch_size": 1})
+    check_at_least(args, {"num_warm_iter": 0, "num_bench_iter": 1, "batch_size": 1})
 
 
 def check_ratio(ratio: float | None) -> None:
