@@ -16,13 +16,15 @@ def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     """Add a token reduction to `model` in place and return it.
 
     method: a registered name ("tome", "evit", "topk", "ppt", ...) or a config dataclass;
-    options override config fields. A reduction applied earlier is replaced.
+    options override config fields. A reduction applied earlier is replaced (and kept when the
+    new one is refused).
     """
     config = make_config(method, **options)
+    adapter_class = adapter_for(model)
+    config.validate(adapter_class.describe(model))  # a refused config leaves the model as it was
     if attached_adapter(model) is not None:
         remove(model)
-    adapter = adapter_for(model)(model, config)
-    adapter.attach(model)
+    adapter_class(model, config).attach(model)
     return model
 
 
