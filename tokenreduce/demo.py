@@ -21,6 +21,7 @@ import tokenreduce
 from tokenreduce import bench, calibrate, data, viz
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, describe_options, unique_labels
+from tokenreduce.patch import adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class DemoRow(bench.SpeedRow):
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The model's pooled pre-logits features [B, D]."""
     with torch.inference_mode():
-        return model.forward_head(model.forward_features(images), pre_logits=True)
+        return adapter_for(model).pooled_features(model, images)
 
 
 def run_demo(

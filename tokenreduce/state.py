@@ -23,6 +23,12 @@ class TokenState:
         (docs/methods.md §1.6; padding also has size 0); None while every slot is a real token.
     mask: [B, N] soft key mask of a learned method's training forward (docs/methods.md §2.7; forward
         values 0/1, straight-through gradients); None outside training.
+    position: [B, N, 2] (row, column) of each token on the patch grid, only for models with rotary
+        position embeddings (None otherwise). A kept or pruned token keeps its own; a merged or
+        fused token gets the size-weighted mean of its members' positions, or with
+        `position_rule` "destination" the position of the token it was merged into (docs/methods.md
+        §1.7). Prefix rows and padding are 0 and never rotated.
+    position_rule: "mean" or "destination", the method config's `rope_position`.
     """
 
     num_prefix: int
@@ -30,6 +36,8 @@ class TokenState:
     source: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    position_rule: str = "mean"
 
     def sizes_like(self, x: torch.Tensor) -> torch.Tensor:
         """The size vector [B, N, 1], materialised as ones when still implicit."""
@@ -37,8 +45,18 @@ class TokenState:
             return self.size
         return x.new_ones(x.shape[0], x.shape[1], 1)
 
-    def with_tokens(self, size: torch.Tensor, source: torch.Tensor | None) -> TokenState:
-        return replace(self, size=size, source=source)
+    def with_tokens(
+        self,
+        size: torch.Tensor,
+        source: torch.Tensor | None,
+        position: torch.Tensor | None = None,
+    ) -> TokenState:
+        return replace(self, size=size, source=source, position=position)
+
+    @property
+    def destination_positions(self) -> bool:
+        """Whether a merged token takes its destination's position (else the members' mean)."""
+        return self.position_rule == "destination"
 
     def token_counts(self, x: torch.Tensor) -> torch.Tensor | int:
         """Real tokens per image: [B] when padded or masked, else the int N."""
@@ -92,11 +110,13 @@ class ModelDims:
     pool_attn_queries: int = 0
     pool_include_prefix: bool = False
     model_name: str = ""
+    """The model's name (timm: architecture.tag of its pretrained config), "" when unknown."""
     input_size: tuple[int, int] = (0, 0)
     """(H, W) of the images the model takes."""
     grid_size: tuple[int, int] = (0, 0)
     """(rows, columns) of its patch grid."""
-    """The model's name (timm: architecture.tag of its pretrained config), "" when unknown."""
+    rotary: bool = False
+    """Whether its attention rotates queries and keys by token position (RoPE)."""
 
     @property
     def num_tokens(self) -> int:

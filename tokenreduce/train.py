@@ -29,7 +29,7 @@ from tokenreduce.data import ImageFolder
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
-from tokenreduce.patch.timm import TRAINABLE_ATTR
+from tokenreduce.patch.base import TRAINABLE_ATTR
 from tokenreduce.report import check_output_file
 from tokenreduce.runtime import progress_bar
 

@@ -75,8 +75,10 @@ def fused_attention_formulas() -> dict:
 
 
 def counted_gmacs(model, x):
+    # with gradients on: this torch's module tracker inside FlopCounterMode fails on a module
+    # given a no-grad view of a parameter (timm's AttentionPoolLatent latent queries)
     counter = FlopCounterMode(display=False, custom_mapping=fused_attention_formulas())
-    with torch.no_grad(), counter:
+    with counter:
         model(x)
     return counter.get_total_flops() / 2e9 / x.shape[0]
 

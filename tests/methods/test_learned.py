@@ -16,7 +16,7 @@ from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
 from tokenreduce.ops.packing import pack_kept
-from tokenreduce.patch.timm import TRAINABLE_ATTR, block_forward
+from tokenreduce.patch.base import TRAINABLE_ATTR
 from tokenreduce.state import AttentionOutputs, TokenState
 
 VARIABLE = {
@@ -172,7 +172,7 @@ def test_masked_path_block_compiles_without_graph_breaks(method):
 
     def run(x, size):
         state = TokenState(num_prefix=1, size=size, valid=size[..., 0] > 0)
-        out, new, _, _, _ = block_forward(block, x, state, adapter.config, step)
+        out, new, _, _, _ = adapter.block_forward(block, x, state, step)
         return out, new.size, new.valid
 
     x = torch.randn(2, 17, 192)

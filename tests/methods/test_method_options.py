@@ -12,7 +12,7 @@ from tests.conftest import tiny_vit
     "method,options,pattern",
     [
         ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', 'evit'"),
-        ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'r'"),
+        ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'rope_position', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
         ("tome", {"r": (13, 2.0)}, r"inflect"),

@@ -9,7 +9,6 @@ import torch
 
 import tokenreduce
 from tests.conftest import tiny_vit
-from tokenreduce.patch.timm import block_forward
 from tokenreduce.state import TokenState
 
 
@@ -56,8 +55,8 @@ def test_reducing_block_compiles_without_graph_breaks(method):
     x = torch.randn(2, 197, 192)
 
     def run(x, size, source):
-        out, new_state, record, _, _ = block_forward(
-            block, x, TokenState(num_prefix=1, size=size, source=source), adapter.config, step
+        out, new_state, record, _, _ = adapter.block_forward(
+            block, x, TokenState(num_prefix=1, size=size, source=source), step
         )
         return out, new_state.size, new_state.source, record
 

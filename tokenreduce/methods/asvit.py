@@ -29,6 +29,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
+from tokenreduce.ops.merging import mean_position
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -166,7 +167,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
         """Remove the tokens not kept: [prefix, kept in original order, fused], padded."""
         prefix = state.num_prefix
         size = state.sizes_like(x)
-        source = state.source
+        source, position = state.source, state.position
         keep_all = torch.cat([keep.new_ones(keep.shape[0], prefix), keep], dim=1)
         rank = torch.cat([score.new_full((score.shape[0], prefix), torch.inf), score], dim=1)
         if self.fuse:
@@ -177,6 +178,11 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
             if source is not None:
                 fused = (dropped.unsqueeze(1) @ source[:, prefix:]).clamp_max(1.0)
                 source = torch.cat([source, fused], dim=1)
+            if position is not None:
+                moment = (
+                    dropped.unsqueeze(1).to(position.dtype) @ (position * size[:, :-1])[:, prefix:]
+                )
+                position = torch.cat([position, mean_position(moment, size[:, -1:])], dim=1)
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
         packing, overflow = self.pack(keep_all, rank)
@@ -185,7 +191,9 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
         size = gather_packed(size, packing)
         if source is not None:
             source = gather_packed(source, packing)
-        state = TokenState(num_prefix=prefix, size=size, source=source, valid=packing.valid)
+        if position is not None:
+            position = gather_packed(position, packing)
+        state = replace(state, size=size, source=source, valid=packing.valid, position=position)
         return x, state, record
 
     def overhead_macs(

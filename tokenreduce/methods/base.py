@@ -57,6 +57,9 @@ class BlockRecord:
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
+ROPE_POSITIONS = ("mean", "destination")
+"""Accepted values of the `rope_position` option."""
+
 
 @dataclass(frozen=True)
 class Strength:
@@ -71,7 +74,14 @@ class Strength:
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig(Generic[RecordT]):
-    """Base of every method config. `trace_source` records original-token maps per block."""
+    """Base of every method config.
+
+    trace_source: record original-token maps per block.
+    rope_position: on models with rotary position embeddings, the position a merged or fused token
+        is rotated by: "mean" (the size-weighted mean of its patches' positions) or "destination"
+        (the position of the token it was merged into, ToMe's convention; fused tokens, which have
+        no destination, take the mean). docs/methods.md §1.7.
+    """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
@@ -82,9 +92,15 @@ class MethodConfig(Generic[RecordT]):
     record_type: ClassVar[type[BlockRecord]] = BlockRecord
 
     trace_source: bool = False
+    rope_position: str = "mean"
 
     def __post_init__(self) -> None:
         check_bool(self.name, "trace_source", self.trace_source)
+        if self.rope_position not in ROPE_POSITIONS:
+            raise InvalidOptionError(
+                f"{self.name}: option rope_position={self.rope_position!r} is not accepted; "
+                f"accepted: {' or '.join(map(repr, ROPE_POSITIONS))}"
+            )
 
     @property
     def uses_prop_attn(self) -> bool:
@@ -109,6 +125,12 @@ class MethodConfig(Generic[RecordT]):
 
     def validate(self, dims: ModelDims) -> None:
         """Raise ValueError when the options do not fit this model."""
+        if self.rope_position != "mean" and not dims.rotary:
+            raise InvalidOptionError(
+                f"{self.name}: option rope_position={self.rope_position!r} applies to models with "
+                "rotary position embeddings only; this model has none. Accepted: the default "
+                "'mean', or a model with rotary embeddings (timm Eva family: DINOv3, EVA-02, ...)"
+            )
         if self.requires_class_token and not dims.has_class_token:
             raise InvalidOptionError(
                 f"method {self.name!r} scores tokens by class attention and needs a model with a "

@@ -20,7 +20,9 @@ from tokenreduce.ops import (
     bipartite_soft_matching,
     dpc_knn,
     gather_tokens,
+    mean_position,
     merge_clusters,
+    merge_positions,
     merge_source,
     merge_wavg,
 )
@@ -114,24 +116,31 @@ class BATConfig(KeepRateConfig):
         order = score.topk(score.shape[1], dim=-1, sorted=True).indices
         attentive, inattentive = order[:, :keep], order[:, keep:]
         size = state.sizes_like(x)
-        source = state.source
+        source, position = state.source, state.position
 
         def part(y: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
             return None if y is None else gather_tokens(y[:, num_prefix:], idx)
 
-        x_att, size_att, src_att = (
+        x_att, size_att, src_att, pos_att = (
             part(x, attentive),
             part(size, attentive),
             part(source, attentive),
+            part(position, attentive),
         )
         matching = bipartite_soft_matching(
             part(attn.key_mean, attentive), matches, num_prefix=0, sort_unmerged=True
         )
         if matching is not None:
-            x_att, size_att = merge_wavg(matching, x_att, size_att)
+            x_att, merged_size = merge_wavg(matching, x_att, size_att)
             src_att = merge_source(matching, src_att)
-        pieces = [(x[:, :num_prefix], size[:, :num_prefix], _prefix(source, num_prefix))]
-        pieces.append((x_att, size_att, src_att))
+            destination = state.destination_positions
+            pos_att = merge_positions(matching, pos_att, size_att, merged_size, destination)
+            size_att = merged_size
+        pieces = [
+            (x[:, :num_prefix], size[:, :num_prefix], _prefix(source, num_prefix),
+             _prefix(position, num_prefix)),
+            (x_att, size_att, src_att, pos_att),
+        ]  # fmt: skip
         if rest:
             x_in, size_in = part(x, inattentive), part(size, inattentive)
             assignment, _ = dpc_knn(x_in, num_clusters, self.neighbours)
@@ -141,15 +150,22 @@ class BATConfig(KeepRateConfig):
             channels = x.shape[-1]
             total = summed[..., channels : channels + 1]
             x_clusters = summed[..., :channels] / torch.where(total > 0, total, 1)
-            src_clusters = None
+            size_clusters = summed[..., channels + 1 :]
+            src_clusters = pos_clusters = None
             if source is not None:
                 src_clusters = merge_clusters(part(source, inattentive), assignment,
                                               num_clusters, "amax")  # fmt: skip
-            pieces.append((x_clusters, summed[..., channels + 1 :], src_clusters))
+            if position is not None:
+                moment = part(position * size, inattentive)
+                pos_clusters = mean_position(
+                    merge_clusters(moment, assignment, num_clusters), size_clusters
+                )
+            pieces.append((x_clusters, size_clusters, src_clusters, pos_clusters))
         x_new = torch.cat([p[0] for p in pieces], dim=1)
         size_new = torch.cat([p[1] for p in pieces], dim=1)
         source_new = None if source is None else torch.cat([p[2] for p in pieces], dim=1)
-        return x_new, state.with_tokens(size_new, source_new), BlockRecord()
+        position_new = None if position is None else torch.cat([p[3] for p in pieces], dim=1)
+        return x_new, state.with_tokens(size_new, source_new, position_new), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool

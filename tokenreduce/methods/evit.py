@@ -22,7 +22,7 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.ops import fuse_dropped, keep_rows, keep_top_tokens
+from tokenreduce.ops import fuse_dropped, keep_rows, keep_top_tokens, mean_position
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -36,8 +36,9 @@ def attentive_keep(
 ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
     """Keep the top-K non-prefix tokens by head-mean class attention; optionally fuse the rest.
 
-    Output order: [prefix, kept in descending attention, fused token]. Sizes and sources of kept
-    tokens are gathered; the fused token's are the sums (logical OR) of the dropped ones.
+    Output order: [prefix, kept in descending attention, fused token]. Sizes, sources and
+    positions of kept tokens are gathered; the fused token's are the sums (logical OR, size-weighted
+    mean) of the dropped ones.
     """
     num_prefix = state.num_prefix
     keep = keep_count(keep_rate, x.shape[1], num_prefix)
@@ -49,6 +50,8 @@ def attentive_keep(
     size_new = keep_rows(size, idx, num_prefix)
     source = state.source
     source_new = None if source is None else keep_rows(source, idx, num_prefix)
+    position = state.position
+    position_new = None if position is None else keep_rows(position, idx, num_prefix)
     if fuse:
         ones = torch.ones_like(score)
         x_new = torch.cat([x_new, fuse_dropped(x[:, num_prefix:], score, idx)], dim=1)
@@ -56,7 +59,11 @@ def attentive_keep(
         if source is not None:
             fused_src = fuse_dropped(source[:, num_prefix:], ones, idx).clamp_max(1.0)
             source_new = torch.cat([source_new, fused_src], dim=1)
-    return x_new, state.with_tokens(size_new, source_new), BlockRecord()
+        if position is not None:
+            moment = fuse_dropped((position * size)[:, num_prefix:], ones, idx)
+            fused_position = mean_position(moment, size_new[:, -1:])
+            position_new = torch.cat([position_new, fused_position], dim=1)
+    return x_new, state.with_tokens(size_new, source_new, position_new), BlockRecord()
 
 
 @dataclass(frozen=True, kw_only=True)

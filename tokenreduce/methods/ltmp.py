@@ -9,7 +9,7 @@ heads and queries) is not above the prune threshold; counts differ per image (do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +25,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.ops.merging import prefix_first_order
+from tokenreduce.ops.merging import mean_position, prefix_first_order
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -151,6 +151,12 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
     ) -> tuple[torch.Tensor, TokenState, LTMPRecord]:
         prefix = state.num_prefix
         soft = state.mask is not None
+        if x.shape[1] <= prefix:  # every patch token pruned already: nothing left to reduce
+            none = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            if soft:
+                return x, state, LTMPRecord()
+            overflow = None if self.max_tokens is None else none
+            return x, state, LTMPRecord(overflow=overflow, merged=none, pruned=none)
         valid = None if soft else state.valid
         importance = received_attention(attn.attn, valid)
         importance[:, :prefix] = math.inf
@@ -178,6 +184,15 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         source = state.source
         if source is not None:
             source = reorder(merge_into_partners(source, moving, partner, "amax"))
+        position = state.position
+        if position is not None:
+            if state.destination_positions:
+                position = reorder(
+                    merge_into_partners(position, torch.zeros_like(moving), partner, "sum")
+                )
+            else:
+                moment = merge_into_partners(position * size, moving, partner, "sum")
+                position = mean_position(reorder(moment), weighted[..., -1:])
         prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
 
         if soft:
@@ -186,7 +201,9 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             mask = reorder(torch.cat([unmerged, state.mask[:, 1::2]], dim=1))
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
-            state = TokenState(num_prefix=prefix, size=weighted[..., -1:], source=source, mask=mask)
+            state = replace(
+                state, size=weighted[..., -1:], source=source, mask=mask, position=position
+            )
             return x, state, LTMPRecord()
 
         stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - num_a])], dim=1))
@@ -199,12 +216,14 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         x = weighted[..., :-1] / size.clamp_min(1.0)
         if source is not None:
             source = gather_packed(source, packing)
+        if position is not None:
+            position = gather_packed(position, packing)
         record = LTMPRecord(
             overflow=overflow,
             merged=merge.sum(dim=1),
             pruned=(stay & ~prune & (importance > -math.inf)).sum(dim=1),
         )
-        state = TokenState(num_prefix=prefix, size=size, source=source, valid=packing.valid)
+        state = replace(state, size=size, source=source, valid=packing.valid, position=position)
         return x, state, record
 
     def overhead_macs(

@@ -25,6 +25,7 @@ from tokenreduce.ops import (
     bipartite_soft_matching,
     keep_rows,
     keep_top_tokens,
+    merge_positions,
     merge_source,
     merge_wavg,
 )
@@ -148,13 +149,20 @@ class PPTConfig(MethodConfig[PPTRecord]):
         size_prune = keep_rows(size, idx, num_prefix)
 
         choose_pool = pool.view(-1, 1, 1)
+        position = state.position
+        if position is not None:
+            position = torch.where(
+                choose_pool,
+                merge_positions(matching, position, size, size_pool, state.destination_positions),
+                keep_rows(position, idx, num_prefix),
+            )
         source = state.source
         if source is not None:
             source_prune = keep_rows(source, idx, num_prefix)
             source = torch.where(choose_pool, merge_source(matching, source), source_prune)
         x = torch.where(choose_pool, x_pool, x_prune)
         size = torch.where(choose_pool, size_pool, size_prune)
-        return x, state.with_tokens(size, source), record
+        return x, state.with_tokens(size, source, position), record
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: PPTRecord, fused: bool

@@ -20,7 +20,7 @@ from tokenreduce.methods.base import (
     matching_macs,
     register,
 )
-from tokenreduce.ops import bipartite_soft_matching, merge_source, merge_wavg
+from tokenreduce.ops import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -100,8 +100,13 @@ class ToMeConfig(MethodConfig[BlockRecord]):
         )
         if matching is None:
             return x, state, BlockRecord()
-        x, size = merge_wavg(matching, x, state.sizes_like(x))
-        return x, state.with_tokens(size, merge_source(matching, state.source)), BlockRecord()
+        size = state.sizes_like(x)
+        x, merged_size = merge_wavg(matching, x, size)
+        position = merge_positions(
+            matching, state.position, size, merged_size, state.destination_positions
+        )
+        source = merge_source(matching, state.source)
+        return x, state.with_tokens(merged_size, source, position), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: BlockRecord, fused: bool

@@ -5,6 +5,8 @@ from tokenreduce.ops.clustering import dpc_knn, merge_clusters
 from tokenreduce.ops.merging import (
     Matching,
     bipartite_soft_matching,
+    mean_position,
+    merge_positions,
     merge_source,
     merge_tokens,
     merge_wavg,
@@ -20,7 +22,9 @@ __all__ = [
     "gather_tokens",
     "keep_rows",
     "keep_top_tokens",
+    "mean_position",
     "merge_clusters",
+    "merge_positions",
     "merge_source",
     "merge_tokens",
     "merge_wavg",

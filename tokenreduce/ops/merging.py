@@ -82,14 +82,16 @@ def prefix_first_order(num_out: int, num_unmerged: int, num_prefix: int) -> tupl
 
 
 def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tensor:
-    """Apply a matching to any per-token tensor y [B, N, C]: reduce merged A rows into B rows."""
+    """Apply a matching to any per-token tensor y [B, N, C]: reduce merged A rows into B rows
+    (mode "sum", "amax", ...; "destination": B rows stay as they are, merged A rows vanish)."""
     batch, _, channels = y.shape
     y_a, y_b = y[:, ::2], y[:, 1::2]
     unm = y_a.gather(1, m.unm_idx.unsqueeze(-1).expand(batch, -1, channels))
-    src = y_a.gather(1, m.src_idx.unsqueeze(-1).expand(batch, -1, channels))
-    y_b = y_b.scatter_reduce(
-        1, m.dst_idx.unsqueeze(-1).expand(batch, -1, channels), src, reduce=mode
-    )
+    if mode != "destination":
+        src = y_a.gather(1, m.src_idx.unsqueeze(-1).expand(batch, -1, channels))
+        y_b = y_b.scatter_reduce(
+            1, m.dst_idx.unsqueeze(-1).expand(batch, -1, channels), src, reduce=mode
+        )
     out = torch.cat([unm, y_b], dim=1)
     if m.order is not None:
         out = out[:, torch.tensor(m.order, device=out.device)]
@@ -104,6 +106,27 @@ def merge_wavg(
     merged = merge_tokens(torch.cat([x * size, size], dim=-1), m, "sum")
     x, size = merged[..., :channels], merged[..., channels:]
     return x / size, size
+
+
+def merge_positions(
+    m: Matching,
+    position: torch.Tensor | None,
+    size: torch.Tensor,
+    merged_size: torch.Tensor,
+    destination: bool,
+) -> torch.Tensor | None:
+    """Positions [B, N, 2] after a matching: the size-weighted mean of the merged tokens'
+    (size [B, N, 1] before, merged_size after), or the destination's; None stays None."""
+    if position is None:
+        return None
+    if destination:
+        return merge_tokens(position, m, "destination")
+    return mean_position(merge_tokens(position * size, m, "sum"), merged_size)
+
+
+def mean_position(moment: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Position from its size-weighted sum [B, N, 2] and the size [B, N, 1] (0 where size is 0)."""
+    return moment / torch.where(size > 0, size, 1).to(moment.dtype)
 
 
 def merge_source(m: Matching, source: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,8 +1,9 @@
 """Model adapters. Only this package knows model classes.
 
-An adapter class serves one model family. `adapter_for` asks each registered adapter, in turn,
-whether a model is its own (`supports`), the way einops picks a backend; the adapter that says
-yes then checks the model in detail (`check_supported`) and runs its reducing forward.
+An adapter class serves one model family (`patch.base.ModelAdapter`: a few hooks over the shared
+engine). `adapter_for` asks each registered adapter, in turn, whether a model is its own
+(`supports`), the way einops picks a backend; the adapter that says yes then checks the model in
+detail (`check_supported`) and runs its reducing forward.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from typing import TypeVar
 from torch import nn
 
 from tokenreduce.errors import UnsupportedModelError
-from tokenreduce.patch.timm import ADAPTER_ATTR, TimmAdapter
+from tokenreduce.patch.base import ADAPTER_ATTR, ModelAdapter
+from tokenreduce.patch.eva import EvaAdapter
+from tokenreduce.patch.timm import TimmAdapter
 
-ADAPTERS: list[type[TimmAdapter]] = [TimmAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [TimmAdapter, EvaAdapter]
 """Registered adapter classes, asked in order."""
 
-AdapterT = TypeVar("AdapterT", bound=type[TimmAdapter])
+AdapterT = TypeVar("AdapterT", bound=type[ModelAdapter])
+
+PLANNED_FAMILIES = {
+    "transformers": "Hugging Face transformers models are not supported yet; timm's versions of "
+    "the same architectures (with the same weights, loaded into timm) are",
+    "open_clip": "open_clip towers are not supported yet; timm's vit_*_clip_* models (with the "
+    "same weights, loaded into timm) are",
+}
+"""Hints for model families users try that no adapter serves yet, by top-level module."""
 
 
 def register_adapter(adapter: AdapterT) -> AdapterT:
@@ -28,7 +39,7 @@ def register_adapter(adapter: AdapterT) -> AdapterT:
     return adapter
 
 
-def adapter_for(model: nn.Module) -> type[TimmAdapter]:
+def adapter_for(model: nn.Module) -> type[ModelAdapter]:
     """The adapter class for a model; UnsupportedModelError (a TypeError) naming the model's
     class and what each adapter supports when none is."""
     for adapter in ADAPTERS:
@@ -36,14 +47,24 @@ def adapter_for(model: nn.Module) -> type[TimmAdapter]:
             adapter.check_supported(model)
             return adapter
     supported = "; ".join(adapter.SUPPORTED for adapter in ADAPTERS)
+    family = type(model).__module__.split(".")[0]
+    hint = f" ({PLANNED_FAMILIES[family]})" if family in PLANNED_FAMILIES else ""
     raise UnsupportedModelError(
-        f"unsupported model class {type(model).__name__}; supported: {supported}"
+        f"unsupported model class {type(model).__name__}{hint}; supported: {supported}"
     )
 
 
-def attached_adapter(model: nn.Module) -> TimmAdapter | None:
+def attached_adapter(model: nn.Module) -> ModelAdapter | None:
     """The adapter a reduction installed on this model, if any."""
     return getattr(model, ADAPTER_ATTR, None)
 
 
-__all__ = ["ADAPTERS", "TimmAdapter", "adapter_for", "attached_adapter", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "EvaAdapter",
+    "ModelAdapter",
+    "TimmAdapter",
+    "adapter_for",
+    "attached_adapter",
+    "register_adapter",
+]

@@ -1,0 +1,489 @@
+"""The family-agnostic engine: runs a model's blocks with a method's reduction inside.
+
+`ModelAdapter` is the small interface a model family implements (the hooks below) and the
+engine that every family shares: the per-block forward (attention -> reduction -> MLP), the
+token state carried between blocks, per-image (ragged) execution, the record of the last forward
+(`last_info`) and size-weighted pooling. A family subclass only knows its own modules: which
+blocks the model has, how one block's attention and MLP halves run with an additive key bias,
+its embedding and pooling, and its shape facts for FLOPs.
+
+Blocks and parameters are never modified: `attach` swaps the model's class for a subclass whose
+forward runs through the adapter, and `detach` restores the class, so the model is bit-for-bit
+the original again. Per-forward state lives in local variables; the record of the last forward
+is kept per thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenreduce.errors import InvalidOptionError, NotReadyError, UnsupportedModelError
+from tokenreduce.info import ReductionInfo
+from tokenreduce.methods.base import BlockRecord, MethodConfig
+from tokenreduce.ops.attention import (
+    class_attention_row,
+    masked_softmax,
+    padding_bias,
+    size_bias,
+    softmax_dtype,
+)
+from tokenreduce.ops.packing import RaggedLayout
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+TRAINABLE_ATTR = "tokenreduce_thresholds"
+"""Name of the submodule holding a learned method's trainable thresholds (a model attribute, so
+that optimisers, DDP and state dicts see it)."""
+
+ADAPTER_ATTR = "_tokenreduce"
+"""Name of the model attribute that holds the attached adapter."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the engine asks of one block's attention.
+
+    bias: additive key bias [B, 1, 1, N] (log size, padding) or None. needs: the by-products the
+    method asks for ("cls_attn", "key_mean", "values", "attn"). key_mask: [B, N] soft key mask of a
+    learned method's training forward, or None. layout: the input is the flat [M, C] real tokens
+    of this ragged batch (None: [B, N, C]). rope: the family's rotary embedding of the current
+    tokens, or None.
+    """
+
+    bias: torch.Tensor | None = None
+    needs: frozenset[str] = frozenset()
+    key_mask: torch.Tensor | None = None
+    layout: RaggedLayout | None = None
+    rope: Any = None
+
+
+def attend(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttentionCall,
+    metric_keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AttentionOutputs]:
+    """Multi-head attention of q, k, v [B, H, N, d] with the call's key bias, as timm computes it.
+
+    `attn` is the attention module (its `fused_attn`, `scale`, `attn_drop` and training mode are
+    used). With no bias the output equals timm's op for op. The fused path stays fused; the
+    class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
+    the explicit masked softmax (docs/methods.md §2.7). metric_keys: the keys whose head mean is
+    the merging metric (default k; rotary families pass the keys before rotation).
+    Returns the attention output [B, N, H * d] and the by-products.
+    """
+    batch, heads, tokens, _ = q.shape
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    bias = None if call.bias is None else call.bias.to(q.dtype)
+    full = None
+    cls_attn = None
+    fused = bool(attn.fused_attn) and "attn" not in call.needs and call.key_mask is None
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        if "cls_attn" in call.needs:
+            cls_attn = class_attention_row(q, k, attn.scale, bias)
+    else:
+        if bias is None:
+            scores = (q * attn.scale) @ k.transpose(-2, -1)
+        else:  # the bias added inside the product: no extra pass over the N x N scores
+            scores = torch.baddbmm(
+                bias.expand(batch, heads, 1, tokens).flatten(0, 1),
+                (q * attn.scale).flatten(0, 1),
+                k.transpose(-2, -1).flatten(0, 1),
+            ).unflatten(0, (batch, heads))
+        if call.key_mask is None:
+            full = scores.softmax(dim=-1)
+        else:
+            full = masked_softmax(scores, call.key_mask.to(scores.dtype))
+        out = attn.attn_drop(full) @ v
+        if "cls_attn" in call.needs:
+            cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
+    metric_keys = k if metric_keys is None else metric_keys
+    byproducts = AttentionOutputs(
+        cls_attn=cls_attn,
+        key_mean=metric_keys.mean(dim=1) if "key_mean" in call.needs else None,
+        values=v if "values" in call.needs else None,
+        attn=full if "attn" in call.needs else None,
+        fused=fused,
+    )
+    return out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1]), byproducts
+
+
+def project_output(
+    attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None, layout: RaggedLayout | None
+) -> torch.Tensor:
+    """The attention module's output half (timm Attention, EvaAttention, AttentionRope): norm,
+    optional sigmoid gate, projection, dropout; on the flat real tokens with a ragged layout."""
+    if layout is not None:
+        out = layout.unpad(out)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def key_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention bias over keys: log s with proportional attention (padding has s = 0),
+    otherwise -inf at padding slots only; None when neither applies."""
+    if prop_attn:
+        return size_bias(state.size, dtype)
+    return padding_bias(state.valid, dtype)
+
+
+def grid_positions(grid_size: tuple[int, int], num_prefix: int, batch: int) -> torch.Tensor:
+    """(row, column) of every token of an unreduced sequence [B, P + H * W, 2], prefix rows 0."""
+    rows, cols = grid_size
+    grid = torch.stack(
+        torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1
+    ).reshape(-1, 2)
+    position = torch.cat([torch.zeros(num_prefix, 2, dtype=torch.long), grid])
+    return position.to(torch.float32).expand(batch, -1, -1)
+
+
+def weighted_pool(
+    x: torch.Tensor,
+    state: TokenState | None,
+    pool_type: str,
+    num_prefix: int,
+    include_prefix: bool,
+    attn_pool: nn.Module | None,
+    prop_attn: bool,
+) -> torch.Tensor | None:
+    """Pooling that accounts for token sizes, padding and training masks, or None when the
+    family's own pooling is exact (nothing was reduced, or a pooling that sizes do not change).
+
+    x: final tokens [B, N, C]. attn_pool: an attention-pooling module taking `attn_mask` (timm's
+    AttentionPoolLatent); it gets log(size) as key bias with proportional attention, and -inf at
+    padding. Otherwise "avg" is the size-weighted mean and "avgmax" its mean with the max over real
+    tokens.
+    """
+    if state is None or (state.size is None and state.mask is None):
+        return None
+    size = state.sizes_like(x)
+    if size.shape[:2] != x.shape[:2]:
+        return None
+    weight = size if state.mask is None else size * state.mask.unsqueeze(-1)
+    if not include_prefix:
+        x, size, weight = x[:, num_prefix:], size[:, num_prefix:], weight[:, num_prefix:]
+    if attn_pool is not None:
+        mask = size_bias(size, x.dtype) if prop_attn else None
+        if state.valid is not None or state.mask is not None:
+            padding = padding_bias(weight.detach()[..., 0] > 0, x.dtype)
+            mask = padding if mask is None else mask + padding
+        return attn_pool(x, attn_mask=mask)
+    if pool_type not in ("avg", "avgmax"):
+        return None
+    mean = (x * weight).sum(dim=1) / weight.sum(dim=1)
+    if pool_type == "avgmax":
+        real = weight.detach() > 0
+        return 0.5 * (x.masked_fill(~real, -torch.inf).amax(dim=1) + mean)
+    return mean
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of every nn.Linear inside `module`."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+class ModelAdapter(ABC):
+    """Holds a method config on one model and runs its reducing forward.
+
+    A model family subclasses this and provides the hooks marked abstract; `adapter_for` picks the
+    family by asking each registered adapter's `supports`. The engine methods (`run_blocks`,
+    `block_forward`, `last_info`) are shared by all families.
+    """
+
+    ATTR: ClassVar[str] = ADAPTER_ATTR
+    SUPPORTED: ClassVar[str]
+    """What the family supports, in words (listed when a model is refused)."""
+
+    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
+        self.dims = self.describe(model)
+        config.validate(self.dims)
+        self.config = config
+        self.steps = tuple(config.schedule(self.dims))
+        self.original_class = type(model)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> ModelAdapter:
+        clone = copy.copy(self)
+        clone._local = threading.local()
+        return clone
+
+    # ---- family hooks: what a model family provides ----------------------------------------
+    @staticmethod
+    @abstractmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether the model belongs to this family (a cheap check; details in check_supported)."""
+
+    @classmethod
+    @abstractmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        """UnsupportedModelError naming the first part of the model this adapter cannot run."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, model: nn.Module) -> ModelDims:
+        """Shape facts and MAC coefficients of a supported model."""
+
+    @classmethod
+    @abstractmethod
+    def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The model's pooled pre-logits features [B, D] of images [B, 3, H, W]."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The model's transformer blocks, in order."""
+
+    @abstractmethod
+    def plain_block(self, block: nn.Module, x: torch.Tensor, rope: Any) -> torch.Tensor:
+        """The block's own forward (used where nothing is reduced, biased or masked)."""
+
+    @abstractmethod
+    def attention_half(
+        self, block: nn.Module, x: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, AttentionOutputs]:
+        """x plus the block's attention residual, with the call's bias and by-products."""
+
+    @abstractmethod
+    def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x plus the block's MLP residual."""
+
+    @classmethod
+    @abstractmethod
+    def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
+        """The methods the reducing subclass of `model_class` overrides (its forward through
+        `run_blocks`, size-aware pooling, ...); they find the adapter in the model's `ATTR`."""
+
+    def attention_fused(self, block: nn.Module) -> bool:
+        """Whether the block's attention runs through the fused kernel by default."""
+        return bool(block.attn.fused_attn)
+
+    def rotary(self, index: int, state: TokenState, rotary: Any) -> Any:
+        """The rotary embedding of the current tokens at block `index`, for families whose
+        forward passes `rotary` to `run_blocks`."""
+        raise NotImplementedError(f"{type(self).__name__} has no rotary position embeddings")
+
+    # ---- attach / detach ----------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        setattr(model, self.ATTR, self)
+        model.__class__ = reducing_class(self.original_class, self)
+
+    def detach(self, model: nn.Module) -> None:
+        model.__class__ = self.original_class
+        delattr(model, self.ATTR)
+        if hasattr(model, TRAINABLE_ATTR):
+            delattr(model, TRAINABLE_ATTR)
+
+    # ---- the engine ---------------------------------------------------------------------------
+    def block_forward(
+        self,
+        block: nn.Module,
+        x: torch.Tensor,
+        state: TokenState,
+        step: Any,
+        layout: RaggedLayout | None = None,
+        rope: Any = None,
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord | None, bool, RaggedLayout | None]:
+        """One block with the reduction between attention and MLP.
+
+        x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
+        that `state` describes. Returns tokens, state, the method's record (None where the block
+        does not reduce), whether attention ran fused, and the layout of the returned tokens
+        (None: [B, N, C]). A block that neither reduces nor needs a key bias or mask runs the
+        block's own forward.
+        """
+        config = self.config
+        bias = key_bias(state, config.uses_prop_attn, x.dtype)
+        if step is None and bias is None and state.mask is None:
+            fused = self.attention_fused(block)
+            return self.plain_block(block, x, rope), state, None, fused, layout
+        needs = config.needs if step is not None else frozenset()
+        call = AttentionCall(bias=bias, needs=needs, key_mask=state.mask, layout=layout, rope=rope)
+        x, byproducts = self.attention_half(block, x, call)
+        record = None
+        if step is not None:
+            if layout is not None:
+                x = layout.pad(x)
+            x, state, record = config.reduce(x, state, byproducts, step)
+            layout = None
+            if config.ragged and state.valid is not None:
+                layout = RaggedLayout(state.valid)
+                x = layout.unpad(x)
+        return self.mlp_half(block, x), state, record, byproducts.fused, layout
+
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, rotary: Any = None) -> torch.Tensor:
+        """All blocks with their reductions; records this forward's info for this thread.
+
+        rotary: for a family with rotary position embeddings, its embedding of this input's
+        unreduced grid (with a `grid_size` (rows, columns)); each token then carries its position
+        and `rotary(index, state, rotary)` gives the embedding per block. None otherwise.
+        A learned method in training mode (`model.training`) runs its soft-mask forward: every
+        token stays, a key mask removes them (docs/methods.md §2.7), and the kept fraction per
+        block is recorded with its gradient for the budget loss.
+        """
+        config = self.config
+        batch = x.shape[0]
+        source = None
+        if config.trace_source:
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(batch, -1, -1)
+        position = None
+        if rotary is not None:
+            position = grid_positions(rotary.grid_size, self.dims.num_prefix, batch).to(
+                device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)
+            )
+        self._local.initial_position = position
+        soft = config.learned and model.training
+        state = TokenState(
+            num_prefix=self.dims.num_prefix,
+            source=source,
+            mask=x.new_ones(batch, x.shape[1]) if soft else None,
+            position=position,
+            position_rule=config.rope_position,
+        )
+        steps = self.steps
+        trainable = getattr(model, TRAINABLE_ATTR, None)
+        if trainable is not None:
+            steps = config.trainable_steps(self.steps, trainable)
+        tokens_in = x.shape[1]
+        counts, sizes, sources, fused, kept = [], [], [], [], []
+        records: list[BlockRecord] = []
+        layout = None
+        for index, (block, step) in enumerate(zip(self.blocks(model), steps, strict=True)):
+            rope = None if rotary is None else self.rotary(index, state, rotary)
+            x, state, record, block_fused, layout = self.block_forward(
+                block, x, state, step, layout, rope
+            )
+            counts.append(state.token_counts(x))
+            sizes.append(state.size)
+            fused.append(block_fused)
+            if state.mask is not None:
+                kept.append(state.mask.mean(dim=1))
+            if state.source is not None:
+                sources.append(state.source > 0)
+            if record is not None:
+                records.append(record)
+        if layout is not None:
+            x = layout.pad(x)
+        self._local.final_state = state
+        # per-image counts stay on the device (no sync); plain ints join them there
+        device = next((c.device for c in counts if isinstance(c, torch.Tensor)), None)
+        per_block = [torch.as_tensor(c, device=device).expand(batch) for c in counts]
+        self._local.info = ReductionInfo(
+            config=config,
+            tokens_per_block=torch.stack(per_block, dim=1).long(),
+            tokens_in=tokens_in,
+            steps=self.steps,
+            sizes=sizes,
+            source_blk=sources if config.trace_source else None,
+            fused_attention=tuple(fused),
+            records=config.record_type.stack(records),
+            kept_fraction=torch.stack(kept, dim=1) if kept else None,
+        )
+        return x
+
+    def final_state(self) -> TokenState | None:
+        """The token state after the last block of this thread's last forward."""
+        return getattr(self._local, "final_state", None)
+
+    def last_info(self) -> ReductionInfo:
+        info = getattr(self._local, "info", None)
+        if info is None:
+            raise NotReadyError(
+                "no forward pass of this reduced model has run in this thread yet; run the model "
+                "first, then call last_info(model)"
+            )
+        return info
+
+
+def restore_reduced(
+    cls: type[nn.Module],
+    state: dict[str, Any],
+    config: MethodConfig,
+    adapter_class: type[ModelAdapter],
+) -> nn.Module:
+    """A pickled reduced model: the original model of class `cls`, `config` applied again."""
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    adapter_class(model, config).attach(model)
+    return model
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    # the reducing class is made at run time, so pickle (torch.save, deepcopy) stores the
+    # original model and the config, and re-applies the reduction when it loads them
+    adapter = getattr(self, ADAPTER_ATTR)
+    state = {k: v for k, v in self.__dict__.items() if k != ADAPTER_ATTR}
+    return (restore_reduced, (adapter.original_class, state, adapter.config, type(adapter)))
+
+
+_REDUCING_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def reducing_class(cls: type[nn.Module], adapter: ModelAdapter) -> type[nn.Module]:
+    """A subclass of the model's class with the adapter's reducing members (made once per class)."""
+    key = (cls, type(adapter))
+    if key not in _REDUCING_CLASSES:
+        members = {**adapter.reducing_members(cls), "__reduce_ex__": _reduce_ex}
+        members["__module__"] = __name__
+        _REDUCING_CLASSES[key] = type(f"TokenReduce{cls.__name__}", (cls,), members)
+    return _REDUCING_CLASSES[key]
+
+
+def check_block_types(
+    model_name: str, blocks: Sequence[nn.Module], accepted: dict[type, tuple[type, ...]], what: str
+) -> None:
+    """UnsupportedModelError unless every block is one of `accepted` (block class -> attention
+    classes), naming the first block that is not."""
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if type(attn) not in accepted.get(type(block), ()):
+            raise UnsupportedModelError(
+                f"unsupported block {i} of {model_name}: {type(block).__name__} with "
+                f"{type(attn).__name__}; supported: {what}"
+            )
+
+
+__all__ = [
+    "ADAPTER_ATTR",
+    "TRAINABLE_ATTR",
+    "AttentionCall",
+    "ModelAdapter",
+    "attend",
+    "key_bias",
+    "project_output",
+    "weighted_pool",
+]
+
+
+def check_plain_forward(model: nn.Module, attn_mask: Any, is_causal: bool) -> None:
+    """InvalidOptionError for forward arguments a reduced model cannot honour."""
+    if attn_mask is not None or is_causal:
+        raise InvalidOptionError(
+            f"attn_mask={'given' if attn_mask is not None else None}, is_causal={is_causal}: a "
+            "model with token reduction does not accept attention masks (tokens are merged and "
+            "pruned, so a mask over the input tokens no longer lines up); accepted: "
+            "attn_mask=None, is_causal=False, or tokenreduce.remove(model) first"
+        )
+    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        raise InvalidOptionError(
+            "grad_checkpointing=True is not supported by a model with token reduction; "
+            "accepted: model.set_grad_checkpointing(False)"
+        )
+
+
+def refuse_intermediates(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError(
+        "forward_intermediates is not available on a model with token reduction (token counts "
+        "change between blocks); use tokenreduce.remove(model) first"
+    )

@@ -1,0 +1,253 @@
+"""The timm Eva family: DINOv3, EVA-02, Perception Encoder and the RoPE ViTs.
+
+Blocks are `EvaBlock` (pre-norm, optional LayerScale gamma) or `EvaBlockPostNorm`, with
+`EvaAttention` (fused or separate q/k/v, q/k bias, sub-LN scale norm) or `AttentionRope` (fused or
+separate, grouped-query k/v); MLPs (Mlp, SwiGLU, GluMlp) are run as the block runs them. Rotary
+embeddings rotate the queries and keys of the non-prefix tokens by each token's position, which
+travels with the token through every reduction (`TokenState.position`, `patch.rope`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import AttentionRope
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from torch import nn
+
+from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.methods.base import MethodConfig
+from tokenreduce.patch.base import (
+    ADAPTER_ATTR,
+    AttentionCall,
+    ModelAdapter,
+    attend,
+    check_block_types,
+    check_plain_forward,
+    linear_macs,
+    project_output,
+    refuse_intermediates,
+    weighted_pool,
+)
+from tokenreduce.patch.rope import ROTARY_MODULES, RotaryPositions, RotaryTable
+from tokenreduce.patch.timm import (
+    attention_pool_facts,
+    check_patch_embed,
+    model_name,
+    patch_embed_macs,
+    timm_pooled_features,
+)
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+ATTENTIONS = (EvaAttention, AttentionRope)
+BLOCKS = {EvaBlock: ATTENTIONS, EvaBlockPostNorm: ATTENTIONS}
+
+
+class EvaAdapter(ModelAdapter):
+    """timm Eva models, with or without rotary position embeddings."""
+
+    SUPPORTED = (
+        "timm Eva (vit_*_dinov3, eva02_*, vit_pe_core_*, vit_*_rope_*) with EvaBlock or "
+        "EvaBlockPostNorm blocks, EvaAttention or AttentionRope, and rotary embeddings "
+        "RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed or none"
+    )
+
+    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
+        super().__init__(model, config)
+        self.positions = RotaryPositions(model.rope) if model.rope is not None else None
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return isinstance(model, Eva)
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        if not cls.supports(model):
+            raise UnsupportedModelError(
+                f"unsupported model class {type(model).__name__}; supported: {cls.SUPPORTED}"
+            )
+        check_block_types(type(model).__name__, model.blocks, BLOCKS, cls.SUPPORTED)
+        check_patch_embed(model)
+        if model.rope is not None and not isinstance(model.rope, ROTARY_MODULES):
+            raise UnsupportedModelError(
+                f"unsupported rotary embedding {type(model.rope).__name__} of "
+                f"{type(model).__name__}; supported: "
+                + ", ".join(m.__name__ for m in ROTARY_MODULES)
+            )
+        if model.patch_drop is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with patch dropout (patch_drop_rate > 0) is not "
+                "supported; accepted: patch_drop_rate=0"
+            )
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> ModelDims:
+        cls.check_supported(model)
+        attn = model.blocks[0].attn
+        return ModelDims(
+            depth=len(model.blocks),
+            embed_dim=model.embed_dim,
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            attn_dim=attn.num_heads * attn.head_dim,
+            num_prefix=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            has_class_token=model.cls_token is not None,
+            attn_linear_macs_per_token=linear_macs(attn),
+            mlp_macs_per_token=linear_macs(model.blocks[0].mlp),
+            patch_embed_macs=patch_embed_macs(model.patch_embed),
+            head_macs=linear_macs(model.head),
+            model_name=model_name(model),
+            input_size=tuple(model.patch_embed.img_size),
+            grid_size=tuple(model.patch_embed.grid_size),
+            rotary=model.rope is not None,
+            **attention_pool_facts(model.attn_pool, include_prefix=True),
+        )
+
+    @classmethod
+    def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return timm_pooled_features(model, images)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.blocks
+
+    def plain_block(self, block: nn.Module, x: torch.Tensor, rope: Any) -> torch.Tensor:
+        return block(x, rope=rope)
+
+    def attention_half(
+        self, block: nn.Module, x: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, AttentionOutputs]:
+        if isinstance(block, EvaBlockPostNorm):
+            out, byproducts = attention_forward(block.attn, x, call)
+            return x + block.drop_path1(block.norm1(out)), byproducts
+        out, byproducts = attention_forward(block.attn, block.norm1(x), call)
+        if block.gamma_1 is not None:
+            out = block.gamma_1 * out
+        return x + block.drop_path1(out), byproducts
+
+    def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(block, EvaBlockPostNorm):
+            return x + block.drop_path2(block.norm2(block.mlp(x)))
+        out = block.mlp(block.norm2(x))
+        if block.gamma_2 is not None:
+            out = block.gamma_2 * out
+        return x + block.drop_path2(out)
+
+    def rotary(self, index: int, state: TokenState, rotary: RotaryTable) -> torch.Tensor:
+        """timm's table while no token moved, else the embedding at each token's position (one
+        per reduction: positions change only where a block reduces, unless per depth)."""
+        positions = self.positions
+        position = state.position
+        if position is self._local.initial_position:
+            return rotary.table[index] if positions.per_depth else rotary.table
+        cached = getattr(self._local, "rope_cache", None)
+        if not positions.per_depth and cached is not None and cached[0] is position:
+            return cached[1]
+        rope = positions.embed(position[:, state.num_prefix :], rotary, index)
+        self._local.rope_cache = (position, rope)
+        return rope
+
+    @classmethod
+    def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
+        def forward_features(
+            self: Eva,
+            x: torch.Tensor,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+        ) -> torch.Tensor:
+            check_plain_forward(self, attn_mask, is_causal)
+            adapter = getattr(self, ADAPTER_ATTR)
+            x = self.patch_embed(x)
+            grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+            x, table = self._pos_embed(x)
+            x = self.norm_pre(x)
+            rotary = None
+            if table is not None:
+                adapter.positions.check_forward(self.training)
+                rotary = RotaryTable(table, grid)
+            x = adapter.run_blocks(self, x, rotary)
+            return self.norm(x)
+
+        def pool(self: Eva, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+            adapter = getattr(self, ADAPTER_ATTR)
+            pooled = weighted_pool(
+                x,
+                adapter.final_state(),
+                self.global_pool if pool_type is None else pool_type,
+                self.num_prefix_tokens,
+                self.attn_pool is not None,
+                self.attn_pool,
+                adapter.config.uses_prop_attn,
+            )
+            return model_class.pool(self, x, pool_type) if pooled is None else pooled
+
+        return {
+            "forward_features": forward_features,
+            "pool": pool,
+            "forward_intermediates": refuse_intermediates,
+        }
+
+
+def project_qkv(
+    attn: nn.Module, x: torch.Tensor, call: AttentionCall
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, heads, N, d] as EvaAttention / AttentionRope compute them (k and v with the
+    k/v heads of grouped-query attention), padded when x is the flat tokens of a ragged batch."""
+    pad = call.layout.pad if call.layout is not None else (lambda y: y)
+    if attn.qkv is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x)
+                qkv += bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+        qkv = pad(qkv)
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    q, k, v = pad(attn.q_proj(x)), pad(attn.k_proj(x)), pad(attn.v_proj(x))
+    batch, tokens, _ = q.shape
+    return (
+        q.reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2),
+        k.reshape(batch, tokens, kv_heads, -1).transpose(1, 2),
+        v.reshape(batch, tokens, kv_heads, -1).transpose(1, 2),
+    )
+
+
+def attention_forward(
+    attn: nn.Module, x: torch.Tensor, call: AttentionCall
+) -> tuple[torch.Tensor, AttentionOutputs]:
+    """EvaAttention / AttentionRope forward with an additive key bias and the by-products a
+    method needs; with no bias and timm's rotary table it equals timm's op for op.
+
+    The merging metric (`key_mean`) is the keys before rotation: the tokens' content, so that two
+    similar patches far apart are still similar (their merged position is handled separately).
+    """
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    q, k, v = project_qkv(attn, x, call)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric_keys = k
+    if call.rope is not None:
+        npt = attn.num_prefix_tokens
+        half = getattr(attn, "rotate_half", False)
+        rotated_q = apply_rot_embed_cat(q[:, :, npt:, :], call.rope, half=half)
+        rotated_k = apply_rot_embed_cat(k[:, :, npt:, :], call.rope, half=half)
+        q = torch.cat([q[:, :, :npt, :], rotated_q], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt, :], rotated_k], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out, byproducts = attend(attn, q, k, v, call, metric_keys=metric_keys)
+    return project_output(attn, out, gate, call.layout), byproducts
+
+
+__all__ = ["EvaAdapter", "attention_forward"]
