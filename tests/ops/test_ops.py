@@ -86,3 +86,26 @@ def test_matching_never_touches_prefix_and_sources_partition():
 def test_r_zero_is_identity():
     assert bipartite_soft_matching(torch.randn(1, 9, 4), 0, 1) is None
     assert bipartite_soft_matching(torch.randn(1, 3, 4), 5, 2) is None
+
+
+def test_merged_positions_hand_case():
+    """Tokens 0..5, no prefix; A = (0, 2, 4), B = (1, 3, 5). Token 2 (size 3, at (2, 0)) merges
+    into token 1 (size 1, at (0, 4)); token 4 into token 5."""
+    from tokenreduce.ops.merging import Matching, merge_positions
+
+    position = torch.tensor([[[0.0, 0], [0, 4], [2, 0], [1, 1], [3, 3], [3, 5]]])
+    size = torch.tensor([[[1.0], [1], [3], [1], [2], [2]]])
+    matching = Matching(
+        unm_idx=torch.tensor([[0]]),
+        src_idx=torch.tensor([[1, 2]]),
+        dst_idx=torch.tensor([[0, 2]]),
+        order=None,
+    )
+    _, merged_size = merge_wavg(matching, torch.zeros(1, 6, 1), size)
+    mean = merge_positions(matching, position, size, merged_size, destination=False)
+    destination = merge_positions(matching, position, size, merged_size, destination=True)
+    # outputs: [token 0, token 1 + token 2, token 3, token 5 + token 4]
+    assert merged_size[0, :, 0].tolist() == [1, 4, 1, 4]
+    assert mean[0].tolist() == [[0, 0], [1.5, 1], [1, 1], [3, 4]]
+    assert destination[0].tolist() == [[0, 0], [0, 4], [1, 1], [3, 5]]
+    assert merge_positions(matching, None, size, merged_size, destination=False) is None

@@ -142,6 +142,12 @@ class EvaAdapter(ModelAdapter):
         per reduction: positions change only where a block reduces, unless per depth)."""
         positions = self.positions
         position = state.position
+        if position is None:
+            raise RuntimeError(
+                f"method {self.config.name!r} returned a TokenState without token positions; a "
+                "method must carry TokenState.position through its reduction on models with "
+                "rotary embeddings (docs/methods.md §1.7)"
+            )
         if position is self._local.initial_position:
             return rotary.table[index] if positions.per_depth else rotary.table
         cached = getattr(self._local, "rope_cache", None)

@@ -61,6 +61,7 @@ class RotaryPositions:
         self.per_depth = isinstance(rope, RotaryEmbeddingMixed)
         self.rotate_half = bool(getattr(rope, "rotate_half", False))
         self._maps: dict[tuple[int, int], CoordinateMap] = {}
+        self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_forward(self, training: bool) -> None:
         """Training-time coordinate augmentation moves every grid point at random; positions of
@@ -113,6 +114,29 @@ class RotaryPositions:
         zeros = torch.zeros_like(per_axis)
         return torch.cat([per_axis, zeros]), torch.cat([zeros, per_axis])
 
+    def angle_basis(
+        self, grid_size: tuple[int, int], depth_index: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles in timm's layout as an affine function of (row, column): origin [.., 1, E / 2]
+        and steps [.., 2, E / 2], so that angles(p) = origin + p @ steps, on `like`'s device and
+        dtype. Cached per grid unless the frequencies are per depth (learned parameters)."""
+        key = (grid_size, depth_index, like.dtype, like.device)
+        if not self.per_depth and key in self._bases:
+            return self._bases[key]
+        coord_map = self.coordinate_map(grid_size)
+        freq_a, freq_b = self.frequencies(depth_index)
+        coord_map = [c.to(device=freq_a.device, dtype=freq_a.dtype) for c in coord_map]
+
+        def angles(coords: torch.Tensor) -> torch.Tensor:
+            return self._layout(coords[0] * freq_a + coords[1] * freq_b)
+
+        origin, step_row, step_col = (angles(c) for c in coord_map)
+        steps = torch.stack([step_row, step_col], dim=-2)
+        basis = origin.unsqueeze(-2).to(like), steps.to(like)
+        if not self.per_depth:
+            self._bases[key] = basis
+        return basis
+
     def embed(self, position: torch.Tensor, rotary: RotaryTable, depth_index: int) -> torch.Tensor:
         """The embedding of tokens at `position` [B, N, 2] (row, column): [B, 1, N, E], or
         [B, heads, N, E] per depth, in the table's dtype."""
@@ -122,22 +146,10 @@ class RotaryPositions:
         index = (position[..., 0] * cols + position[..., 1]).round().long()
         index = index.clamp(0, rows * cols - 1)
         gathered = table[:, index].transpose(0, 1) if self.per_depth else table[index].unsqueeze(1)
-        coord_map = self.coordinate_map(rotary.grid_size)
-        position = position.to(torch.float64)
-        coords = (
-            coord_map.origin.to(position.device)
-            + position[..., :1] * coord_map.step_row.to(position.device)
-            + position[..., 1:] * coord_map.step_col.to(position.device)
-        )
-        freq_a, freq_b = (f.to(torch.float64) for f in self.frequencies(depth_index))
-        if self.per_depth:  # [B, 1, N, 1] x [heads, 1, F] -> [B, heads, N, F]
-            coords = coords.unsqueeze(1)
-            freq_a, freq_b = freq_a.unsqueeze(-2), freq_b.unsqueeze(-2)
-        angles = coords[..., :1] * freq_a + coords[..., 1:] * freq_b
-        if not self.per_depth:
-            angles = angles.unsqueeze(1)
-        computed = torch.cat([self._layout(angles.sin()), self._layout(angles.cos())], dim=-1)
-        return torch.where(on_grid[:, None, :, None], gathered, computed.to(table.dtype))
+        origin, steps = self.angle_basis(rotary.grid_size, depth_index, position)
+        angles = origin + position.unsqueeze(1) @ steps
+        computed = torch.cat([angles.sin(), angles.cos()], dim=-1).to(table.dtype)
+        return torch.where(on_grid[:, None, :, None], gathered, computed)
 
     def _layout(self, values: torch.Tensor) -> torch.Tensor:
         """timm's layout of per-angle values: [a, b, .., a, b, ..] (half) or [a, a, b, b, ..]."""
