@@ -76,6 +76,8 @@ class AttentionOutputs:
     key_mean: [B, N, d] keys averaged over heads (the ToMe metric).
     values: [B, H, N, d] value vectors.
     attn: [B, H, N, N] full attention matrix (explicit path only).
+    received: [B, N] mean attention each token receives over heads and real query rows (explicit
+        path; LTMP's importance).
     fused: whether the attention itself ran through the fused kernel.
     """
 
@@ -83,6 +85,7 @@ class AttentionOutputs:
     key_mean: torch.Tensor | None = None
     values: torch.Tensor | None = None
     attn: torch.Tensor | None = None
+    received: torch.Tensor | None = None
     fused: bool = True
 
 

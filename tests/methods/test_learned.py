@@ -15,6 +15,7 @@ from tokenreduce import data, train
 from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
+from tokenreduce.ops.attention import received_attention
 from tokenreduce.ops.packing import pack_kept
 from tokenreduce.patch.base import TRAINABLE_ATTR
 from tokenreduce.state import AttentionOutputs, TokenState
@@ -53,7 +54,9 @@ def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
     config = make_config("ltmp")
     keys = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]])
     attn = torch.full((1, 1, 5, 5), 0.25, dtype=torch.float64)
-    outputs = AttentionOutputs(attn=attn, key_mean=keys[None].double())
+    outputs = AttentionOutputs(
+        received=received_attention(attn, None), key_mean=keys[None].double()
+    )
     x = torch.arange(5, dtype=torch.float64).view(1, 5, 1)
 
     def step(merge, prune):

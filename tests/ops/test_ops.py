@@ -109,3 +109,25 @@ def test_merged_positions_hand_case():
     assert mean[0].tolist() == [[0, 0], [1.5, 1], [1, 1], [3, 4]]
     assert destination[0].tolist() == [[0, 0], [0, 4], [1, 1], [3, 5]]
     assert merge_positions(matching, None, size, merged_size, destination=False) is None
+
+
+def test_attention_by_image_equals_the_batched_explicit_path():
+    """Each image alone over its real tokens (first counts[i] slots) = the padded batch with -inf
+    key bias at padding: outputs at real rows and the attention each token receives."""
+    from tokenreduce.ops.attention import attention_by_image, received_attention, size_bias
+
+    batch, heads, length, dim = 3, 2, 7, 4
+    counts = [7, 4, 5]
+    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    size = torch.rand(batch, length, 1, dtype=torch.float64) + 0.5
+    valid = torch.arange(length) < torch.tensor(counts)[:, None]
+    size = size * valid.unsqueeze(-1)
+    bias = size_bias(size, torch.float64)
+    scale = dim**-0.5
+    weights = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+    out, received = attention_by_image(q, k, v, scale, bias, counts)
+    real = valid[:, None, :, None].expand_as(q)
+    torch.testing.assert_close(out[real], (weights @ v)[real], rtol=0, atol=1e-12)
+    assert (out[~real] == 0).all()
+    want = received_attention(weights, valid).masked_fill(~valid, 0)
+    torch.testing.assert_close(received, want, rtol=0, atol=1e-12)

@@ -31,21 +31,6 @@ from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
-def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N].
-
-    The sum over real query rows is one vector-matrix product per head (a single read of the
-    matrix, no masked copy of it).
-    """
-    batch, heads, tokens, _ = attn.shape
-    if valid is None:
-        rows = attn.new_full((batch, 1, 1, tokens), 1.0 / (heads * tokens))
-    else:
-        rows = valid.to(attn.dtype)
-        rows = (rows / (heads * rows.sum(dim=1, keepdim=True)))[:, None, None, :]
-    return (rows @ attn).sum(dim=1)[:, 0]
-
-
 def best_partners(
     key_mean: torch.Tensor, num_prefix: int, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +83,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
     name: ClassVar[str] = "ltmp"
     record_type: ClassVar[type[BlockRecord]] = LTMPRecord
     requires_class_token: ClassVar[bool] = True
-    needs: ClassVar[frozenset[str]] = frozenset({"attn", "key_mean"})
+    needs: ClassVar[frozenset[str]] = frozenset({"received", "key_mean"})
     kinds: ClassVar[tuple[str, ...]] = ("merge_thresholds", "prune_thresholds")
     train_init: ClassVar[dict[str, float]] = {"merge_thresholds": 0.9, "prune_thresholds": 0.0}
     train_lr: ClassVar[dict[str, float]] = {"merge_thresholds": 5e-3, "prune_thresholds": 5e-6}
@@ -158,7 +143,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             overflow = None if self.max_tokens is None else none
             return x, state, LTMPRecord(overflow=overflow, merged=none, pruned=none)
         valid = None if soft else state.valid
-        importance = received_attention(attn.attn, valid)
+        importance = attn.received.clone()
         importance[:, :prefix] = math.inf
         key_mean = attn.key_mean
         if soft:  # masked tokens get zero keys: similarity 0 to every token

@@ -1,4 +1,5 @@
-"""Attention helpers: the proportional-attention bias and the class-attention row."""
+"""Attention helpers: the proportional-attention bias, the class-attention row, the attention
+each token receives, and explicit attention one image at a time."""
 
 from __future__ import annotations
 
@@ -57,3 +58,52 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) 
     shift = logits.detach().masked_fill(~kept, -torch.inf).amax(dim=-1, keepdim=True)
     weights = (logits - shift).clamp_max(0).exp() * mask[:, None, None, :]
     return (weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N].
+
+    The sum over real query rows is one vector-matrix product per head (a single read of the
+    matrix, no masked copy of it). valid: [B, N] real query rows, None when all are.
+    """
+    batch, heads, tokens, _ = attn.shape
+    if valid is None:
+        rows = attn.new_full((batch, 1, 1, tokens), 1.0 / (heads * tokens))
+    else:
+        rows = valid.to(attn.dtype)
+        rows = (rows / (heads * rows.sum(dim=1, keepdim=True)))[:, None, None, :]
+    return (rows @ attn).sum(dim=1)[:, 0]
+
+
+def attention_by_image(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention of each image's first counts[i] tokens alone, and the attention
+    each of them receives (`received_attention` over its real rows).
+
+    q, k, v: [B, H, T, d] with each image's real tokens first; bias: [B, 1, 1, T] or None.
+    Returns the output [B, H, T, d] (zeros at padding rows) and received [B, T] (0 at padding).
+    Equal to the batched explicit path up to float rounding; on a CPU one image's [H, n, n]
+    matrix stays in cache through scores, softmax, A @ V and the column sums, where the batched
+    [B, H, T, T] matrix is streamed through memory four times, and padding costs nothing.
+    """
+    heads = q.shape[1]
+    out = torch.zeros_like(q)
+    received = q.new_zeros(q.shape[0], q.shape[2])
+    for image, count in enumerate(counts):
+        keys = k[image, :, :count].transpose(-2, -1)
+        queries = q[image, :, :count] * scale
+        if bias is None:
+            scores = queries @ keys
+        else:
+            scores = torch.baddbmm(bias[image, :, :, :count].expand(heads, 1, count), queries, keys)
+        weights = scores.softmax(dim=-1)
+        out[image, :, :count] = weights @ v[image, :, :count]
+        rows = weights.new_full((1, 1, count), 1.0 / (heads * count))
+        received[image, :count] = (rows @ weights).sum(dim=0)[0]
+    return out, received

@@ -83,7 +83,16 @@ class RaggedLayout:
 
     def __init__(self, valid: torch.Tensor) -> None:
         self.batch, self.length = valid.shape
+        self.valid = valid
         self.index = valid.reshape(-1).nonzero().squeeze(1)
+        self._counts: list[int] | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        """Real tokens per image (read from the device once, when first asked)."""
+        if self._counts is None:
+            self._counts = self.valid.sum(dim=1).tolist()
+        return self._counts
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         """[M, C] real rows -> [B, T, C] with zeros at padding slots."""

@@ -30,9 +30,11 @@ from tokenreduce.errors import InvalidOptionError, NotReadyError, UnsupportedMod
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import BlockRecord, MethodConfig
 from tokenreduce.ops.attention import (
+    attention_by_image,
     class_attention_row,
     masked_softmax,
     padding_bias,
+    received_attention,
     size_bias,
     softmax_dtype,
 )
@@ -52,10 +54,11 @@ class AttentionCall:
     """What the engine asks of one block's attention.
 
     bias: additive key bias [B, 1, 1, N] (log size, padding) or None. needs: the by-products the
-    method asks for ("cls_attn", "key_mean", "values", "attn"). key_mask: [B, N] soft key mask of a
-    learned method's training forward, or None. layout: the input is the flat [M, C] real tokens
-    of this ragged batch (None: [B, N, C]). rope: the family's rotary embedding of the current
-    tokens, or None.
+    method asks for ("cls_attn", "key_mean", "values", "attn", "received"). key_mask: [B, N] soft
+    key mask of a learned method's training forward, or None. layout: the input is the flat
+    [M, C] real tokens of this ragged batch (None: [B, N, C]). rope: the family's rotary
+    embedding of the current tokens, or None. valid: [B, N] real slots of a padded batch (each
+    image's real tokens first), None when every slot is real.
     """
 
     bias: torch.Tensor | None = None
@@ -63,6 +66,11 @@ class AttentionCall:
     key_mask: torch.Tensor | None = None
     layout: RaggedLayout | None = None
     rope: Any = None
+    valid: torch.Tensor | None = None
+
+    def counts(self, batch: int, length: int) -> list[int]:
+        """Real tokens per image (of a ragged or unpadded batch)."""
+        return self.layout.counts if self.layout is not None else [length] * batch
 
 
 def attend(
@@ -78,8 +86,11 @@ def attend(
     `attn` is the attention module (its `fused_attn`, `scale`, `attn_drop` and training mode are
     used). With no bias the output equals timm's op for op. The fused path stays fused; the
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
-    the explicit masked softmax (docs/methods.md §2.7). metric_keys: the keys whose head mean is
-    the merging metric (default k; rotary families pass the keys before rotation).
+    the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
+    path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
+    runs one image at a time (`attention_by_image`: cache-resident, no work on padding).
+    metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
+    the keys before rotation).
     Returns the attention output [B, N, H * d] and the by-products.
     """
     batch, heads, tokens, _ = q.shape
@@ -87,9 +98,24 @@ def attend(
     bias = None if call.bias is None else call.bias.to(q.dtype)
     full = None
     cls_attn = None
-    fused = bool(attn.fused_attn) and "attn" not in call.needs and call.key_mask is None
+    received = None
+    explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
+    fused = bool(attn.fused_attn) and not explicit
+    by_image = (  # not on a static padded batch (masked batching): its counts would need a sync
+        explicit
+        and (call.layout is not None or call.valid is None)
+        and call.key_mask is None
+        and "attn" not in call.needs
+        and batch > 1
+        and dropout == 0.0
+        and q.device.type == "cpu"
+    )
     if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        if "cls_attn" in call.needs:
+            cls_attn = class_attention_row(q, k, attn.scale, bias)
+    elif by_image:
+        out, received = attention_by_image(q, k, v, attn.scale, bias, call.counts(batch, tokens))
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
     else:
@@ -108,12 +134,15 @@ def attend(
         out = attn.attn_drop(full) @ v
         if "cls_attn" in call.needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
+        if "received" in call.needs:
+            received = received_attention(full, call.valid)
     metric_keys = k if metric_keys is None else metric_keys
     byproducts = AttentionOutputs(
         cls_attn=cls_attn,
         key_mean=metric_keys.mean(dim=1) if "key_mean" in call.needs else None,
         values=v if "values" in call.needs else None,
         attn=full if "attn" in call.needs else None,
+        received=received,
         fused=fused,
     )
     return out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1]), byproducts
@@ -309,7 +338,9 @@ class ModelAdapter(ABC):
             fused = self.attention_fused(block)
             return self.plain_block(block, x, rope), state, None, fused, layout
         needs = config.needs if step is not None else frozenset()
-        call = AttentionCall(bias=bias, needs=needs, key_mask=state.mask, layout=layout, rope=rope)
+        call = AttentionCall(
+            bias=bias, needs=needs, key_mask=state.mask, layout=layout, rope=rope, valid=state.valid
+        )
         x, byproducts = self.attention_half(block, x, call)
         record = None
         if step is not None:
