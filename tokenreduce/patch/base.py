@@ -261,6 +261,14 @@ class ModelAdapter(ABC):
         """UnsupportedModelError naming the first part of the model this adapter cannot run."""
 
     @classmethod
+    def check_family(cls, model: nn.Module) -> None:
+        """UnsupportedModelError unless the model belongs to this family."""
+        if not cls.supports(model):
+            raise UnsupportedModelError(
+                f"unsupported model class {type(model).__name__}; supported: {cls.SUPPORTED}"
+            )
+
+    @classmethod
     @abstractmethod
     def describe(cls, model: nn.Module) -> ModelDims:
         """Shape facts and MAC coefficients of a supported model."""

@@ -31,7 +31,6 @@ from tokenreduce.patch.base import (
     linear_macs,
     project_output,
     refuse_intermediates,
-    weighted_pool,
 )
 from tokenreduce.patch.rope import ROTARY_MODULES, RotaryPositions, RotaryTable
 from tokenreduce.patch.timm import (
@@ -39,6 +38,7 @@ from tokenreduce.patch.timm import (
     check_patch_embed,
     model_name,
     patch_embed_macs,
+    size_aware_pool,
     timm_pooled_features,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -66,10 +66,7 @@ class EvaAdapter(ModelAdapter):
 
     @classmethod
     def check_supported(cls, model: nn.Module) -> None:
-        if not cls.supports(model):
-            raise UnsupportedModelError(
-                f"unsupported model class {type(model).__name__}; supported: {cls.SUPPORTED}"
-            )
+        cls.check_family(model)
         check_block_types(type(model).__name__, model.blocks, BLOCKS, cls.SUPPORTED)
         check_patch_embed(model)
         if model.rope is not None and not isinstance(model.rope, ROTARY_MODULES):
@@ -178,22 +175,10 @@ class EvaAdapter(ModelAdapter):
             x = adapter.run_blocks(self, x, rotary)
             return self.norm(x)
 
-        def pool(self: Eva, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-            adapter = getattr(self, ADAPTER_ATTR)
-            pooled = weighted_pool(
-                x,
-                adapter.final_state(),
-                self.global_pool if pool_type is None else pool_type,
-                self.num_prefix_tokens,
-                self.attn_pool is not None,
-                self.attn_pool,
-                adapter.config.uses_prop_attn,
-            )
-            return model_class.pool(self, x, pool_type) if pooled is None else pooled
-
         return {
             "forward_features": forward_features,
-            "pool": pool,
+            # Eva's attention pool reads every token, its average pool the patch tokens only
+            "pool": size_aware_pool(model_class, lambda model: model.attn_pool is not None),
             "forward_intermediates": refuse_intermediates,
         }
 

@@ -71,6 +71,29 @@ def check_patch_embed(model: nn.Module) -> None:
         )
 
 
+def size_aware_pool(
+    model_class: type[nn.Module], include_prefix: Callable[[nn.Module], bool]
+) -> Callable:
+    """The `pool` of a reducing timm model class (VisionTransformer, Eva): size-, padding- and
+    mask-aware where tokens were reduced (`weighted_pool`), the class's own pool otherwise.
+    include_prefix: whether the model pools its prefix tokens too."""
+
+    def pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        adapter = getattr(self, ADAPTER_ATTR)
+        pooled = weighted_pool(
+            x,
+            adapter.final_state(),
+            self.global_pool if pool_type is None else pool_type,
+            self.num_prefix_tokens,
+            include_prefix(self),
+            self.attn_pool,
+            adapter.config.uses_prop_attn,
+        )
+        return model_class.pool(self, x, pool_type) if pooled is None else pooled
+
+    return pool
+
+
 def timm_pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """forward_features then forward_head(pre_logits=True): timm's pooled features."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
@@ -90,10 +113,7 @@ class TimmAdapter(ModelAdapter):
 
     @classmethod
     def check_supported(cls, model: nn.Module) -> None:
-        if not cls.supports(model):
-            raise UnsupportedModelError(
-                f"unsupported model class {type(model).__name__}; supported: {cls.SUPPORTED}"
-            )
+        cls.check_family(model)
         check_block_types(type(model).__name__, model.blocks, {Block: (Attention,)}, cls.SUPPORTED)
         check_patch_embed(model)
 
@@ -157,24 +177,9 @@ class TimmAdapter(ModelAdapter):
             x = getattr(self, ADAPTER_ATTR).run_blocks(self, x)
             return self.norm(x)
 
-        def pool(
-            self: VisionTransformer, x: torch.Tensor, pool_type: str | None = None
-        ) -> torch.Tensor:
-            adapter = getattr(self, ADAPTER_ATTR)
-            pooled = weighted_pool(
-                x,
-                adapter.final_state(),
-                self.global_pool if pool_type is None else pool_type,
-                self.num_prefix_tokens,
-                bool(self.pool_include_prefix),
-                self.attn_pool,
-                adapter.config.uses_prop_attn,
-            )
-            return model_class.pool(self, x, pool_type) if pooled is None else pooled
-
         return {
             "forward_features": forward_features,
-            "pool": pool,
+            "pool": size_aware_pool(model_class, lambda model: bool(model.pool_include_prefix)),
             "forward_intermediates": refuse_intermediates,
         }
 
