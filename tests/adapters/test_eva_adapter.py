@@ -253,3 +253,27 @@ def test_training_time_rope_augmentation_is_refused():
     model.eval()
     with torch.no_grad():
         model(images(model, 1))
+
+
+def test_optional_family_adapter_is_imported_when_its_model_comes(monkeypatch):
+    """A lazily registered family's adapter module is imported (and its adapter registered, first
+    in line) only once a model of that family is applied."""
+    import sys
+
+    from tests.adapters.lazyfamily import LazyViT
+    from tokenreduce import patch
+
+    monkeypatch.setattr(patch, "ADAPTERS", list(patch.ADAPTERS))
+    monkeypatch.setattr(patch, "LAZY_ADAPTERS", {})
+    monkeypatch.delitem(sys.modules, "tests.adapters.lazyfamily.adapter", raising=False)
+    monkeypatch.setattr(LazyViT, "__module__", "lazyfamily_pkg.models")
+    target = "tests.adapters.lazyfamily.adapter:LazyViTAdapter"
+    patch.register_lazy_adapter("lazyfamily_pkg", target)
+    assert "tests.adapters.lazyfamily.adapter" not in sys.modules
+    tokenreduce.apply(tiny_vit(), "tome", r=4)  # a timm model does not import it
+    assert "tests.adapters.lazyfamily.adapter" not in sys.modules
+    torch.manual_seed(0)
+    model = LazyViT(depth=2, embed_dim=96, num_heads=2).eval()
+    tokenreduce.apply(model, "tome", r=4)
+    assert type(model._tokenreduce).__name__ == "LazyViTAdapter"
+    assert patch.ADAPTERS[0].__name__ == "LazyViTAdapter" and not patch.LAZY_ADAPTERS

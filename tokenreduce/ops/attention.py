@@ -87,14 +87,16 @@ def attention_by_image(
     each of them receives (`received_attention` over its real rows).
 
     q, k, v: [B, H, T, d] with each image's real tokens first; bias: [B, 1, 1, T] or None.
-    Returns the output [B, H, T, d] (zeros at padding rows) and received [B, T] (0 at padding).
-    Equal to the batched explicit path up to float rounding; on a CPU one image's [H, n, n]
-    matrix stays in cache through scores, softmax, A @ V and the column sums, where the batched
-    [B, H, T, T] matrix is streamed through memory four times, and padding costs nothing.
+    Returns the output rows of the real tokens only, image after image, [sum(counts), H * d]
+    (heads concatenated, as attention modules project them), and received [B, T] (0 at
+    padding). Equal to the batched explicit path up to float rounding; on a CPU one image's
+    [H, n, n] matrix stays in cache through scores, softmax, A @ V and the column sums, where the
+    batched [B, H, T, T] matrix is streamed through memory four times, and padding costs nothing.
     """
-    heads = q.shape[1]
-    out = torch.zeros_like(q)
+    heads, width = q.shape[1], q.shape[1] * v.shape[-1]
+    out = q.new_empty(sum(counts), width)
     received = q.new_zeros(q.shape[0], q.shape[2])
+    start = 0
     for image, count in enumerate(counts):
         keys = k[image, :, :count].transpose(-2, -1)
         queries = q[image, :, :count] * scale
@@ -103,7 +105,8 @@ def attention_by_image(
         else:
             scores = torch.baddbmm(bias[image, :, :, :count].expand(heads, 1, count), queries, keys)
         weights = scores.softmax(dim=-1)
-        out[image, :, :count] = weights @ v[image, :, :count]
+        out[start : start + count] = (weights @ v[image, :, :count]).transpose(0, 1).flatten(1)
         rows = weights.new_full((1, 1, count), 1.0 / (heads * count))
         received[image, :count] = (rows @ weights).sum(dim=0)[0]
+        start += count
     return out, received

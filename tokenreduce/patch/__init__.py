@@ -8,6 +8,7 @@ detail (`check_supported`) and runs its reducing forward.
 
 from __future__ import annotations
 
+import importlib
 from typing import TypeVar
 
 from torch import nn
@@ -21,6 +22,11 @@ ADAPTERS: list[type[ModelAdapter]] = [TimmAdapter, EvaAdapter]
 """Registered adapter classes, asked in order."""
 
 AdapterT = TypeVar("AdapterT", bound=type[ModelAdapter])
+
+LAZY_ADAPTERS: dict[str, str] = {}
+"""Adapters of optional families, by the top-level module of the model classes they serve:
+"package.module:AdapterClass", imported (and registered) the first time a model of that
+family is seen, so that the core never imports an optional dependency."""
 
 PLANNED_FAMILIES = {
     "transformers": "Hugging Face transformers models are not supported yet; timm's versions of "
@@ -39,9 +45,23 @@ def register_adapter(adapter: AdapterT) -> AdapterT:
     return adapter
 
 
+def register_lazy_adapter(family: str, target: str) -> None:
+    """Serve models whose class lives in top-level module `family` (e.g. "transformers") by the
+    adapter `target` ("package.module:AdapterClass"), imported when such a model first comes."""
+    LAZY_ADAPTERS[family] = target
+
+
+def _import_lazy_adapter(model: nn.Module) -> None:
+    families = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
+    for family in sorted(families & LAZY_ADAPTERS.keys()):
+        module, _, name = LAZY_ADAPTERS.pop(family).partition(":")
+        register_adapter(getattr(importlib.import_module(module), name))
+
+
 def adapter_for(model: nn.Module) -> type[ModelAdapter]:
     """The adapter class for a model; UnsupportedModelError (a TypeError) naming the model's
     class and what each adapter supports when none is."""
+    _import_lazy_adapter(model)
     for adapter in ADAPTERS:
         if adapter.supports(model):
             adapter.check_supported(model)
@@ -61,10 +81,12 @@ def attached_adapter(model: nn.Module) -> ModelAdapter | None:
 
 __all__ = [
     "ADAPTERS",
+    "LAZY_ADAPTERS",
     "EvaAdapter",
     "ModelAdapter",
     "TimmAdapter",
     "adapter_for",
     "attached_adapter",
     "register_adapter",
+    "register_lazy_adapter",
 ]

@@ -91,7 +91,8 @@ def attend(
     runs one image at a time (`attention_by_image`: cache-resident, no work on padding).
     metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
     the keys before rotation).
-    Returns the attention output [B, N, H * d] and the by-products.
+    Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
+    the real tokens) and the by-products.
     """
     batch, heads, tokens, _ = q.shape
     dropout = attn.attn_drop.p if attn.training else 0.0
@@ -115,7 +116,7 @@ def attend(
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
     elif by_image:
-        out, received = attention_by_image(q, k, v, attn.scale, bias, call.counts(batch, tokens))
+        flat, received = attention_by_image(q, k, v, attn.scale, bias, call.counts(batch, tokens))
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
     else:
@@ -145,16 +146,18 @@ def attend(
         received=received,
         fused=fused,
     )
-    return out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1]), byproducts
+    if by_image:
+        out = flat if call.layout is not None else flat.view(batch, tokens, -1)
+    else:
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1])
+        if call.layout is not None:
+            out = call.layout.unpad(out)
+    return out, byproducts
 
 
-def project_output(
-    attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None, layout: RaggedLayout | None
-) -> torch.Tensor:
+def project_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The attention module's output half (timm Attention, EvaAttention, AttentionRope): norm,
-    optional sigmoid gate, projection, dropout; on the flat real tokens with a ragged layout."""
-    if layout is not None:
-        out = layout.unpad(out)
+    optional sigmoid gate, projection, dropout (on the rows `attend` returned)."""
     out = attn.norm(out)
     if gate is not None:
         out = out * gate

@@ -238,7 +238,7 @@ def attention_forward(
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out, byproducts = attend(attn, q, k, v, call, metric_keys=metric_keys)
-    return project_output(attn, out, gate, call.layout), byproducts
+    return project_output(attn, out, gate), byproducts
 
 
 __all__ = ["EvaAdapter", "attention_forward"]

@@ -201,7 +201,7 @@ def attention_forward(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out, byproducts = attend(attn, q, k, v, call)
-    return project_output(attn, out, gate, call.layout), byproducts
+    return project_output(attn, out, gate), byproducts
 
 
 __all__ = ["TRAINABLE_ATTR", "TimmAdapter", "attention_forward"]
