@@ -163,7 +163,7 @@ class SaliencyModel(nn.Module):
     """Backbone + decoder: images [B, 3, H, W] -> saliency maps [B, 1, H, W] in [0, 1].
 
     The decoder reads the final (normed) patch tokens of the backbone as a [B, C, h, w] grid; the
-    class token is not read. `patch_grid` is where a reduced backbone would hand back its grid.
+    class token is not read.
     """
 
     def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder) -> None:
@@ -175,7 +175,13 @@ class SaliencyModel(nn.Module):
         """The backbone's final patch features as a [B, C, h, w] grid."""
         tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens :]
         rows, cols = self.backbone.patch_embed.grid_size
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols)
+        if tokens.shape[1] != rows * cols:
+            raise InvalidOptionError(
+                f"the backbone returned {tokens.shape[1]} patch tokens, not its {rows}x{cols} "
+                "grid (a backbone with token reduction does not return the full grid); "
+                "accepted: an unreduced backbone (tokenreduce.remove(backbone))"
+            )
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.patch_grid(images), tuple(images.shape[-2:]))

@@ -46,11 +46,10 @@ class TokenState:
         return x.new_ones(x.shape[0], x.shape[1], 1)
 
     def with_tokens(
-        self,
-        size: torch.Tensor,
-        source: torch.Tensor | None,
-        position: torch.Tensor | None = None,
+        self, size: torch.Tensor, source: torch.Tensor | None, position: torch.Tensor | None
     ) -> TokenState:
+        """The state of a reduction's output tokens (position: required, so that a method cannot
+        forget the positions of a rotary model; None where the model has none)."""
         return replace(self, size=size, source=source, position=position)
 
     @property

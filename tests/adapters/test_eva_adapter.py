@@ -277,3 +277,24 @@ def test_optional_family_adapter_is_imported_when_its_model_comes(monkeypatch):
     tokenreduce.apply(model, "tome", r=4)
     assert type(model._tokenreduce).__name__ == "LazyViTAdapter"
     assert patch.ADAPTERS[0].__name__ == "LazyViTAdapter" and not patch.LAZY_ADAPTERS
+
+
+def test_destination_rule_needs_a_merging_method():
+    with pytest.raises(ValueError, match="topk merges none"):
+        tokenreduce.apply(eva("eva02_tiny_patch14_224"), "topk", rope_position="destination")
+
+
+def test_max_pooling_ignores_padding():
+    """timm's "max" pool over a ragged batch: padding rows (zeros) never win the max."""
+    model = tiny_vit("vit_tiny_patch16_224", global_pool="max", img_size=64).double()
+    with torch.no_grad():
+        model.head.weight.fill_(0)  # only the pooled features matter
+    tokenreduce.apply(model, "asvit", thresholds=0.98, layers=(0,))
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        valid = model._tokenreduce.final_state().valid
+        assert valid is not None and not valid.all()  # the batch really holds padding
+        features = torch.where(valid[..., None], features - 100.0, 0.0)  # real rows negative
+        pooled = model.pool(features)
+    assert (pooled < -50).all()

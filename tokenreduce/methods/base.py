@@ -79,8 +79,8 @@ class MethodConfig(Generic[RecordT]):
     trace_source: record original-token maps per block.
     rope_position: on models with rotary position embeddings, the position a merged or fused token
         is rotated by: "mean" (the size-weighted mean of its patches' positions) or "destination"
-        (the position of the token it was merged into, ToMe's convention; fused tokens, which have
-        no destination, take the mean). docs/methods.md §1.7.
+        (the position of the token it was merged into; merging methods only; fused tokens, which
+        have no destination, take the mean). docs/methods.md §1.7.
     """
 
     name: ClassVar[str]
@@ -89,6 +89,9 @@ class MethodConfig(Generic[RecordT]):
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
     strength: ClassVar[Strength | None] = None
     learned: ClassVar[bool] = False
+    merges: ClassVar[bool] = False
+    """Whether the method merges tokens into destination tokens (rope_position="destination"
+    acts only then)."""
     record_type: ClassVar[type[BlockRecord]] = BlockRecord
 
     trace_source: bool = False
@@ -125,6 +128,12 @@ class MethodConfig(Generic[RecordT]):
 
     def validate(self, dims: ModelDims) -> None:
         """Raise ValueError when the options do not fit this model."""
+        if self.rope_position == "destination" and not self.merges:
+            raise InvalidOptionError(
+                f"{self.name}: option rope_position='destination' acts on merged tokens, and "
+                f"{self.name} merges none (its fused tokens take the mean position); accepted: "
+                "the default 'mean', or a merging method (tome, ppt, bat, ltmp)"
+            )
         if self.rope_position != "mean" and not dims.rotary:
             raise InvalidOptionError(
                 f"{self.name}: option rope_position={self.rope_position!r} applies to models with "

@@ -87,6 +87,7 @@ class BATConfig(KeepRateConfig):
     """
 
     name: ClassVar[str] = "bat"
+    merges: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean"})
 
     clusters: int | float = 0.03

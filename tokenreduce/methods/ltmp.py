@@ -81,6 +81,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
     """
 
     name: ClassVar[str] = "ltmp"
+    merges: ClassVar[bool] = True
     record_type: ClassVar[type[BlockRecord]] = LTMPRecord
     requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"received", "key_mean"})
@@ -137,11 +138,11 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         prefix = state.num_prefix
         soft = state.mask is not None
         if x.shape[1] <= prefix:  # every patch token pruned already: nothing left to reduce
-            none = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            zero = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             if soft:
                 return x, state, LTMPRecord()
-            overflow = None if self.max_tokens is None else none
-            return x, state, LTMPRecord(overflow=overflow, merged=none, pruned=none)
+            overflow = None if self.max_tokens is None else zero
+            return x, state, LTMPRecord(overflow=overflow, merged=zero, pruned=zero)
         valid = None if soft else state.valid
         importance = attn.received.clone()
         importance[:, :prefix] = math.inf
@@ -171,10 +172,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             source = reorder(merge_into_partners(source, moving, partner, "amax"))
         position = state.position
         if position is not None:
-            if state.destination_positions:
-                position = reorder(
-                    merge_into_partners(position, torch.zeros_like(moving), partner, "sum")
-                )
+            if state.destination_positions:  # B tokens keep theirs, merged A tokens drop out
+                position = reorder(torch.cat([position[:, ::2], position[:, 1::2]], dim=1))
             else:
                 moment = merge_into_partners(position * size, moving, partner, "sum")
                 position = mean_position(reorder(moment), weighted[..., -1:])

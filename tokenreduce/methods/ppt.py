@@ -72,6 +72,7 @@ class PPTConfig(MethodConfig[PPTRecord]):
     """
 
     name: ClassVar[str] = "ppt"
+    merges: ClassVar[bool] = True
     record_type: ClassVar[type[BlockRecord]] = PPTRecord
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn", "key_mean", "values"})
     requires_class_token: ClassVar[bool] = True

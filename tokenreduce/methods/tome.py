@@ -66,6 +66,7 @@ class ToMeConfig(MethodConfig[BlockRecord]):
     """
 
     name: ClassVar[str] = "tome"
+    merges: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"key_mean"})
     sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (4, 8, 13, 16))
     strength: ClassVar[Strength] = Strength("r", True, True, lambda d: (0, d.num_patches // 2))

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.base import ADAPTER_ATTR, ModelAdapter
 from tokenreduce.patch.eva import EvaAdapter
 from tokenreduce.patch.timm import TimmAdapter
@@ -48,14 +48,20 @@ def register_adapter(adapter: AdapterT) -> AdapterT:
 def register_lazy_adapter(family: str, target: str) -> None:
     """Serve models whose class lives in top-level module `family` (e.g. "transformers") by the
     adapter `target` ("package.module:AdapterClass"), imported when such a model first comes."""
+    module, _, name = target.partition(":")
+    if not module or not name.isidentifier():
+        raise InvalidOptionError(
+            f"target={target!r} is not accepted; accepted: 'package.module:AdapterClass'"
+        )
     LAZY_ADAPTERS[family] = target
 
 
 def _import_lazy_adapter(model: nn.Module) -> None:
     families = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
     for family in sorted(families & LAZY_ADAPTERS.keys()):
-        module, _, name = LAZY_ADAPTERS.pop(family).partition(":")
+        module, _, name = LAZY_ADAPTERS[family].partition(":")
         register_adapter(getattr(importlib.import_module(module), name))
+        del LAZY_ADAPTERS[family]  # only once imported: a failed import is raised again
 
 
 def adapter_for(model: nn.Module) -> type[ModelAdapter]:

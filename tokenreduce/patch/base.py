@@ -196,8 +196,8 @@ def weighted_pool(
 
     x: final tokens [B, N, C]. attn_pool: an attention-pooling module taking `attn_mask` (timm's
     AttentionPoolLatent); it gets log(size) as key bias with proportional attention, and -inf at
-    padding. Otherwise "avg" is the size-weighted mean and "avgmax" its mean with the max over real
-    tokens.
+    padding. Otherwise "avg" is the size-weighted mean, "max" the max over real tokens and
+    "avgmax" the mean of the two.
     """
     if state is None or (state.size is None and state.mask is None):
         return None
@@ -213,13 +213,13 @@ def weighted_pool(
             padding = padding_bias(weight.detach()[..., 0] > 0, x.dtype)
             mask = padding if mask is None else mask + padding
         return attn_pool(x, attn_mask=mask)
-    if pool_type not in ("avg", "avgmax"):
+    if pool_type not in ("avg", "avgmax", "max"):
         return None
+    real_max = x.masked_fill(~(weight.detach() > 0), -torch.inf).amax(dim=1)
+    if pool_type == "max":
+        return real_max
     mean = (x * weight).sum(dim=1) / weight.sum(dim=1)
-    if pool_type == "avgmax":
-        real = weight.detach() > 0
-        return 0.5 * (x.masked_fill(~real, -torch.inf).amax(dim=1) + mean)
-    return mean
+    return 0.5 * (real_max + mean) if pool_type == "avgmax" else mean
 
 
 def linear_macs(module: nn.Module) -> int:
@@ -235,7 +235,6 @@ class ModelAdapter(ABC):
     `block_forward`, `last_info`) are shared by all families.
     """
 
-    ATTR: ClassVar[str] = ADAPTER_ATTR
     SUPPORTED: ClassVar[str]
     """What the family supports, in words (listed when a model is refused)."""
 
@@ -316,12 +315,12 @@ class ModelAdapter(ABC):
 
     # ---- attach / detach ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        setattr(model, self.ATTR, self)
+        setattr(model, ADAPTER_ATTR, self)
         model.__class__ = reducing_class(self.original_class, self)
 
     def detach(self, model: nn.Module) -> None:
         model.__class__ = self.original_class
-        delattr(model, self.ATTR)
+        delattr(model, ADAPTER_ATTR)
         if hasattr(model, TRAINABLE_ATTR):
             delattr(model, TRAINABLE_ATTR)
 

@@ -151,7 +151,8 @@ class EvaAdapter(ModelAdapter):
         if not positions.per_depth and cached is not None and cached[0] is position:
             return cached[1]
         rope = positions.embed(position[:, state.num_prefix :], rotary, index)
-        self._local.rope_cache = (position, rope)
+        if not positions.per_depth:
+            self._local.rope_cache = (position, rope)
         return rope
 
     @classmethod

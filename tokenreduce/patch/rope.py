@@ -60,7 +60,7 @@ class RotaryPositions:
         self.rope = rope
         self.per_depth = isinstance(rope, RotaryEmbeddingMixed)
         self.rotate_half = bool(getattr(rope, "rotate_half", False))
-        self._maps: dict[tuple[int, int], CoordinateMap] = {}
+        self._maps: dict[tuple, CoordinateMap] = {}
         self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_forward(self, training: bool) -> None:
@@ -92,14 +92,17 @@ class RotaryPositions:
             normalize_coords=rope.normalize_coords,
         )
 
-    def coordinate_map(self, grid_size: tuple[int, int]) -> CoordinateMap:
-        if grid_size not in self._maps:
+    def coordinate_map(self, grid_size: tuple[int, int], like: torch.Tensor) -> CoordinateMap:
+        """origin, step_row, step_col [2] on `like`'s device and dtype (cached: no copy to the
+        device per block)."""
+        key = (grid_size, like.device, like.dtype)
+        if key not in self._maps:
             grid = self.coordinates(grid_size).to(torch.float64)
             origin = grid[0, 0]
             step_row = grid[1, 0] - origin if grid_size[0] > 1 else torch.zeros_like(origin)
             step_col = grid[0, 1] - origin if grid_size[1] > 1 else torch.zeros_like(origin)
-            self._maps[grid_size] = CoordinateMap(origin, step_row, step_col)
-        return self._maps[grid_size]
+            self._maps[key] = CoordinateMap(*(c.to(like) for c in (origin, step_row, step_col)))
+        return self._maps[key]
 
     def frequencies(self, depth_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Angle per unit of each coordinate, [F] (or [heads, F] per depth): angles = c0 f0 + c1 f1
@@ -123,9 +126,8 @@ class RotaryPositions:
         key = (grid_size, depth_index, like.dtype, like.device)
         if not self.per_depth and key in self._bases:
             return self._bases[key]
-        coord_map = self.coordinate_map(grid_size)
         freq_a, freq_b = self.frequencies(depth_index)
-        coord_map = [c.to(device=freq_a.device, dtype=freq_a.dtype) for c in coord_map]
+        coord_map = self.coordinate_map(grid_size, freq_a)
 
         def angles(coords: torch.Tensor) -> torch.Tensor:
             return self._layout(coords[0] * freq_a + coords[1] * freq_b)
