@@ -215,11 +215,14 @@ def weighted_pool(
         return attn_pool(x, attn_mask=mask)
     if pool_type not in ("avg", "avgmax", "max"):
         return None
-    real_max = x.masked_fill(~(weight.detach() > 0), -torch.inf).amax(dim=1)
+
+    def real_max() -> torch.Tensor:
+        return x.masked_fill(~(weight.detach() > 0), -torch.inf).amax(dim=1)
+
     if pool_type == "max":
-        return real_max
+        return real_max()
     mean = (x * weight).sum(dim=1) / weight.sum(dim=1)
-    return 0.5 * (real_max + mean) if pool_type == "avgmax" else mean
+    return mean if pool_type == "avg" else 0.5 * (real_max() + mean)
 
 
 def linear_macs(module: nn.Module) -> int:

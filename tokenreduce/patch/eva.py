@@ -32,7 +32,7 @@ from tokenreduce.patch.base import (
     project_output,
     refuse_intermediates,
 )
-from tokenreduce.patch.rope import ROTARY_MODULES, RotaryPositions, RotaryTable
+from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
 from tokenreduce.patch.timm import (
     attention_pool_facts,
     check_patch_embed,
@@ -69,12 +69,8 @@ class EvaAdapter(ModelAdapter):
         cls.check_family(model)
         check_block_types(type(model).__name__, model.blocks, BLOCKS, cls.SUPPORTED)
         check_patch_embed(model)
-        if model.rope is not None and not isinstance(model.rope, ROTARY_MODULES):
-            raise UnsupportedModelError(
-                f"unsupported rotary embedding {type(model.rope).__name__} of "
-                f"{type(model).__name__}; supported: "
-                + ", ".join(m.__name__ for m in ROTARY_MODULES)
-            )
+        if model.rope is not None:
+            check_rotary_module(model.rope, type(model).__name__)
         if model.patch_drop is not None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} with patch dropout (patch_drop_rate > 0) is not "

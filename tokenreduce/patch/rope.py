@@ -29,6 +29,16 @@ from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 ROTARY_MODULES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed)
 
 
+def check_rotary_module(rope: nn.Module, model_name: str = "") -> None:
+    """UnsupportedModelError unless `rope` is a rotary module whose angles this file knows."""
+    if not isinstance(rope, ROTARY_MODULES):
+        owner = f" of {model_name}" if model_name else ""
+        raise UnsupportedModelError(
+            f"unsupported rotary embedding {type(rope).__name__}{owner}; supported: "
+            + ", ".join(m.__name__ for m in ROTARY_MODULES)
+        )
+
+
 class RotaryTable(NamedTuple):
     """timm's rotary embedding of an unreduced patch grid, as the model's forward built it.
 
@@ -52,11 +62,7 @@ class RotaryPositions:
     """The rotary embedding of tokens at any grid position, for one timm rotary module."""
 
     def __init__(self, rope: nn.Module) -> None:
-        if not isinstance(rope, ROTARY_MODULES):
-            names = ", ".join(m.__name__ for m in ROTARY_MODULES)
-            raise UnsupportedModelError(
-                f"unsupported rotary embedding {type(rope).__name__}; supported: {names}"
-            )
+        check_rotary_module(rope)
         self.rope = rope
         self.per_depth = isinstance(rope, RotaryEmbeddingMixed)
         self.rotate_half = bool(getattr(rope, "rotate_half", False))
@@ -160,4 +166,4 @@ class RotaryPositions:
         return values.repeat_interleave(2, dim=-1)
 
 
-__all__ = ["ROTARY_MODULES", "RotaryPositions", "RotaryTable"]
+__all__ = ["ROTARY_MODULES", "RotaryPositions", "RotaryTable", "check_rotary_module"]
