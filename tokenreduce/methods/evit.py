@@ -23,6 +23,7 @@ from tokenreduce.methods.base import (
     resolve_layers,
 )
 from tokenreduce.ops import fuse_dropped, keep_rows, keep_top_tokens, mean_position
+from tokenreduce.ops.owners import follow_rows, prefix_and_rows
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -52,6 +53,9 @@ def attentive_keep(
     source_new = None if source is None else keep_rows(source, idx, num_prefix)
     position = state.position
     position_new = None if position is None else keep_rows(position, idx, num_prefix)
+    owner = state.owner  # the fused token holds no original token: its members have left
+    if owner is not None:
+        owner = follow_rows(owner, prefix_and_rows(idx, num_prefix), x.shape[1])
     if fuse:
         ones = torch.ones_like(score)
         x_new = torch.cat([x_new, fuse_dropped(x[:, num_prefix:], score, idx)], dim=1)
@@ -63,7 +67,7 @@ def attentive_keep(
             moment = fuse_dropped((position * size)[:, num_prefix:], ones, idx)
             fused_position = mean_position(moment, size_new[:, -1:])
             position_new = torch.cat([position_new, fused_position], dim=1)
-    return x_new, state.with_tokens(size_new, source_new, position_new), BlockRecord()
+    return x_new, state.with_tokens(size_new, source_new, position_new, owner), BlockRecord()
 
 
 @dataclass(frozen=True, kw_only=True)

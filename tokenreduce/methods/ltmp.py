@@ -26,6 +26,7 @@ from tokenreduce.methods.learned import (
     check_threshold_values,
 )
 from tokenreduce.ops.merging import mean_position, prefix_first_order
+from tokenreduce.ops.owners import follow, follow_rows
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -59,6 +60,27 @@ def merge_into_partners(
         moving = y_a.masked_fill(weight.unsqueeze(-1) <= 0, -math.inf)
         y_b = y_b.scatter_reduce(1, index, moving, reduce="amax")
     return torch.cat([y_a, y_b], dim=1)
+
+
+def partner_destinations(
+    merge: torch.Tensor, partner: torch.Tensor, num_tokens: int, order: tuple[int, ...] | None
+) -> torch.Tensor:
+    """Row of the reordered `merge_into_partners` output that each of the N input tokens goes to
+    [B, N]: a merged A token (merge [B, N_A] bool) its B partner's row."""
+    batch, num_a = merge.shape
+    device = merge.device
+    own_a = torch.arange(num_a, device=device).expand(batch, -1)
+    destination_a = torch.where(merge, num_a + partner, own_a)
+    destination_b = num_a + torch.arange(num_tokens - num_a, device=device).expand(batch, -1)
+    if order is not None:
+        order_index = torch.tensor(order, device=device)
+        inverse = torch.empty_like(order_index)
+        inverse[order_index] = torch.arange(num_tokens, device=device)
+        destination_a, destination_b = inverse[destination_a], inverse[destination_b]
+    destination = destination_a.new_empty(batch, num_tokens)
+    destination[:, ::2] = destination_a
+    destination[:, 1::2] = destination_b
+    return destination
 
 
 @dataclass(frozen=True)
@@ -195,6 +217,11 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, overflow = self.pack(keep, importance)
+        owner = state.owner
+        if owner is not None:
+            num_tokens = x.shape[1]
+            owner = follow(owner, partner_destinations(merge, partner, num_tokens, order))
+            owner = follow_rows(owner, packing.index, num_tokens, packing.valid)
         weighted = gather_packed(weighted, packing)
         size = weighted[..., -1:]
         x = weighted[..., :-1] / size.clamp_min(1.0)
@@ -207,7 +234,9 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             merged=merge.sum(dim=1),
             pruned=(stay & ~prune & (importance > -math.inf)).sum(dim=1),
         )
-        state = replace(state, size=size, source=source, valid=packing.valid, position=position)
+        state = replace(
+            state, size=size, source=source, valid=packing.valid, position=position, owner=owner
+        )
         return x, state, record
 
     def overhead_macs(

@@ -29,7 +29,8 @@ from tokenreduce.ops import (
     merge_source,
     merge_wavg,
 )
-from tokenreduce.ops.merging import max_merges
+from tokenreduce.ops.merging import matching_destinations, max_merges
+from tokenreduce.ops.owners import follow, follow_rows, prefix_and_rows
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -161,9 +162,17 @@ class PPTConfig(MethodConfig[PPTRecord]):
         if source is not None:
             source_prune = keep_rows(source, idx, num_prefix)
             source = torch.where(choose_pool, merge_source(matching, source), source_prune)
+        owner = state.owner
+        if owner is not None:
+            num_tokens = x.shape[1]
+            owner = torch.where(
+                pool.view(-1, 1),
+                follow(owner, matching_destinations(matching, num_tokens)),
+                follow_rows(owner, prefix_and_rows(idx, num_prefix), num_tokens),
+            )
         x = torch.where(choose_pool, x_pool, x_prune)
         size = torch.where(choose_pool, size_pool, size_prune)
-        return x, state.with_tokens(size, source, position), record
+        return x, state.with_tokens(size, source, position, owner), record
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: PPTRecord, fused: bool

@@ -21,6 +21,8 @@ from tokenreduce.methods.base import (
     register,
 )
 from tokenreduce.ops import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
+from tokenreduce.ops.merging import matching_destinations
+from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -107,7 +109,10 @@ class ToMeConfig(MethodConfig[BlockRecord]):
             matching, state.position, size, merged_size, state.destination_positions
         )
         source = merge_source(matching, state.source)
-        return x, state.with_tokens(merged_size, source, position), BlockRecord()
+        owner = state.owner
+        if owner is not None:
+            owner = follow(owner, matching_destinations(matching, size.shape[1]))
+        return x, state.with_tokens(merged_size, source, position, owner), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: BlockRecord, fused: bool

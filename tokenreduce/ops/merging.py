@@ -98,6 +98,29 @@ def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tenso
     return out
 
 
+def matching_destinations(m: Matching, num_tokens: int) -> torch.Tensor:
+    """Where each of the N input tokens of a matching goes: [B, N] output row of `merge_tokens`
+    (a merged A token: its B partner's row)."""
+    batch, num_unmerged = m.unm_idx.shape
+    device = m.unm_idx.device
+    destination_a = m.unm_idx.new_empty(batch, (num_tokens + 1) // 2)
+    destination_a.scatter_(
+        1, m.unm_idx, torch.arange(num_unmerged, device=device).expand_as(m.unm_idx)
+    )
+    destination_a.scatter_(1, m.src_idx, num_unmerged + m.dst_idx)
+    destination_b = num_unmerged + torch.arange(num_tokens // 2, device=device).expand(batch, -1)
+    if m.order is not None:  # output row of each concatenated row: the inverse permutation
+        order = torch.tensor(m.order, device=device)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(len(order), device=device)
+        )
+        destination_a, destination_b = inverse[destination_a], inverse[destination_b]
+    destination = m.unm_idx.new_empty(batch, num_tokens)
+    destination[:, ::2] = destination_a
+    destination[:, 1::2] = destination_b
+    return destination
+
+
 def merge_wavg(
     m: Matching, x: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

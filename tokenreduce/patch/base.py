@@ -19,8 +19,8 @@ import copy
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from tokenreduce.ops.attention import (
     size_bias,
     softmax_dtype,
 )
+from tokenreduce.ops.owners import held_features, record_exits
 from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -47,6 +48,18 @@ that optimisers, DDP and state dicts see it)."""
 
 ADAPTER_ATTR = "_tokenreduce"
 """Name of the model attribute that holds the attached adapter."""
+
+
+class PatchGrid(NamedTuple):
+    """A block's output on the original token grid.
+
+    features: [B, N0, C] (prefix first) each original token's feature: that of the token holding
+    it, or, once its token left the sequence (pruned, fused), the feature it had then. held:
+    [B, N0] bool, whether a token of the block's output still holds it.
+    """
+
+    features: torch.Tensor
+    held: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -283,6 +296,13 @@ class ModelAdapter(ABC):
     def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The model's pooled pre-logits features [B, D] of images [B, 3, H, W]."""
 
+    @classmethod
+    @abstractmethod
+    def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
+        """Final (normed) features of every original token [B, N0, C], prefix first, of images
+        [B, 3, H, W]: the model's own tokens when unreduced, else put back on the token grid
+        (`PatchGrid`; pruned: one of `PRUNED_RULES`)."""
+
     @abstractmethod
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The model's transformer blocks, in order."""
@@ -359,7 +379,12 @@ class ModelAdapter(ABC):
         if step is not None:
             if layout is not None:
                 x = layout.pad(x)
-            x, state, record = config.reduce(x, state, byproducts, step)
+            before = state
+            x_in = x
+            x, state, record = config.reduce(x_in, before, byproducts, step)
+            if before.owner is not None:
+                exited = record_exits(x_in, before.owner, state.owner, before.exited)
+                state = replace(state, exited=exited)
             layout = None
             if config.ragged and state.valid is not None:
                 layout = RaggedLayout(state.valid)
@@ -368,6 +393,19 @@ class ModelAdapter(ABC):
 
     def run_blocks(self, model: nn.Module, x: torch.Tensor, rotary: Any = None) -> torch.Tensor:
         """All blocks with their reductions; records this forward's info for this thread.
+        See `run_blocks_with_grids` for the arguments."""
+        return self.run_blocks_with_grids(model, x, rotary)[0]
+
+    def run_blocks_with_grids(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        rotary: Any = None,
+        grid_blocks: Sequence[int] = (),
+        last_block: int | None = None,
+    ) -> tuple[torch.Tensor, list[PatchGrid]]:
+        """The blocks with their reductions, and the outputs of `grid_blocks` put back on the
+        original token grid; records this forward's info for this thread.
 
         rotary: for a family with rotary position embeddings, its embedding of this input's
         unreduced grid (with a `grid_size` (rows, columns)); each token then carries its position
@@ -375,9 +413,19 @@ class ModelAdapter(ABC):
         A learned method in training mode (`model.training`) runs its soft-mask forward: every
         token stays, a key mask removes them (docs/methods.md §2.7), and the kept fraction per
         block is recorded with its gradient for the budget loss.
+        grid_blocks: indices of the blocks whose outputs come back as `PatchGrid`s (each original
+        token gets the feature of the token holding it, or the one it had when its token left;
+        `ops.owners`). last_block: stop after this block (None: run every block).
+        Returns the last block's output tokens and the grids in block order.
         """
         config = self.config
         batch = x.shape[0]
+        soft = config.learned and model.training
+        if grid_blocks and soft:
+            raise InvalidOptionError(
+                f"{config.name}: patch grids are not available in the soft-mask training forward "
+                "(model.train()); accepted: model.eval()"
+            )
         source = None
         if config.trace_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(batch, -1, -1)
@@ -387,23 +435,30 @@ class ModelAdapter(ABC):
                 device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)
             )
         self._local.initial_position = position
-        soft = config.learned and model.training
+        owner = None
+        if grid_blocks:
+            owner = torch.arange(x.shape[1], device=x.device).expand(batch, -1)
         state = TokenState(
             num_prefix=self.dims.num_prefix,
             source=source,
             mask=x.new_ones(batch, x.shape[1]) if soft else None,
             position=position,
             position_rule=config.rope_position,
+            owner=owner,
         )
         steps = self.steps
         trainable = getattr(model, TRAINABLE_ATTR, None)
         if trainable is not None:
             steps = config.trainable_steps(self.steps, trainable)
+        if last_block is not None:
+            steps = steps[: last_block + 1]
         tokens_in = x.shape[1]
         counts, sizes, sources, fused, kept = [], [], [], [], []
         records: list[BlockRecord] = []
+        grids: dict[int, PatchGrid] = {}
         layout = None
-        for index, (block, step) in enumerate(zip(self.blocks(model), steps, strict=True)):
+        blocks = self.blocks(model)[: len(steps)]
+        for index, (block, step) in enumerate(zip(blocks, steps, strict=True)):
             rope = None if rotary is None else self.rotary(index, state, rotary)
             x, state, record, block_fused, layout = self.block_forward(
                 block, x, state, step, layout, rope
@@ -417,6 +472,9 @@ class ModelAdapter(ABC):
                 sources.append(state.source > 0)
             if record is not None:
                 records.append(record)
+            if index in grid_blocks:
+                tokens = x if layout is None else layout.pad(x)
+                grids[index] = PatchGrid(*held_features(tokens, state.owner, state.exited))
         if layout is not None:
             x = layout.pad(x)
         self._local.final_state = state
@@ -427,14 +485,14 @@ class ModelAdapter(ABC):
             config=config,
             tokens_per_block=torch.stack(per_block, dim=1).long(),
             tokens_in=tokens_in,
-            steps=self.steps,
+            steps=self.steps[: len(steps)],
             sizes=sizes,
             source_blk=sources if config.trace_source else None,
             fused_attention=tuple(fused),
             records=config.record_type.stack(records),
             kept_fraction=torch.stack(kept, dim=1) if kept else None,
         )
-        return x
+        return x, [grids[index] for index in sorted(grids)]
 
     def final_state(self) -> TokenState | None:
         """The token state after the last block of this thread's last forward."""
@@ -526,8 +584,22 @@ def check_plain_forward(model: nn.Module, attn_mask: Any, is_causal: bool) -> No
         )
 
 
-def refuse_intermediates(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError(
-        "forward_intermediates is not available on a model with token reduction (token counts "
-        "change between blocks); use tokenreduce.remove(model) first"
-    )
+PRUNED_RULES = ("exit", "zero")
+"""What a patch grid gives the original tokens whose token left the sequence: "exit", the
+feature it had then (through the final norm when the grid is normed), or "zero"."""
+
+
+def check_pruned_rule(pruned: object) -> None:
+    if pruned not in PRUNED_RULES:
+        raise InvalidOptionError(
+            f"pruned={pruned!r} is not accepted; accepted: {' or '.join(map(repr, PRUNED_RULES))}"
+        )
+
+
+def grid_tokens(grid: PatchGrid, norm: nn.Module | None, pruned: str) -> torch.Tensor:
+    """The [B, N0, C] features of a `PatchGrid`, through `norm` when given; with pruned="zero"
+    the tokens no longer held are zero."""
+    features = grid.features if norm is None else norm(grid.features)
+    if pruned == "zero":
+        features = features.masked_fill(~grid.held.unsqueeze(-1), 0.0)
+    return features

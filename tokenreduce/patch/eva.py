@@ -27,10 +27,8 @@ from tokenreduce.patch.base import (
     ModelAdapter,
     attend,
     check_block_types,
-    check_plain_forward,
     linear_macs,
     project_output,
-    refuse_intermediates,
 )
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
 from tokenreduce.patch.timm import (
@@ -38,7 +36,10 @@ from tokenreduce.patch.timm import (
     check_patch_embed,
     model_name,
     patch_embed_macs,
+    reducing_forward_features,
+    reducing_forward_intermediates,
     size_aware_pool,
+    timm_grid_features,
     timm_pooled_features,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -105,6 +106,10 @@ class EvaAdapter(ModelAdapter):
     def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return timm_pooled_features(model, images)
 
+    @classmethod
+    def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
+        return timm_grid_features(model, images, pruned)
+
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.blocks
 
@@ -153,30 +158,21 @@ class EvaAdapter(ModelAdapter):
 
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
-        def forward_features(
-            self: Eva,
-            x: torch.Tensor,
-            attn_mask: torch.Tensor | None = None,
-            is_causal: bool = False,
-        ) -> torch.Tensor:
-            check_plain_forward(self, attn_mask, is_causal)
-            adapter = getattr(self, ADAPTER_ATTR)
+        def embed(self: Eva, x: torch.Tensor) -> tuple[torch.Tensor, RotaryTable | None]:
             x = self.patch_embed(x)
             grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
             x, table = self._pos_embed(x)
             x = self.norm_pre(x)
-            rotary = None
-            if table is not None:
-                adapter.positions.check_forward(self.training)
-                rotary = RotaryTable(table, grid)
-            x = adapter.run_blocks(self, x, rotary)
-            return self.norm(x)
+            if table is None:
+                return x, None
+            getattr(self, ADAPTER_ATTR).positions.check_forward(self.training)
+            return x, RotaryTable(table, grid)
 
         return {
-            "forward_features": forward_features,
+            "forward_features": reducing_forward_features(embed),
+            "forward_intermediates": reducing_forward_intermediates(embed),
             # Eva's attention pool reads every token, its average pool the patch tokens only
             "pool": size_aware_pool(model_class, lambda model: model.attn_pool is not None),
-            "forward_intermediates": refuse_intermediates,
         }
 
 

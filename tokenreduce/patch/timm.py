@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent, PatchEmbed
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.base import (
     ADAPTER_ATTR,
     TRAINABLE_ATTR,
@@ -23,9 +24,10 @@ from tokenreduce.patch.base import (
     attend,
     check_block_types,
     check_plain_forward,
+    check_pruned_rule,
+    grid_tokens,
     linear_macs,
     project_output,
-    refuse_intermediates,
     weighted_pool,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims
@@ -94,6 +96,100 @@ def size_aware_pool(
     return pool
 
 
+Embed = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, Any]]
+"""A timm family's input half: images -> (tokens entering the first block, rotary embedding of
+the grid or None)."""
+
+
+def reducing_forward_features(embed: Embed) -> Callable:
+    """The `forward_features` of a reducing timm model class: embed, the blocks through the
+    adapter, the final norm."""
+
+    def forward_features(
+        self: nn.Module,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        check_plain_forward(self, attn_mask, is_causal)
+        tokens, rotary = embed(self, x)
+        return self.norm(getattr(self, ADAPTER_ATTR).run_blocks(self, tokens, rotary))
+
+    return forward_features
+
+
+def reducing_forward_intermediates(embed: Embed) -> Callable:
+    """The `forward_intermediates` of a reducing timm model class: timm's arguments and outputs,
+    with every requested block's output on the original token grid (`PatchGrid`: a merged token's
+    feature goes to each patch it holds; a pruned patch gets the feature its token had when it
+    left, or zero with pruned="zero"). The final features stay the reduced tokens."""
+
+    def forward_intermediates(
+        self: nn.Module,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        pruned: str = "exit",
+    ) -> Any:
+        check_plain_forward(self, attn_mask, is_causal)
+        check_pruned_rule(pruned)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise InvalidOptionError(
+                f"output_fmt={output_fmt!r} is not accepted; accepted: 'NCHW' or 'NLC'"
+            )
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        tokens, rotary = embed(self, x)
+        adapter = getattr(self, ADAPTER_ATTR)
+        last = max_index if stop_early else None
+        x, grids = adapter.run_blocks_with_grids(self, tokens, rotary, take, last)
+        full = [grid_tokens(grid, self.norm if norm else None, pruned) for grid in grids]
+        num_prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :num_prefix] for y in full] if num_prefix else None
+        intermediates = [y[:, num_prefix:] for y in full]
+        if output_fmt == "NCHW":
+            rows, cols = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [
+                y.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+                for y in intermediates
+            ]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    return forward_intermediates
+
+
+def timm_grid_features(model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
+    """Final normed features of every original token [B, N0, C] (prefix first) of a timm model,
+    reduced (through `forward_intermediates`) or not (its `forward_features`)."""
+    if not hasattr(model, ADAPTER_ATTR):
+        return model.forward_features(images)
+    result = model.forward_intermediates(
+        images, indices=1, norm=True, output_fmt="NLC", intermediates_only=True, output_dict=True,
+        return_prefix_tokens=True, pruned=pruned,
+    )  # fmt: skip
+    (patches,) = result["image_intermediates"]
+    prefix = result.get("image_intermediates_prefix")
+    return patches if prefix is None else torch.cat([prefix[0], patches], dim=1)
+
+
 def timm_pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """forward_features then forward_head(pre_logits=True): timm's pooled features."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
@@ -146,6 +242,10 @@ class TimmAdapter(ModelAdapter):
     def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return timm_pooled_features(model, images)
 
+    @classmethod
+    def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
+        return timm_grid_features(model, images, pruned)
+
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.blocks
 
@@ -163,24 +263,16 @@ class TimmAdapter(ModelAdapter):
 
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
-        def forward_features(
-            self: VisionTransformer,
-            x: torch.Tensor,
-            attn_mask: torch.Tensor | None = None,
-            is_causal: bool = False,
-        ) -> torch.Tensor:
-            check_plain_forward(self, attn_mask, is_causal)
+        def embed(self: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, None]:
             x = self.patch_embed(x)
             x = self._pos_embed(x)
             x = self.patch_drop(x)
-            x = self.norm_pre(x)
-            x = getattr(self, ADAPTER_ATTR).run_blocks(self, x)
-            return self.norm(x)
+            return self.norm_pre(x), None
 
         return {
-            "forward_features": forward_features,
+            "forward_features": reducing_forward_features(embed),
+            "forward_intermediates": reducing_forward_intermediates(embed),
             "pool": size_aware_pool(model_class, lambda model: bool(model.pool_include_prefix)),
-            "forward_intermediates": refuse_intermediates,
         }
 
 

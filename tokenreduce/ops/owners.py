@@ -1,0 +1,91 @@
+"""Which current token holds each original token: the compact map that puts a reduced sequence
+back on the original token grid (ToMe's "unmerge", generalised to pruning and padding).
+
+`owner` [B, N0] is the row of the current sequence that holds each original token (prefix
+included), or -1 once the token has left the sequence (pruned, or folded into a fused token). A
+reduction step moves every current row to at most one new row; that step is a `destination` map
+[B, N] (new row of each current row, -1 for rows that leave), and the owner map follows it with
+one gather: O(N0) per reducing block, never an N x N0 source matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def follow(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tensor | None:
+    """The owner map [B, N0] after a step that sends current row i to destination[b, i] [B, N]
+    (-1: the row leaves the sequence); None stays None."""
+    if owner is None:
+        return None
+    moved = destination.gather(1, owner.clamp_min(0))
+    return torch.where(owner >= 0, moved, -1)
+
+
+def gather_destinations(
+    index: torch.Tensor, num_rows: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The destination map [B, num_rows] of a gather whose new row t is old row index[b, t]
+    ([B, T]); old rows not gathered get -1, and so do padding slots (valid [B, T] False)."""
+    batch, slots = index.shape
+    new_rows = torch.arange(slots, device=index.device).expand(batch, slots)
+    if valid is not None:  # padding slots write into a spare column that is cut off
+        index = index.masked_fill(~valid, num_rows)
+    destination = index.new_full((batch, num_rows + 1), -1)
+    destination.scatter_(1, index, new_rows)
+    return destination[:, :num_rows]
+
+
+def follow_rows(
+    owner: torch.Tensor | None,
+    index: torch.Tensor,
+    num_rows: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The owner map after a gather of rows index [B, T] out of num_rows (see
+    `gather_destinations`); None stays None."""
+    if owner is None:
+        return None
+    return follow(owner, gather_destinations(index, num_rows, valid))
+
+
+def prefix_and_rows(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Row indices [B, P + K] of `keep_rows(y, idx, P)`: the prefix rows, then P + idx [B, K]."""
+    prefix = torch.arange(num_prefix, device=idx.device).expand(idx.shape[0], num_prefix)
+    return torch.cat([prefix, idx + num_prefix], dim=1)
+
+
+def held_features(
+    x: torch.Tensor, owner: torch.Tensor, exited: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every original token's feature: the row of x [B, N, C] that holds it, or its row of
+    `exited` [B, N0, C] (zeros when None) once it left the sequence.
+
+    Returns (features [B, N0, C], held [B, N0] bool: still held by a token of x).
+    """
+    held = owner >= 0
+    index = owner.clamp_min(0)
+    if x.shape[0] == 1:
+        features = x[0].index_select(0, index[0]).unsqueeze(0)
+    else:
+        offset = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * x.shape[1]
+        flat = x.reshape(-1, x.shape[-1]).index_select(0, (index + offset).view(-1))
+        features = flat.view(*owner.shape, x.shape[-1])
+    if exited is None:
+        exited = torch.zeros_like(features)
+    return torch.where(held.unsqueeze(-1), features, exited), held
+
+
+def record_exits(
+    x: torch.Tensor,
+    owner_before: torch.Tensor,
+    owner_after: torch.Tensor,
+    exited: torch.Tensor | None,
+) -> torch.Tensor:
+    """`exited` [B, N0, C] (zeros when None) with the tokens that a step removed set to the
+    feature their row of x [B, N, C], the step's input, had."""
+    leaving = (owner_after < 0) & (owner_before >= 0)
+    features, _ = held_features(x, owner_before, exited)
+    if exited is None:
+        exited = torch.zeros_like(features)
+    return torch.where(leaving.unsqueeze(-1), features, exited)
