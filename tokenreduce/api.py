@@ -55,7 +55,8 @@ def patch_features(model: nn.Module, images: torch.Tensor, pruned: str = "exit")
 
     A merged token's feature goes to every patch it holds; a patch whose token was pruned (or
     fused) gets the feature that token had when it left, through the final norm
-    (pruned="exit"), or zeros (pruned="zero"). docs/methods.md §1.8.
+    (pruned="exit"), zeros (pruned="zero"), or the feature of the nearest patch on the grid that
+    a token still holds (pruned="nearest"). docs/methods.md §1.8.
     """
     check_pruned_rule(pruned)
     return adapter_for(model).grid_features(model, images, pruned)

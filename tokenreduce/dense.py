@@ -1,5 +1,5 @@
 """Dense outputs measured end to end: saliency maps of a reduced model against the dense model's
-(docs/measurement.md §5).
+(docs/measurement.md §3, "Dense outputs").
 
 The dense model's map is the reference; each reduced model's map is scored against it with the
 standard saliency agreement metrics (Bylinskii et al., "What do different evaluation metrics tell
@@ -87,6 +87,7 @@ class SaliencyRow:
     gmacs_ratio: float
     ideal_speedup: float
     measured_speedup: float
+    dense_spread: float
     noisy: bool
     cc: float
     kl: float
@@ -192,6 +193,7 @@ def evaluate_saliency(
                 gmacs_ratio=round((gmacs + decoder) / dense_total, 4),
                 ideal_speedup=round(dense_total / (gmacs + decoder), 3),
                 measured_speedup=round(timing.speedup, 3),
+                dense_spread=round(timing.dense_spread, 3),
                 noisy=timing.noisy,
                 **summary,
                 **spread,

@@ -167,7 +167,8 @@ class SaliencyModel(nn.Module):
     The decoder reads the final (normed) patch tokens of the backbone as a [B, C, h, w] grid; the
     class token is not read. With token reduction on the backbone (`tokenreduce.apply(
     model.backbone, ...)`) the grid comes from `tokenreduce.patch_features`: merged tokens give
-    their feature to each patch they hold, pruned patches follow `pruned` ("exit" or "zero").
+    their feature to each patch they hold, pruned patches follow `pruned` (one of
+    `patch.base.PRUNED_RULES`).
     """
 
     def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder, pruned: str = "exit") -> None:

@@ -238,10 +238,10 @@ def test_unsupported_models_are_named_with_what_is_supported(name, kwargs, cls):
         tokenreduce.apply(model, "tome")
 
 
-def test_transformers_models_get_a_hint():
-    hf_like = type("ViTModel", (torch.nn.Module,), {"__module__": "transformers.models.vit"})
-    with pytest.raises(TypeError, match="ViTModel \\(Hugging Face transformers models are not"):
-        tokenreduce.apply(hf_like(), "tome")
+def test_open_clip_models_get_a_hint():
+    tower = type("VisionTransformer", (torch.nn.Module,), {"__module__": "open_clip.transformer"})
+    with pytest.raises(TypeError, match="VisionTransformer \\(open_clip towers are not"):
+        tokenreduce.apply(tower(), "tome")
 
 
 def test_training_time_rope_augmentation_is_refused():
@@ -298,3 +298,15 @@ def test_max_pooling_ignores_padding():
         features = torch.where(valid[..., None], features - 100.0, 0.0)  # real rows negative
         pooled = model.pool(features)
     assert (pooled < -50).all()
+
+
+def test_a_missing_optional_extra_is_named(monkeypatch):
+    from tokenreduce import patch
+
+    monkeypatch.setitem(patch.LAZY_ADAPTERS, "fakefamily", "fakefamily_not_installed:Adapter")
+    monkeypatch.setitem(patch.LAZY_EXTRAS, "fakefamily", "fake")
+    model = type("Tower", (torch.nn.Module,), {"__module__": "fakefamily.models"})()
+    with pytest.raises(
+        TypeError, match=r"optional extra 'fake': pip install 'tokenreduce\[fake\]'"
+    ):
+        tokenreduce.apply(model, "tome")

@@ -17,6 +17,7 @@ from tokenreduce.ops.merging import (
     merge_tokens,
 )
 from tokenreduce.ops.owners import (
+    fill_from_nearest,
     follow,
     follow_rows,
     gather_destinations,
@@ -105,6 +106,23 @@ def test_fused_token_holds_nothing_and_its_members_exit():
     features, held = held_features(x_new, state_new.owner, exited)
     assert features.view(-1).tolist() == [1, 2, 3, 4, 5]
     assert held.tolist() == [[True, False, True, False, True]]
+
+
+def test_nearest_held_patch_fills_the_pruned_ones():
+    """A 2 x 3 grid after one prefix token, features = patch index. Image 0 holds patches 0 and
+    5; image 1 holds 0 and 2 (patch 1 is as near to both: the earlier wins); image 2 holds none
+    and keeps its features."""
+    features = torch.arange(7.0).view(1, 7, 1).repeat(3, 1, 1)
+    held = torch.zeros(3, 7, dtype=torch.bool)
+    held[:, 0] = True
+    held[0, [1, 6]] = True
+    held[1, [1, 3]] = True
+    filled = fill_from_nearest(features, held, (2, 3), num_prefix=1)
+    patches = filled[:, 1:, 0] - 1
+    assert patches[0].tolist() == [0, 0, 5, 0, 5, 5]
+    assert patches[1].tolist() == [0, 0, 2, 0, 0, 2]
+    assert patches[2].tolist() == [0, 1, 2, 3, 4, 5]
+    assert filled[:, 0, 0].tolist() == [0, 0, 0]
 
 
 def test_padding_slots_hold_nothing():
@@ -217,6 +235,7 @@ def test_exit_feature_is_the_token_at_its_pruning_block():
         tokenreduce.apply(model, "topk", keep_rate=0.5, layers=(1,), trace_source=True)
         grid = tokenreduce.patch_features(model, x)
         zeroed = tokenreduce.patch_features(model, x, pruned="zero")
+        nearest = tokenreduce.patch_features(model, x, pruned="nearest")
         held = attached_adapter(model).final_state().owner >= 0
         tokenreduce.remove(model)
     pruned = ~held
@@ -224,6 +243,10 @@ def test_exit_feature_is_the_token_at_its_pruning_block():
     torch.testing.assert_close(grid[pruned], model.norm(at_pruning)[pruned], rtol=0, atol=1e-12)
     assert torch.equal(zeroed[held], grid[held])
     assert (zeroed[pruned] == 0).all()
+    assert torch.equal(nearest[held], grid[held])
+    for b in range(2):  # every pruned patch copies a held one
+        copies = (nearest[b, pruned[b]][:, None] == grid[b, held[b]][None]).all(-1).any(-1)
+        assert copies.all()
 
 
 @pytest.mark.parametrize("method", LEARNED, ids=lambda m: f"{m[0]}-{sorted(m[1].items())}")
@@ -285,8 +308,10 @@ def test_bad_grid_options_are_refused(model_pair):
     x = image_batch(model, 1)
     tokenreduce.apply(model, "tome", r=4)
     try:
-        with pytest.raises(InvalidOptionError, match="pruned='nearest'.*'exit' or 'zero'"):
-            tokenreduce.patch_features(model, x, pruned="nearest")
+        with pytest.raises(
+            InvalidOptionError, match="pruned='mean'.*'exit' or 'zero' or 'nearest'"
+        ):
+            tokenreduce.patch_features(model, x, pruned="mean")
         with pytest.raises(InvalidOptionError, match="output_fmt='NHWC'"):
             model.forward_intermediates(x, output_fmt="NHWC")
     finally:

@@ -40,7 +40,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="set each method's strength to this fraction of the dense backbone's GMACs "
-        "(matched on the first --calib-images images) instead of its given value",
+        "(matched on --calib-images images evenly spaced over the folder) instead of its given "
+        "value",
     )
     parser.add_argument(
         "--calib-images",
@@ -52,7 +53,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--pruned",
         default="exit",
         choices=PRUNED_RULES,
-        help="what a pruned patch gives the decoder: its feature when it was pruned, or zero",
+        help="what a pruned patch gives the decoder: its feature when it was pruned (exit), "
+        "zeros, or the final feature of the nearest patch a token still holds",
     )
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> SaliencyResult:
     transform, _ = data.eval_transform(model.backbone)
     dataset = data.ImageFiles(args.data, transform, args.num_samples)
     shared.logger.info("%d images from %s", len(dataset), args.data)
-    configs = shared.method_configs(args, specs, model.backbone, dataset, given)
+    configs = shared.method_configs(args, specs, model.backbone, dataset, given, spread=True)
     shared.logger.info("eval-dense: %d threads, batch %d", torch.get_num_threads(), args.batch_size)
     result = evaluate_saliency(
         model,

@@ -312,16 +312,21 @@ def method_configs(
     model: nn.Module,
     dataset: data.ImageFiles,
     given: Sequence[str],
+    spread: bool = False,
 ) -> list[MethodConfig]:
     """The configs of the --method specs; with --gmacs-ratio, each one's strength matched to
-    that fraction of `model`'s dense GMACs on the first --calib-images images of `dataset`
-    (saying which given options the matching replaces). given: the --method texts."""
+    that fraction of `model`'s dense GMACs on --calib-images images of `dataset`, the first ones
+    or, with `spread`, evenly spaced over it (saying which given options the matching
+    replaces). given: the --method texts."""
     configs = [make_config(name, **options) for name, options in specs]
     if args.gmacs_ratio is None:
         warn_untrained(configs, given)
         return configs
     count = min(args.calib_images, len(dataset))
-    images = readable_images(dataset, range(count), "--gmacs-ratio matching")
+    indices = range(count)
+    if spread:
+        indices = data.evenly_spaced(list(range(len(dataset))), count)
+    images = readable_images(dataset, indices, "--gmacs-ratio matching")
     for (name, options), config in zip(specs, configs, strict=True):
         replaced = replaced_by_matching(config, options)
         if replaced:

@@ -89,3 +89,27 @@ def record_exits(
     if exited is None:
         exited = torch.zeros_like(features)
     return torch.where(leaving.unsqueeze(-1), features, exited)
+
+
+def fill_from_nearest(
+    features: torch.Tensor, held: torch.Tensor, grid_size: tuple[int, int], num_prefix: int
+) -> torch.Tensor:
+    """Each patch that no token holds takes the feature of the nearest held patch on the grid.
+
+    features: [B, P + H * W, C] (prefix first, patches row by row); held: [B, P + H * W] bool;
+    grid_size: (H, W). Distance is Euclidean in patch units; ties go to the earlier patch. An
+    image with no held patch keeps its features. Works once per grid: [B, HW, HW] distances.
+    """
+    rows, cols = grid_size
+    index = torch.arange(rows * cols, device=features.device)
+    row, col = index // cols, index % cols
+    squared = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
+    patches, held_patches = features[:, num_prefix:], held[:, num_prefix:]
+    squared = squared.expand(len(held), -1, -1).masked_fill(
+        ~held_patches[:, None, :], torch.iinfo(squared.dtype).max
+    )
+    nearest = squared.argmin(dim=-1)
+    filled = patches.gather(1, nearest.unsqueeze(-1).expand_as(patches))
+    own = held_patches | ~held_patches.any(dim=1, keepdim=True)
+    patches = torch.where(own.unsqueeze(-1), patches, filled)
+    return torch.cat([features[:, :num_prefix], patches], dim=1)

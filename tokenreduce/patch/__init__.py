@@ -28,9 +28,10 @@ LAZY_ADAPTERS: dict[str, str] = {}
 "package.module:AdapterClass", imported (and registered) the first time a model of that
 family is seen, so that the core never imports an optional dependency."""
 
+LAZY_EXTRAS: dict[str, str] = {}
+"""The tokenreduce extra each lazily imported family needs, by top-level module."""
+
 PLANNED_FAMILIES = {
-    "transformers": "Hugging Face transformers models are not supported yet; timm's versions of "
-    "the same architectures (with the same weights, loaded into timm) are",
     "open_clip": "open_clip towers are not supported yet; timm's vit_*_clip_* models (with the "
     "same weights, loaded into timm) are",
 }
@@ -45,23 +46,40 @@ def register_adapter(adapter: AdapterT) -> AdapterT:
     return adapter
 
 
-def register_lazy_adapter(family: str, target: str) -> None:
+def register_lazy_adapter(family: str, target: str, extra: str | None = None) -> None:
     """Serve models whose class lives in top-level module `family` (e.g. "transformers") by the
-    adapter `target` ("package.module:AdapterClass"), imported when such a model first comes."""
+    adapter `target` ("package.module:AdapterClass"), imported when such a model first comes.
+    extra: the tokenreduce extra that installs what the adapter needs (named when the import
+    fails)."""
     module, _, name = target.partition(":")
     if not module or not name.isidentifier():
         raise InvalidOptionError(
             f"target={target!r} is not accepted; accepted: 'package.module:AdapterClass'"
         )
     LAZY_ADAPTERS[family] = target
+    if extra is not None:
+        LAZY_EXTRAS[family] = extra
 
 
 def _import_lazy_adapter(model: nn.Module) -> None:
     families = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
     for family in sorted(families & LAZY_ADAPTERS.keys()):
         module, _, name = LAZY_ADAPTERS[family].partition(":")
-        register_adapter(getattr(importlib.import_module(module), name))
+        try:
+            imported = importlib.import_module(module)
+        except ImportError as err:
+            if family not in LAZY_EXTRAS:
+                raise
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({family}) needs tokenreduce's optional extra "
+                f"'{LAZY_EXTRAS[family]}': pip install 'tokenreduce[{LAZY_EXTRAS[family]}]' "
+                f"({err})"
+            ) from err
+        register_adapter(getattr(imported, name))
         del LAZY_ADAPTERS[family]  # only once imported: a failed import is raised again
+
+
+register_lazy_adapter("transformers", "tokenreduce.patch.hf:HFAdapter", extra="hf")
 
 
 def adapter_for(model: nn.Module) -> type[ModelAdapter]:

@@ -38,7 +38,7 @@ from tokenreduce.ops.attention import (
     size_bias,
     softmax_dtype,
 )
-from tokenreduce.ops.owners import held_features, record_exits
+from tokenreduce.ops.owners import fill_from_nearest, held_features, record_exits
 from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -86,8 +86,25 @@ class AttentionCall:
         return self.layout.counts if self.layout is not None else [length] * batch
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one attention module computes: fused (scaled_dot_product_attention) or explicit, its
+    scale, its attention dropout (0 outside training) and the `scale` it passes to the fused
+    kernel (None: the kernel's default, as timm does)."""
+
+    fused: bool
+    scale: float
+    dropout: float = 0.0
+    sdpa_scale: float | None = None
+
+    @classmethod
+    def of_timm(cls, attn: nn.Module) -> AttentionSpec:
+        """A timm attention module's (`fused_attn`, `scale`, `attn_drop`, training mode)."""
+        return cls(bool(attn.fused_attn), attn.scale, attn.attn_drop.p if attn.training else 0.0)
+
+
 def attend(
-    attn: nn.Module,
+    spec: AttentionSpec,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -96,8 +113,8 @@ def attend(
 ) -> tuple[torch.Tensor, AttentionOutputs]:
     """Multi-head attention of q, k, v [B, H, N, d] with the call's key bias, as timm computes it.
 
-    `attn` is the attention module (its `fused_attn`, `scale`, `attn_drop` and training mode are
-    used). With no bias the output equals timm's op for op. The fused path stays fused; the
+    `spec` says how the model's attention module computes. With no bias the output equals
+    timm's op for op. The fused path stays fused; the
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
     the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
     path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
@@ -108,13 +125,13 @@ def attend(
     the real tokens) and the by-products.
     """
     batch, heads, tokens, _ = q.shape
-    dropout = attn.attn_drop.p if attn.training else 0.0
+    dropout = spec.dropout
     bias = None if call.bias is None else call.bias.to(q.dtype)
     full = None
     cls_attn = None
     received = None
     explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
-    fused = bool(attn.fused_attn) and not explicit
+    fused = spec.fused and not explicit
     by_image = (  # not on a static padded batch (masked batching): its counts would need a sync
         explicit
         and (call.layout is not None or call.valid is None)
@@ -125,27 +142,29 @@ def attend(
         and q.device.type == "cpu"
     )
     if fused:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
+        )
         if "cls_attn" in call.needs:
-            cls_attn = class_attention_row(q, k, attn.scale, bias)
+            cls_attn = class_attention_row(q, k, spec.scale, bias)
     elif by_image:
-        flat, received = attention_by_image(q, k, v, attn.scale, bias, call.counts(batch, tokens))
+        flat, received = attention_by_image(q, k, v, spec.scale, bias, call.counts(batch, tokens))
         if "cls_attn" in call.needs:
-            cls_attn = class_attention_row(q, k, attn.scale, bias)
+            cls_attn = class_attention_row(q, k, spec.scale, bias)
     else:
         if bias is None:
-            scores = (q * attn.scale) @ k.transpose(-2, -1)
+            scores = (q * spec.scale) @ k.transpose(-2, -1)
         else:  # the bias added inside the product: no extra pass over the N x N scores
             scores = torch.baddbmm(
                 bias.expand(batch, heads, 1, tokens).flatten(0, 1),
-                (q * attn.scale).flatten(0, 1),
+                (q * spec.scale).flatten(0, 1),
                 k.transpose(-2, -1).flatten(0, 1),
             ).unflatten(0, (batch, heads))
         if call.key_mask is None:
             full = scores.softmax(dim=-1)
         else:
             full = masked_softmax(scores, call.key_mask.to(scores.dtype))
-        out = attn.attn_drop(full) @ v
+        out = (F.dropout(full, dropout) if dropout else full) @ v
         if "cls_attn" in call.needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
         if "received" in call.needs:
@@ -524,9 +543,11 @@ def restore_reduced(
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
     # the reducing class is made at run time, so pickle (torch.save, deepcopy) stores the
     # original model and the config, and re-applies the reduction when it loads them
+    # (the original class is the reducing class's base: an adapter may reduce a submodule too)
     adapter = getattr(self, ADAPTER_ATTR)
     state = {k: v for k, v in self.__dict__.items() if k != ADAPTER_ATTR}
-    return (restore_reduced, (adapter.original_class, state, adapter.config, type(adapter)))
+    original = type(self).__bases__[0]
+    return (restore_reduced, (original, state, adapter.config, type(adapter)))
 
 
 _REDUCING_CLASSES: dict[tuple[type, type], type] = {}
@@ -584,9 +605,10 @@ def check_plain_forward(model: nn.Module, attn_mask: Any, is_causal: bool) -> No
         )
 
 
-PRUNED_RULES = ("exit", "zero")
+PRUNED_RULES = ("exit", "zero", "nearest")
 """What a patch grid gives the original tokens whose token left the sequence: "exit", the
-feature it had then (through the final norm when the grid is normed), or "zero"."""
+feature it had then (through the final norm when the grid is normed); "zero"; or "nearest", the
+feature of the nearest patch on the grid that a token still holds (docs/methods.md §1.8)."""
 
 
 def check_pruned_rule(pruned: object) -> None:
@@ -596,10 +618,18 @@ def check_pruned_rule(pruned: object) -> None:
         )
 
 
-def grid_tokens(grid: PatchGrid, norm: nn.Module | None, pruned: str) -> torch.Tensor:
-    """The [B, N0, C] features of a `PatchGrid`, through `norm` when given; with pruned="zero"
-    the tokens no longer held are zero."""
+def grid_tokens(
+    grid: PatchGrid,
+    norm: nn.Module | None,
+    pruned: str,
+    grid_size: tuple[int, int],
+    num_prefix: int,
+) -> torch.Tensor:
+    """The [B, N0, C] features of a `PatchGrid` (prefix first, then the `grid_size` patches row by
+    row), through `norm` when given, the tokens no longer held as `pruned` says."""
     features = grid.features if norm is None else norm(grid.features)
     if pruned == "zero":
-        features = features.masked_fill(~grid.held.unsqueeze(-1), 0.0)
+        return features.masked_fill(~grid.held.unsqueeze(-1), 0.0)
+    if pruned == "nearest":
+        return fill_from_nearest(features, grid.held, grid_size, num_prefix)
     return features

@@ -24,6 +24,7 @@ from tokenreduce.methods.base import MethodConfig
 from tokenreduce.patch.base import (
     ADAPTER_ATTR,
     AttentionCall,
+    AttentionSpec,
     ModelAdapter,
     attend,
     check_block_types,
@@ -230,7 +231,7 @@ def attention_forward(
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out, byproducts = attend(attn, q, k, v, call, metric_keys=metric_keys)
+    out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call, metric_keys=metric_keys)
     return project_output(attn, out, gate), byproducts
 
 

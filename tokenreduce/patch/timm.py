@@ -20,6 +20,7 @@ from tokenreduce.patch.base import (
     ADAPTER_ATTR,
     TRAINABLE_ATTR,
     AttentionCall,
+    AttentionSpec,
     ModelAdapter,
     attend,
     check_block_types,
@@ -122,7 +123,7 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
     """The `forward_intermediates` of a reducing timm model class: timm's arguments and outputs,
     with every requested block's output on the original token grid (`PatchGrid`: a merged token's
     feature goes to each patch it holds; a pruned patch gets the feature its token had when it
-    left, or zero with pruned="zero"). The final features stay the reduced tokens."""
+    left, or as `pruned` says: `PRUNED_RULES`). The final features stay the reduced tokens."""
 
     def forward_intermediates(
         self: nn.Module,
@@ -150,12 +151,13 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
         adapter = getattr(self, ADAPTER_ATTR)
         last = max_index if stop_early else None
         x, grids = adapter.run_blocks_with_grids(self, tokens, rotary, take, last)
-        full = [grid_tokens(grid, self.norm if norm else None, pruned) for grid in grids]
+        rows, cols = self.patch_embed.dynamic_feat_size((height, width))
         num_prefix = self.num_prefix_tokens
+        final_norm = self.norm if norm else None
+        full = [grid_tokens(g, final_norm, pruned, (rows, cols), num_prefix) for g in grids]
         prefix_tokens = [y[:, :num_prefix] for y in full] if num_prefix else None
         intermediates = [y[:, num_prefix:] for y in full]
         if output_fmt == "NCHW":
-            rows, cols = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [
                 y.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2).contiguous()
                 for y in intermediates
@@ -292,7 +294,7 @@ def attention_forward(
     qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out, byproducts = attend(attn, q, k, v, call)
+    out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
 
 
