@@ -23,6 +23,7 @@ from tokenreduce.data import ImageFolder
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig
 from tokenreduce.options import describe_options
+from tokenreduce.patch import adapter_for
 from tokenreduce.runtime import precision_context, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def evaluate(
     Under torchrun each rank evaluates its shard; the per-image results are gathered (every rank
     returns the full result, in dataset order, equal to a one-process run).
     """
-    num_classes = getattr(model, "num_classes", 0)
+    num_classes = adapter_for(model).num_classes(model)
     if not num_classes:
         raise InvalidOptionError(
             f"model {model_name} has no classifier (num_classes=0); give it one with "
@@ -117,6 +118,7 @@ def evaluate(
     gmacs: list[list[torch.Tensor]] = [[] for _ in configs]
     unreadable: list[str] = []
     order: list[torch.Tensor] = []
+    logits_of = adapter_for(model).logits  # refuses a model without a classifier up front
     bar = progress_bar(len(part), progress and context.is_main)
     with precision_context(device.type, amp, amp_dtype):
         for images, labels, indices, ok in loader:
@@ -127,13 +129,13 @@ def evaluate(
             if len(images) == 0:
                 continue
             order.append(indices[ok])
-            logits = model(images).float()
+            logits = logits_of(model, images).float()
             top1, top5 = _topk_hits(logits, labels)
             pred = logits.argmax(-1)
             dense_hits.append(torch.stack([top1, top5]))
             dense_pred.append(pred)
             for k, net in enumerate(reduced):
-                out = net(images).float()
+                out = logits_of(net, images).float()
                 top1, top5 = _topk_hits(out, labels)
                 hits[k].append(torch.stack([top1, top5, out.argmax(-1) == pred]))
                 gmacs[k].append(tokenreduce.flops.gmacs(net, tokenreduce.last_info(net)).gmacs)

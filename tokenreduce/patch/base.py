@@ -322,6 +322,17 @@ class ModelAdapter(ABC):
         [B, 3, H, W]: the model's own tokens when unreduced, else put back on the token grid
         (`PatchGrid`; pruned: one of `PRUNED_RULES`)."""
 
+    @classmethod
+    def num_classes(cls, model: nn.Module) -> int:
+        """How many classes `logits` scores (0: the model has no classifier)."""
+        return getattr(model, "num_classes", 0)
+
+    @classmethod
+    def logits(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, K] of images (for accuracy); a family whose models return something
+        else overrides this, or refuses models without a classifier."""
+        return model(images)
+
     @abstractmethod
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The model's transformer blocks, in order."""

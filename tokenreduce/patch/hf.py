@@ -318,6 +318,20 @@ class HFAdapter(ModelAdapter):
         return output.last_hidden_state[:, 0] if pooled is None else pooled
 
     @classmethod
+    def num_classes(cls, model: nn.Module) -> int:
+        classifies = any(hasattr(model, name) for name in ("classifier", "cls_classifier"))
+        return model.config.num_labels if classifies else 0
+
+    @classmethod
+    def logits(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if not cls.num_classes(model):
+            raise UnsupportedModelError(
+                f"{served_class(model).__name__} has no classifier, so it gives no class logits; "
+                "accepted: a transformers *ForImageClassification model"
+            )
+        return model(pixel_values=images).logits
+
+    @classmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
         base = base_model(model)
         adapter = getattr(base, ADAPTER_ATTR, None)
@@ -368,7 +382,6 @@ class HFAdapter(ModelAdapter):
         if self.family.residual_drop is not None:
             out = getattr(block, self.family.residual_drop)(out)
         return out
-
 
     # ---- attach / detach: a wrapper's base model is reduced too --------------------------
     def attach(self, model: nn.Module) -> None:

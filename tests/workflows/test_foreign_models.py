@@ -1,0 +1,104 @@
+"""The command line and `models.load` on Hugging Face transformers and open_clip models:
+`-m hf:PATH`, `-m open_clip:ARCH` (random weights and small configs, offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokenreduce
+from tests.conftest import make_image_folder, run_cli
+from tokenreduce import models
+from tokenreduce.errors import InvalidOptionError, MissingFileError
+
+transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small ViTForImageClassification (3 classes, 32 px) saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("hf_vit")
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        image_size=32, patch_size=8, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2})
+    )
+    return folder
+
+
+def test_load_a_transformers_folder(hf_dir):
+    model = models.load(f"hf:{hf_dir}")
+    assert type(model).__name__ == "ViTForImageClassification"
+    assert model.config._attn_implementation == "sdpa"
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert model.pretrained_cfg["interpolation"] == "bilinear"
+    reloaded = transformers.ViTForImageClassification.from_pretrained(hf_dir)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(MissingFileError, match="no config.json"):
+        models.load(f"hf:{hf_dir / 'missing'}")
+    with pytest.raises(InvalidOptionError, match=r"options \['num_classes'\] apply to timm"):
+        models.load(f"hf:{hf_dir}", num_classes=5)
+
+
+def test_cli_bench_eval_viz_on_a_transformers_model(hf_dir, tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2, classes=("class0", "class1", "class2"))
+    bench = run_cli(
+        "bench", "-m", f"hf:{hf_dir}", "--weights", "pretrained", "-b", "1", "2",
+        "--method", "tome:r=2", "--method", "evit:keep_rate=0.5",
+        "--num-warm-iter", "0", "--num-bench-iter", "1",
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    assert "tome" in bench.stdout and "evit" in bench.stdout
+    out = tmp_path / "eval.json"
+    evaluated = run_cli(
+        "eval", str(data), "-m", f"hf:{hf_dir}", "--method", "tome:r=2", "-j", "0",
+        "--no-progress", "--results-file", str(out),
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["method"] == "tome" and 0 < row["gmacs_ratio"] < 1
+    image = next((data / "class0").iterdir())
+    viz = run_cli(
+        "viz", "-m", f"hf:{hf_dir}", "--method", "tome:r=2", "--image", str(image),
+        "--out", str(tmp_path / "maps.png"),
+    )  # fmt: skip
+    assert viz.returncode == 0, viz.stderr
+    assert (tmp_path / "maps.png").is_file()
+
+
+def test_open_clip_tower_loads_and_benches():
+    pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    with pytest.raises(MissingFileError, match="needs its weights as a local file"):
+        models.load("open_clip:ViT-B-32")
+    with pytest.raises(InvalidOptionError, match="not an open_clip architecture"):
+        models.load("open_clip:ViT-Q-99", pretrained=False)
+    tower = models.load("open_clip:ViT-B-32", pretrained=False)
+    tokenreduce.apply(tower, "tome", r=4)
+    with torch.no_grad():
+        embedding = tower(torch.randn(1, 3, 224, 224))
+    assert embedding.shape == (1, 512)
+    # 50 tokens lose 4 per block for 11 blocks (6 left), then the 2 that bipartite matching allows
+    assert tokenreduce.last_info(tower).tokens_per_block[0, -1] == 4
+    result = run_cli(
+        "bench", "-m", "open_clip:ViT-B-32", "--weights", "random", "-b", "1",
+        "--method", "tome:r=4", "--num-warm-iter", "0", "--num-bench-iter", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    refused = run_cli("bench", "-m", "open_clip:ViT-B-32", "--weights", "pretrained", "-b", "1")
+    assert refused.returncode == 2 and "needs its weights as a local file" in refused.stderr
+
+
+def test_open_clip_checkpoint_file(tmp_path):
+    open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    path = tmp_path / "vit_b_32.pt"
+    torch.save(model.state_dict(), path)
+    tower = models.load("open_clip:ViT-B-32", checkpoint=path)
+    assert all(torch.equal(v, tower.state_dict()[k]) for k, v in model.visual.state_dict().items())

@@ -1,0 +1,242 @@
+"""open_clip's image tower (`open_clip.transformer.VisionTransformer`, e.g. `model.visual`): its
+hooks for the shared engine (`patch.base`).
+
+The registry imports this module the first time an open_clip tower is applied (a lazy adapter;
+`pip install 'tokenreduce[openclip]'`). Blocks are `ResidualAttentionBlock`s around
+`nn.MultiheadAttention`; the adapter runs the same projections (its packed `in_proj` and
+`out_proj`) through the fused kernel, so reduced image encoding stays fused. Pooling ('tok',
+'avg', or the CoCa attentional pooler) accounts for token sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import (
+    AttentionalPooler,
+    ResidualAttentionBlock,
+    VisionTransformer,
+)
+from torch import nn
+
+from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.ops.attention import padding_bias, size_bias
+from tokenreduce.patch.base import (
+    ADAPTER_ATTR,
+    AttentionCall,
+    AttentionSpec,
+    ModelAdapter,
+    attend,
+    grid_tokens,
+    linear_macs,
+)
+from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+
+class OpenCLIPAdapter(ModelAdapter):
+    """open_clip VisionTransformer towers."""
+
+    SUPPORTED = (
+        "open_clip VisionTransformer image towers (model.visual) with ResidualAttentionBlock / "
+        "nn.MultiheadAttention blocks, 'tok' or 'avg' pooling or the CoCa attentional pooler"
+    )
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        cls.check_family(model)
+        transformer = model.transformer
+        if not transformer.batch_first:
+            raise UnsupportedModelError(
+                "unsupported open_clip tower: transformer.batch_first=False; supported: True"
+            )
+        for i, block in enumerate(transformer.resblocks):
+            attn = getattr(block, "attn", None)
+            if type(block) is not ResidualAttentionBlock or not isinstance(
+                attn, nn.MultiheadAttention
+            ):
+                raise UnsupportedModelError(
+                    f"unsupported block {i} of the open_clip tower: {type(block).__name__}; "
+                    f"supported: {cls.SUPPORTED}"
+                )
+            if not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
+                raise UnsupportedModelError(
+                    f"unsupported block {i} of the open_clip tower: cross attention or separate "
+                    "q/k/v projections; supported: self-attention with a packed in_proj"
+                )
+        if getattr(model, "attn_pool_contrastive", None) is not None:
+            raise UnsupportedModelError(
+                "unsupported open_clip tower: the 'parallel'/'cascade' attentional pooling; "
+                "supported: 'tok' or 'avg' pooling, or the CoCa attentional pooler"
+            )
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> ModelDims:
+        cls.check_supported(model)
+        block = model.transformer.resblocks[0]
+        attn = block.attn
+        width = model.transformer.width
+        rows, cols = model.grid_size
+        head_macs = 0 if model.proj is None else model.proj.numel()
+        pool = {}
+        if model.attn_pool is not None:
+            pooler = model.attn_pool.attn  # queries of its own width attend over the tokens
+            queries, inner = model.attn_pool.query.shape
+            pool = dict(
+                pool_macs_per_token=2 * pooler.kdim * inner + 2 * queries * inner,
+                pool_fixed_macs=queries * 2 * inner * inner,
+                pool_attn_queries=queries,
+                pool_include_prefix=True,
+            )
+        return ModelDims(
+            depth=len(model.transformer.resblocks),
+            embed_dim=width,
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            attn_dim=width,
+            num_prefix=1,
+            num_patches=rows * cols,
+            has_class_token=True,
+            attn_linear_macs_per_token=attn.in_proj_weight.shape[0] * width
+            + linear_macs(attn.out_proj),
+            mlp_macs_per_token=linear_macs(block.mlp),
+            patch_embed_macs=rows * cols * model.conv1.weight.numel(),
+            head_macs=head_macs,
+            input_size=tuple(model.image_size),
+            grid_size=(rows, cols),
+            **pool,
+        )
+
+    @classmethod
+    def pooled_features(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        out = model(images)
+        return out[0] if isinstance(out, tuple) else out
+
+    @classmethod
+    def num_classes(cls, model: nn.Module) -> int:
+        return 0
+
+    @classmethod
+    def logits(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedModelError(
+            "an open_clip image tower gives embeddings, not class logits (zero-shot "
+            "classification needs the text tower); accepted for accuracy: a classifier model. "
+            "Speed (bench), token maps (viz) and feature fidelity (demo) work on the tower"
+        )
+
+    @classmethod
+    def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
+        adapter = getattr(model, ADAPTER_ATTR, None)
+        tokens = model._embeds(images)
+        norm = token_norm(model)
+        if adapter is None:
+            tokens = model.transformer(tokens)
+            return tokens if norm is None else norm(tokens)
+        dims = adapter.dims
+        _, (grid,) = adapter.run_blocks_with_grids(model, tokens, None, [dims.depth - 1])
+        return grid_tokens(grid, norm, pruned, dims.grid_size, dims.num_prefix)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.transformer.resblocks
+
+    def plain_block(self, block: nn.Module, x: torch.Tensor, rope: Any) -> torch.Tensor:
+        return block(x)
+
+    def attention_fused(self, block: nn.Module) -> bool:
+        return True
+
+    def attention_half(
+        self, block: nn.Module, x: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, AttentionOutputs]:
+        attn = block.attn
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        if call.layout is not None:
+            qkv = call.layout.pad(qkv)
+        batch, tokens, _ = qkv.shape
+        qkv = qkv.view(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        spec = AttentionSpec(True, attn.head_dim**-0.5, attn.dropout if attn.training else 0.0)
+        out, byproducts = attend(spec, q, k, v, call)
+        return x + block.ls_1(attn.out_proj(out)), byproducts
+
+    def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    @classmethod
+    def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
+        def forward(self: VisionTransformer, x: torch.Tensor) -> Any:
+            adapter = getattr(self, ADAPTER_ATTR)
+            x = adapter.run_blocks(self, self._embeds(x))
+            pooled, tokens = size_aware_pool(self, x, adapter.final_state(), adapter)
+            if self.proj is not None:
+                pooled = pooled @ self.proj
+            return (pooled, tokens) if self.output_tokens else pooled
+
+        return {"forward": forward}
+
+
+def token_norm(model: nn.Module) -> nn.Module | None:
+    """The norm the tower applies to every token (`ln_post` before pooling), or None where it
+    normalises only what it pooled (final_ln_after_pool, the attentional pooler)."""
+    if model.attn_pool is not None or model.final_ln_after_pool:
+        return None
+    return model.ln_post
+
+
+def key_bias_of(state: TokenState | None, prop_attn: bool, dtype: torch.dtype) -> Any:
+    """Additive key bias [B, N] for a pooling attention: log size (proportional attention) and
+    -inf at padding; None where neither applies."""
+    if state is None:
+        return None
+    bias = size_bias(state.size, dtype)[:, 0, 0] if prop_attn and state.size is not None else None
+    if state.valid is not None:
+        padding = padding_bias(state.valid, dtype)[:, 0, 0]
+        bias = padding if bias is None else bias + padding
+    return bias
+
+
+def attentional_pool(pooler: AttentionalPooler, x: torch.Tensor, bias: torch.Tensor | None):
+    """open_clip's AttentionalPooler with an additive key bias [B, N]."""
+    if bias is None:
+        return pooler(x)
+    keys = pooler.ln_k(x)
+    queries = pooler.ln_q(pooler.query)
+    heads = pooler.attn.num_heads
+    mask = bias[:, None, None, :].expand(-1, heads, queries.shape[0], -1).flatten(0, 1)
+    return pooler.attn(
+        queries.unsqueeze(0).expand(len(x), -1, -1), keys, keys, need_weights=False, attn_mask=mask
+    )[0]
+
+
+def size_aware_pool(
+    model: nn.Module, x: torch.Tensor, state: TokenState | None, adapter: ModelAdapter
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's `_pool` where tokens stand for several patches or are padding: the average
+    is size-weighted over real patch tokens, the attentional pooler gets log(size) / -inf key
+    biases; the class token ('tok') is read as it is."""
+    reduced = state is not None and (state.size is not None or state.valid is not None)
+    if not reduced:
+        return model._pool(x)
+    if model.attn_pool is not None:
+        bias = key_bias_of(state, adapter.config.uses_prop_attn, x.dtype)
+        x = model.ln_post(attentional_pool(model.attn_pool, x, bias))
+        return model._global_pool(x)
+    if model.pool_type != "avg":
+        return model._pool(x)
+
+    def weighted_mean(y: torch.Tensor) -> torch.Tensor:
+        size = state.sizes_like(y)[:, 1:].to(y.dtype)
+        if state.valid is not None:
+            size = size * state.valid[:, 1:, None].to(y.dtype)
+        return (y[:, 1:] * size).sum(dim=1) / size.sum(dim=1)
+
+    if model.final_ln_after_pool:
+        return model.ln_post(weighted_mean(x)), x[:, 1:]
+    x = model.ln_post(x)
+    return weighted_mean(x), x[:, 1:]
