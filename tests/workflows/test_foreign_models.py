@@ -70,6 +70,12 @@ def test_cli_bench_eval_viz_on_a_transformers_model(hf_dir, tmp_path):
     )  # fmt: skip
     assert viz.returncode == 0, viz.stderr
     assert (tmp_path / "maps.png").is_file()
+    demo = run_cli(
+        "demo", "-m", f"hf:{hf_dir}", "--quick", "--images", str(image), "--out-dir",
+        str(tmp_path / "demo"),
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "demo" / "demo_results.csv").is_file()
 
 
 def test_open_clip_tower_loads_and_benches():
