@@ -362,9 +362,9 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     return model
 
 
-def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
-    """The image tower (`model.visual`) of open_clip architecture `arch`, with the weights of a
-    local `checkpoint` file (open_clip's state dict of the whole model), or random weights with
+def create_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
+    """The whole open_clip model of architecture `arch` (eval mode), with the weights of a local
+    `checkpoint` file (open_clip's state dict of the whole model), or random weights with
     `pretrained=False`. No download."""
     try:
         import open_clip
@@ -384,8 +384,15 @@ def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise MissingFileError(f"checkpoint file not found: {checkpoint}")
-    model = open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None)
-    tower = model.visual
+    return open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None).eval()
+
+
+def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
+    """The image tower (`model.visual`) of `create_open_clip(arch, checkpoint, pretrained)`, with
+    its preprocessing as a timm-style pretrained_cfg."""
+    import open_clip
+
+    tower = create_open_clip(arch, checkpoint, pretrained).visual
     config = getattr(tower, "preprocess_cfg", {}) or {}
     tower.pretrained_cfg = _preprocessing(
         tower.image_size[0],
@@ -394,6 +401,26 @@ def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -
         config.get("interpolation", "bicubic"),
     )
     return tower
+
+
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+"""CLIP's zero-shot prompt (Radford et al., 2021) for each class name."""
+
+
+def open_clip_zero_shot(
+    arch: str, checkpoint: str | Path | None, pretrained: bool, classes: list[str]
+) -> torch.Tensor:
+    """Zero-shot classifier weights [K, D] of open_clip architecture `arch` for class names
+    `classes`: the text embeddings of `ZERO_SHOT_TEMPLATE` prompts (underscores read as spaces),
+    normalised and scaled by the model's logit scale. Weights as in `load_open_clip`."""
+    import open_clip
+
+    model = create_open_clip(arch, checkpoint, pretrained)
+    tokenizer = open_clip.get_tokenizer(arch)
+    prompts = [ZERO_SHOT_TEMPLATE.format(name.replace("_", " ")) for name in classes]
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        return text * model.logit_scale.exp()
 
 
 FOREIGN_LOADERS: dict[str, Callable[[str, str | Path | None, bool], nn.Module]] = {

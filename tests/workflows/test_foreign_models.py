@@ -108,3 +108,36 @@ def test_open_clip_checkpoint_file(tmp_path):
     torch.save(model.state_dict(), path)
     tower = models.load("open_clip:ViT-B-32", checkpoint=path)
     assert all(torch.equal(v, tower.state_dict()[k]) for k, v in model.visual.state_dict().items())
+
+
+def test_open_clip_tower_zero_shot_eval(tmp_path):
+    """eval on an open_clip tower classifies zero-shot: the class names' prompt embeddings from
+    the same model's text tower."""
+    open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    classes = ["ankle_boot", "bag"]
+    torch.manual_seed(0)
+    weights = models.open_clip_zero_shot("ViT-B-32", None, False, classes)
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a ankle boot.", "a photo of a bag."])
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(clip.encode_text(tokens), dim=-1)
+    assert torch.equal(weights, text * clip.logit_scale.exp())
+    tower = clip.visual
+    tower.tokenreduce_zero_shot = weights
+    images = torch.randn(2, 3, 224, 224)
+    adapter = tokenreduce.patch.adapter_for(tower)
+    with torch.no_grad():
+        logits = adapter.logits(tower, images)
+        embedding = torch.nn.functional.normalize(tower(images), dim=-1)
+    assert adapter.num_classes(tower) == 2
+    assert torch.equal(logits, embedding @ weights.T)
+    data = make_image_folder(tmp_path / "data", per_class=2, classes=classes)
+    out = tmp_path / "eval.json"
+    result = run_cli(
+        "eval", str(data), "-m", "open_clip:ViT-B-32", "--weights", "random", "--method",
+        "tome:r=4", "-j", "0", "--no-progress", "--results-file", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["method"] == "tome" and row["gmacs_ratio"] < 1

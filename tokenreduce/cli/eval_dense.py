@@ -35,19 +35,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help=f"NAME[:opt=value,...], repeatable; default: {DEFAULT_METHOD}",
     )
-    parser.add_argument(
-        "--gmacs-ratio",
-        type=float,
-        default=None,
-        help="set each method's strength to this fraction of the dense backbone's GMACs "
-        "(matched on --calib-images images evenly spaced over the folder) instead of its given "
-        "value",
-    )
-    parser.add_argument(
-        "--calib-images",
-        type=int,
-        default=None,
-        help="images --gmacs-ratio is matched on (default with --gmacs-ratio: 32)",
+    shared.add_matching_args(
+        parser, "the dense backbone's GMACs", "--calib-images images evenly spaced over the folder"
     )
     parser.add_argument(
         "--pruned",
@@ -69,12 +58,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> SaliencyResult:
-    shared.check_ratio(args.gmacs_ratio)
-    shared.check_needs(args, [("calib_images", "gmacs_ratio"), ("amp_dtype", "amp")])
-    args.calib_images = 32 if args.calib_images is None else args.calib_images
-    shared.check_at_least(
-        args, {"calib_images": 1, "batch_size": 1, "workers": 0, "num_samples": 1, "threads": 1}
-    )
+    shared.check_matching(args)
+    shared.check_needs(args, [("amp_dtype", "amp")])
+    shared.check_at_least(args, {"batch_size": 1, "workers": 0, "num_samples": 1, "threads": 1})
     shared.check_results_file(args)
     given = args.method or [DEFAULT_METHOD]
     specs = [parse_method(spec) for spec in given]

@@ -31,34 +31,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="NAME[:opt=value,...], repeatable; default: tome:r=13",
     )
-    parser.add_argument(
-        "--gmacs-ratio",
-        type=float,
-        default=None,
-        help="set each method's strength to this fraction of dense GMACs (matched on the "
-        "first --calib-images images) instead of its given value",
-    )
-    parser.add_argument(
-        "--calib-images",
-        type=int,
-        default=None,
-        help="images --gmacs-ratio is matched on (default with --gmacs-ratio: 32)",
-    )
+    shared.add_matching_args(parser, "dense GMACs", "the first --calib-images images")
     shared.add_amp_args(parser)
     shared.add_results_args(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> EvalResult:
-    shared.check_ratio(args.gmacs_ratio)
-    shared.check_needs(args, [("calib_images", "gmacs_ratio"), ("amp_dtype", "amp")])
-    args.calib_images = 32 if args.calib_images is None else args.calib_images
-    shared.check_at_least(args, {"calib_images": 1})
+    shared.check_matching(args)
+    shared.check_needs(args, [("amp_dtype", "amp")])
     shared.check_results_file(args)
     specs = [parse_method(spec) for spec in (args.method or ["tome:r=13"])]
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)
+    shared.add_zero_shot(args, model, dataset.classes)
     configs = shared.method_configs(args, specs, model, dataset, args.method or ["tome:r=13"])
     shared.logger.info(
         "eval: %s (%s), %d threads, %d process(es)",

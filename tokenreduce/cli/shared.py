@@ -181,6 +181,19 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]) -> None:
+    """An open_clip tower (-m open_clip:ARCH) gets zero-shot classifier weights for `classes`,
+    from the same architecture and checkpoint's text tower, so that it gives class logits."""
+    family, _, arch = args.model.partition(":")
+    if family != "open_clip":
+        return
+    from tokenreduce.patch.openclip import ZERO_SHOT_ATTR
+
+    logger.info("zero-shot classifier of %s for %d class names ...", args.model, len(classes))
+    weights = models.open_clip_zero_shot(arch, args.checkpoint, real_weights(args), classes)
+    setattr(model, ZERO_SHOT_ATTR, weights)
+
+
 def check_device(option: str, device: str) -> None:
     """A torch device string that names a device this machine has."""
     try:
@@ -236,6 +249,31 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype:
 def check_timing(args: argparse.Namespace) -> None:
     check_needs(args, [("amp_dtype", "amp")])
     check_at_least(args, {"num_warm_iter": 0, "num_bench_iter": 1, "batch_size": 1})
+
+
+def add_matching_args(parser: argparse.ArgumentParser, target: str, images: str) -> None:
+    """--gmacs-ratio (a fraction of `target`, matched on `images`) and --calib-images."""
+    parser.add_argument(
+        "--gmacs-ratio",
+        type=float,
+        default=None,
+        help=f"set each method's strength to this fraction of {target} (matched on {images}) "
+        "instead of its given value",
+    )
+    parser.add_argument(
+        "--calib-images",
+        type=int,
+        default=None,
+        help="images --gmacs-ratio is matched on (default with --gmacs-ratio: 32)",
+    )
+
+
+def check_matching(args: argparse.Namespace) -> None:
+    """--gmacs-ratio in (0, 1]; --calib-images only with it, >= 1, default 32."""
+    check_ratio(args.gmacs_ratio)
+    check_needs(args, [("calib_images", "gmacs_ratio")])
+    args.calib_images = 32 if args.calib_images is None else args.calib_images
+    check_at_least(args, {"calib_images": 1})
 
 
 def check_ratio(ratio: float | None) -> None:

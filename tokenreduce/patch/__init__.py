@@ -86,6 +86,11 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
             adapter.check_supported(model)
             return adapter
     supported = "; ".join(adapter.SUPPORTED for adapter in ADAPTERS)
+    if LAZY_ADAPTERS:
+        supported += "; " + "; ".join(
+            f"{family} models (tokenreduce[{LAZY_EXTRAS.get(family, family)}])"
+            for family in sorted(LAZY_ADAPTERS)
+        )
     raise UnsupportedModelError(
         f"unsupported model class {type(model).__name__}; supported: {supported}"
     )

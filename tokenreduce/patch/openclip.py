@@ -35,6 +35,10 @@ from tokenreduce.patch.base import (
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
+ZERO_SHOT_ATTR = "tokenreduce_zero_shot"
+"""Attribute of a tower holding zero-shot classifier weights [K, D] (text embeddings of the
+class prompts, scaled), set by `tokenreduce eval` (`models.open_clip_zero_shot`)."""
+
 
 class OpenCLIPAdapter(ModelAdapter):
     """open_clip VisionTransformer towers."""
@@ -120,15 +124,22 @@ class OpenCLIPAdapter(ModelAdapter):
 
     @classmethod
     def num_classes(cls, model: nn.Module) -> int:
-        return 0
+        weights = getattr(model, ZERO_SHOT_ATTR, None)
+        return 0 if weights is None else weights.shape[0]
 
     @classmethod
     def logits(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedModelError(
-            "an open_clip image tower gives embeddings, not class logits (zero-shot "
-            "classification needs the text tower); accepted for accuracy: a classifier model. "
-            "Speed (bench), token maps (viz) and feature fidelity (demo) work on the tower"
-        )
+        """Zero-shot logits: the normalised image embedding against the class prompts'."""
+        weights = getattr(model, ZERO_SHOT_ATTR, None)
+        if weights is None:
+            raise UnsupportedModelError(
+                "an open_clip image tower gives embeddings, not class logits; accepted: zero-shot "
+                f"classifier weights in model.{ZERO_SHOT_ATTR} (models.open_clip_zero_shot; "
+                "tokenreduce eval sets them from the class names)"
+            )
+        embedding = model(images)
+        embedding = embedding[0] if isinstance(embedding, tuple) else embedding
+        return F.normalize(embedding, dim=-1) @ weights.to(embedding.dtype).T
 
     @classmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
