@@ -1,4 +1,5 @@
-"""tokenreduce: token pruning and merging for pretrained timm Vision Transformers."""
+"""tokenreduce: token pruning and merging for pretrained Vision Transformers (timm, Hugging Face
+transformers, open_clip)."""
 
 from tokenreduce import flops
 from tokenreduce.api import apply, last_info, methods, patch_features, remove
