@@ -106,7 +106,27 @@ def _check_timm(model: nn.Module) -> bool:
             f"to_transformers takes a timm VisionTransformer, got {type(model).__name__}"
         )
     distilled = isinstance(model, VisionTransformerDistilled)
-    layer_scale = isinstance(model.blocks[0].ls1, LayerScale)
+    block = model.blocks[0]
+    layer_scale = isinstance(block.ls1, LayerScale)
+    extras = [
+        name
+        for name, module in (
+            ("q/k norm", block.attn.q_norm),
+            ("attention norm", block.attn.norm),
+            ("MLP norm", block.mlp.norm),
+            ("pre-norm", model.norm_pre),
+        )
+        if not isinstance(module, nn.Identity)
+    ]
+    if type(block.mlp.act) is not nn.GELU or block.mlp.act.approximate != "none":
+        extras.append(f"activation {block.mlp.act}")
+    if model.no_embed_class:
+        extras.append("no_embed_class (position embedding without the class entry)")
+    if extras:
+        raise UnsupportedModelError(
+            f"to_transformers: {type(model).__name__} has parts transformers' Dinov2/DeiT have "
+            f"no counterpart for: {', '.join(extras)}"
+        )
     if distilled == layer_scale or model.reg_token is not None or model.attn_pool is not None:
         raise UnsupportedModelError(
             f"to_transformers converts a DINOv2-style timm ViT (class token, LayerScale, no "
@@ -156,26 +176,37 @@ def to_transformers(model: nn.Module, attn_implementation: str = "sdpa") -> nn.M
     # the same model: threshold files trained for the timm model apply to it as they are
     config._name_or_path = model_name(model)
     state = model.state_dict()
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return state[key]
+
     layout = _layout(distilled)
-    converted = {hf: state[timm] for timm, hf in layout["embeddings"].items() if timm in state}
+    converted = {hf: take(timm) for timm, hf in layout["embeddings"].items() if timm in state}
     for timm_key, hf_key in _block_pairs(len(model.blocks), layout["layers"], layout["block"]):
-        converted[hf_key] = state[timm_key]
+        converted[hf_key] = take(timm_key)
     for i in range(len(model.blocks)):
         attention = f"{layout['layers']}.{i}.{layout['attention']}"
         for leaf in ("weight", "bias")[: 2 if common["qkv_bias"] else 1]:
-            q, k, v = state[f"blocks.{i}.attn.qkv.{leaf}"].chunk(3)
+            q, k, v = take(f"blocks.{i}.attn.qkv.{leaf}").chunk(3)
             converted |= {
                 f"{attention}.q_proj.{leaf}": q,
                 f"{attention}.k_proj.{leaf}": k,
                 f"{attention}.v_proj.{leaf}": v,
             }
         if not distilled:
-            converted[f"{layout['layers']}.{i}.layer_scale1.lambda1"] = state[
+            converted[f"{layout['layers']}.{i}.layer_scale1.lambda1"] = take(
                 f"blocks.{i}.ls1.gamma"
-            ]
-            converted[f"{layout['layers']}.{i}.layer_scale2.lambda1"] = state[
+            )
+            converted[f"{layout['layers']}.{i}.layer_scale2.lambda1"] = take(
                 f"blocks.{i}.ls2.gamma"
-            ]
+            )
+    unused = sorted(set(state) - used)
+    if unused:
+        raise UnsupportedModelError(
+            f"to_transformers: timm weights without a counterpart: {unused}"
+        )
     result = target.load_state_dict(converted, strict=False)
     missing = set(result.missing_keys) - {"embeddings.mask_token"}  # used in pre-training only
     if missing or result.unexpected_keys:

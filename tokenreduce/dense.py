@@ -7,7 +7,9 @@ us about saliency models?", TPAMI 2019) and the salient-object MAE:
 
 - cc: Pearson correlation of the two maps over pixels (1: identical up to scale and shift);
 - kl: KL(reference || reduced) of the maps normalised to sum 1 (0: identical);
-- sim: histogram intersection, sum of min(P, Q) of the normalised maps (1: identical);
+- sim: histogram intersection, sum of min(P, Q) of the maps normalised to sum 1 (1: identical);
+  unlike the benchmark code, the maps are not first rescaled to [0, 1] by their min and max
+  (both are sigmoid outputs in [0, 1] already), so a raised background counts as mass;
 - mae: mean absolute difference of the [0, 1] maps (0: identical).
 """
 

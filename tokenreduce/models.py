@@ -344,7 +344,7 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
         )
     if pretrained:
         model = model_class.from_pretrained(
-            folder, attn_implementation="sdpa", local_files_only=True
+            folder, attn_implementation="sdpa", local_files_only=True, dtype=torch.float32
         )
     else:
         config._attn_implementation = "sdpa"

@@ -275,3 +275,28 @@ def test_wrapper_pickles_and_copies_with_its_reduction():
     tokenreduce.remove(clone)
     assert type(clone).__name__ == "Dinov2ForImageClassification"
     assert type(clone.dinov2).__name__ == "Dinov2Model"
+
+
+def test_grid_follows_the_input_size_and_explicit_false_outputs_are_honoured():
+    model = build("Dinov2Model", "sdpa")  # DINOv2 interpolates its positions to any size
+    tokenreduce.apply(model, "topk", keep_rate=0.5, layers=(1,))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        grid = tokenreduce.patch_features(model, x, pruned="nearest")
+        model.config.output_hidden_states = True
+        out = model(pixel_values=x, output_hidden_states=False)
+    assert grid.shape == (2, 1 + 36, 64)
+    assert out.last_hidden_state.shape[1] < 37
+
+
+def test_to_transformers_refuses_what_has_no_counterpart():
+    import timm
+
+    from tokenreduce import convert
+    from tokenreduce.errors import UnsupportedModelError
+
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, qk_norm=True
+    )
+    with pytest.raises(UnsupportedModelError, match="no counterpart for: q/k norm"):
+        convert.to_transformers(model)

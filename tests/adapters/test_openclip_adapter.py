@@ -157,3 +157,12 @@ def test_gmacs_match_torch_flop_counter(key):
         else:
             expected = tokenreduce.flops.dense_gmacs(model)
         assert abs(expected - counted) / counted < 0.01, (method, expected, counted)
+
+
+def test_forward_intermediates_is_refused_on_a_reduced_tower():
+    from tokenreduce.errors import InvalidOptionError
+
+    model = tower()
+    tokenreduce.apply(model, "tome", r=3)
+    with pytest.raises(InvalidOptionError, match="forward_intermediates of an open_clip tower"):
+        model.forward_intermediates(pixels(1))

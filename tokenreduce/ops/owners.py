@@ -101,7 +101,7 @@ def fill_from_nearest(
     image with no held patch keeps its features. Works once per grid: [B, HW, HW] distances.
     """
     rows, cols = grid_size
-    index = torch.arange(rows * cols, device=features.device)
+    index = torch.arange(rows * cols, device=features.device, dtype=torch.int32)
     row, col = index // cols, index % cols
     squared = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
     patches, held_patches = features[:, num_prefix:], held[:, num_prefix:]

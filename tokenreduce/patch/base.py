@@ -318,9 +318,10 @@ class ModelAdapter(ABC):
     @classmethod
     @abstractmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
-        """Final (normed) features of every original token [B, N0, C], prefix first, of images
-        [B, 3, H, W]: the model's own tokens when unreduced, else put back on the token grid
-        (`PatchGrid`; pruned: one of `PRUNED_RULES`)."""
+        """Final features of every original token [B, N0, C], prefix first, of images
+        [B, 3, H, W]: the model's own output tokens when unreduced (normed where the model norms
+        them; transformers CLIP and open_clip towers that norm only their pooled feature do
+        not), else put back on the token grid (`PatchGrid`; pruned: one of `PRUNED_RULES`)."""
 
     @classmethod
     def num_classes(cls, model: nn.Module) -> int:

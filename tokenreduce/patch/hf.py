@@ -187,7 +187,8 @@ def check_output_options(model: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Refuse what a reduced model cannot return; whether to return a dict (`return_dict`)."""
     config = model.config
     for option in ("output_attentions", "output_hidden_states"):
-        if kwargs.pop(option, None) or getattr(config, option, False):
+        asked = kwargs.pop(option, None)
+        if asked or (asked is None and getattr(config, option, False)):
             raise InvalidOptionError(
                 f"{option}=True: a model with token reduction does not return per-layer "
                 "attentions or hidden states (token counts change between layers); accepted: "
@@ -339,11 +340,13 @@ class HFAdapter(ModelAdapter):
             return base(pixel_values=images).last_hidden_state
         family = family_of(base)
         dims = adapter.dims
+        patch = patch_size_of(base.config)
+        grid_size = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
         tokens = embed(base, images, {})
         last = dims.depth - 1
         _, (grid,) = adapter.run_blocks_with_grids(base, tokens, None, [last])
         norm = getattr(base, family.final_norm) if family.norms_all else None
-        return grid_tokens(grid, norm, pruned, dims.grid_size, dims.num_prefix)
+        return grid_tokens(grid, norm, pruned, grid_size, dims.num_prefix)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.layers_of(base_model(model))
@@ -451,11 +454,13 @@ def patch_mean_features(model: nn.Module, sequence: torch.Tensor) -> torch.Tenso
     adapter = getattr(base, ADAPTER_ATTR, None)
     state = adapter.final_state() if adapter is not None else None
     patches = sequence[:, prefix:]
-    if state is None or state.size is None:
+    if state is None or (state.size is None and state.mask is None):
         mean = patches.mean(dim=1)
     else:
-        size = state.size[:, prefix:].to(sequence.dtype)
-        mean = (patches * size).sum(dim=1) / size.sum(dim=1)
+        weight = state.sizes_like(sequence)[:, prefix:].to(sequence.dtype)
+        if state.mask is not None:  # a learned method's training forward: masked tokens weigh 0
+            weight = weight * state.mask[:, prefix:, None].to(sequence.dtype)
+        mean = (patches * weight).sum(dim=1) / weight.sum(dim=1)
     return torch.cat([sequence[:, 0], mean], dim=1)
 
 

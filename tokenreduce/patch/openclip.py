@@ -22,7 +22,7 @@ from open_clip.transformer import (
 )
 from torch import nn
 
-from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.ops.attention import padding_bias, size_bias
 from tokenreduce.patch.base import (
     ADAPTER_ATTR,
@@ -139,7 +139,7 @@ class OpenCLIPAdapter(ModelAdapter):
             )
         embedding = model(images)
         embedding = embedding[0] if isinstance(embedding, tuple) else embedding
-        return F.normalize(embedding, dim=-1) @ weights.to(embedding.dtype).T
+        return F.normalize(embedding, dim=-1) @ weights.to(embedding).T
 
     @classmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
@@ -189,7 +189,15 @@ class OpenCLIPAdapter(ModelAdapter):
                 pooled = pooled @ self.proj
             return (pooled, tokens) if self.output_tokens else pooled
 
-        return {"forward": forward}
+        def forward_intermediates(self: VisionTransformer, *args: Any, **kwargs: Any) -> Any:
+            raise InvalidOptionError(
+                "forward_intermediates of an open_clip tower with token reduction is not "
+                "supported (its blocks would run unreduced); accepted: "
+                "tokenreduce.patch_features(tower, images) for the final features on the patch "
+                "grid, or tokenreduce.remove(tower) first"
+            )
+
+        return {"forward": forward, "forward_intermediates": forward_intermediates}
 
 
 def token_norm(model: nn.Module) -> nn.Module | None:
