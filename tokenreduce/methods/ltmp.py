@@ -25,7 +25,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.ops.merging import mean_position, prefix_first_order
+from tokenreduce.ops.merging import interleave_destinations, mean_position, prefix_first_order
 from tokenreduce.ops.owners import follow, follow_rows
 from tokenreduce.ops.packing import gather_packed
 from tokenreduce.ops.thresholds import threshold_mask
@@ -72,15 +72,7 @@ def partner_destinations(
     own_a = torch.arange(num_a, device=device).expand(batch, -1)
     destination_a = torch.where(merge, num_a + partner, own_a)
     destination_b = num_a + torch.arange(num_tokens - num_a, device=device).expand(batch, -1)
-    if order is not None:
-        order_index = torch.tensor(order, device=device)
-        inverse = torch.empty_like(order_index)
-        inverse[order_index] = torch.arange(num_tokens, device=device)
-        destination_a, destination_b = inverse[destination_a], inverse[destination_b]
-    destination = destination_a.new_empty(batch, num_tokens)
-    destination[:, ::2] = destination_a
-    destination[:, 1::2] = destination_b
-    return destination
+    return interleave_destinations(destination_a, destination_b, order)
 
 
 @dataclass(frozen=True)

@@ -109,13 +109,24 @@ def matching_destinations(m: Matching, num_tokens: int) -> torch.Tensor:
     )
     destination_a.scatter_(1, m.src_idx, num_unmerged + m.dst_idx)
     destination_b = num_unmerged + torch.arange(num_tokens // 2, device=device).expand(batch, -1)
-    if m.order is not None:  # output row of each concatenated row: the inverse permutation
-        order = torch.tensor(m.order, device=device)
-        inverse = torch.empty_like(order).scatter_(
-            0, order, torch.arange(len(order), device=device)
+    return interleave_destinations(destination_a, destination_b, m.order)
+
+
+def interleave_destinations(
+    destination_a: torch.Tensor, destination_b: torch.Tensor, order: tuple[int, ...] | None
+) -> torch.Tensor:
+    """The destination map [B, N] of the tokens at even (A, [B, N_A]) and odd (B, [B, N_B])
+    positions, given as rows of cat([A part, B part]) before that output is permuted by `order`
+    (`prefix_first_order`; None: no permutation)."""
+    if order is not None:  # output row of each concatenated row: the inverse permutation
+        index = torch.tensor(order, device=destination_a.device)
+        inverse = torch.empty_like(index).scatter_(
+            0, index, torch.arange(len(order), device=index.device)
         )
         destination_a, destination_b = inverse[destination_a], inverse[destination_b]
-    destination = m.unm_idx.new_empty(batch, num_tokens)
+    batch = destination_a.shape[0]
+    num_tokens = destination_a.shape[1] + destination_b.shape[1]
+    destination = destination_a.new_empty(batch, num_tokens)
     destination[:, ::2] = destination_a
     destination[:, 1::2] = destination_b
     return destination

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenreduce.ops.packing import gather_rows
+
 
 def follow(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tensor | None:
     """The owner map [B, N0] after a step that sends current row i to destination[b, i] [B, N]
@@ -64,13 +66,7 @@ def held_features(
     Returns (features [B, N0, C], held [B, N0] bool: still held by a token of x).
     """
     held = owner >= 0
-    index = owner.clamp_min(0)
-    if x.shape[0] == 1:
-        features = x[0].index_select(0, index[0]).unsqueeze(0)
-    else:
-        offset = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * x.shape[1]
-        flat = x.reshape(-1, x.shape[-1]).index_select(0, (index + offset).view(-1))
-        features = flat.view(*owner.shape, x.shape[-1])
+    features = gather_rows(x, owner.clamp_min(0))
     if exited is None:
         exited = torch.zeros_like(features)
     return torch.where(held.unsqueeze(-1), features, exited), held

@@ -525,6 +525,21 @@ class ModelAdapter(ABC):
         )
         return x, [grids[index] for index in sorted(grids)]
 
+    def last_grid(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        norm: nn.Module | None,
+        pruned: str,
+        grid_size: tuple[int, int],
+        rotary: Any = None,
+    ) -> torch.Tensor:
+        """The blocks on `tokens` (entering the first block), and the last block's output on the
+        original token grid [B, N0, C] through `norm` (see `grid_tokens`): what a family's
+        `grid_features` returns for a reduced model."""
+        _, (grid,) = self.run_blocks_with_grids(model, tokens, rotary, [self.dims.depth - 1])
+        return grid_tokens(grid, norm, pruned, grid_size, self.dims.num_prefix)
+
     def final_state(self) -> TokenState | None:
         """The token state after the last block of this thread's last forward."""
         return getattr(self._local, "final_state", None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import to_2tuple
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.clip import modeling_clip as clip
@@ -29,14 +30,13 @@ from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.ops.attention import padding_bias, size_bias
 from tokenreduce.patch.base import (
     ADAPTER_ATTR,
     AttentionCall,
     AttentionSpec,
     ModelAdapter,
     attend,
-    grid_tokens,
+    key_bias,
     linear_macs,
     reducing_class,
 )
@@ -162,16 +162,6 @@ def num_prefix_tokens(base: nn.Module) -> int:
     return 1 + getattr(base.config, "num_register_tokens", 0)
 
 
-def patch_size_of(config: Any) -> tuple[int, int]:
-    size = config.patch_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def image_size_of(config: Any) -> tuple[int, int]:
-    size = config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def attention_spec(attn: nn.Module) -> AttentionSpec:
     """How a transformers attention module computes (its `scaling`/`scale`, `attention_dropout`
     /`dropout`, and the implementation in its config)."""
@@ -278,7 +268,7 @@ class HFAdapter(ModelAdapter):
         attn = getattr(layer, family.attention)
         heads = config.num_attention_heads
         head_dim = attn.head_dim
-        image, patch = image_size_of(config), patch_size_of(config)
+        image, patch = to_2tuple(config.image_size), to_2tuple(config.patch_size)
         grid = (image[0] // patch[0], image[1] // patch[1])
         conv = patch_projection(base)
         head_modules = [getattr(base, "pooler", None)]
@@ -339,14 +329,10 @@ class HFAdapter(ModelAdapter):
         if adapter is None:
             return base(pixel_values=images).last_hidden_state
         family = family_of(base)
-        dims = adapter.dims
-        patch = patch_size_of(base.config)
+        patch = to_2tuple(base.config.patch_size)
         grid_size = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
-        tokens = embed(base, images, {})
-        last = dims.depth - 1
-        _, (grid,) = adapter.run_blocks_with_grids(base, tokens, None, [last])
         norm = getattr(base, family.final_norm) if family.norms_all else None
-        return grid_tokens(grid, norm, pruned, grid_size, dims.num_prefix)
+        return adapter.last_grid(base, embed(base, images, {}), norm, pruned, grid_size)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.layers_of(base_model(model))
@@ -496,14 +482,7 @@ def siglip_pool(
     """SigLIP's attention-pooling head with log(size) as key bias (proportional attention) and
     -inf at padding, so that a merged token weighs as the patches it holds."""
     head = base.head
-    if state is None or (state.size is None and state.valid is None):
-        return head(sequence)
-    bias = None
-    if adapter.config.uses_prop_attn and state.size is not None:
-        bias = size_bias(state.size, sequence.dtype)
-    if state.valid is not None:
-        padding = padding_bias(state.valid, sequence.dtype)
-        bias = padding if bias is None else bias + padding
+    bias = None if state is None else key_bias(state, adapter.config.uses_prop_attn, sequence.dtype)
     if bias is None:
         return head(sequence)
     heads = head.attention.num_heads

@@ -23,14 +23,13 @@ from open_clip.transformer import (
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.ops.attention import padding_bias, size_bias
 from tokenreduce.patch.base import (
     ADAPTER_ATTR,
     AttentionCall,
     AttentionSpec,
     ModelAdapter,
     attend,
-    grid_tokens,
+    key_bias,
     linear_macs,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -149,9 +148,7 @@ class OpenCLIPAdapter(ModelAdapter):
         if adapter is None:
             tokens = model.transformer(tokens)
             return tokens if norm is None else norm(tokens)
-        dims = adapter.dims
-        _, (grid,) = adapter.run_blocks_with_grids(model, tokens, None, [dims.depth - 1])
-        return grid_tokens(grid, norm, pruned, dims.grid_size, dims.num_prefix)
+        return adapter.last_grid(model, tokens, norm, pruned, adapter.dims.grid_size)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.transformer.resblocks
@@ -208,26 +205,14 @@ def token_norm(model: nn.Module) -> nn.Module | None:
     return model.ln_post
 
 
-def key_bias_of(state: TokenState | None, prop_attn: bool, dtype: torch.dtype) -> Any:
-    """Additive key bias [B, N] for a pooling attention: log size (proportional attention) and
-    -inf at padding; None where neither applies."""
-    if state is None:
-        return None
-    bias = size_bias(state.size, dtype)[:, 0, 0] if prop_attn and state.size is not None else None
-    if state.valid is not None:
-        padding = padding_bias(state.valid, dtype)[:, 0, 0]
-        bias = padding if bias is None else bias + padding
-    return bias
-
-
 def attentional_pool(pooler: AttentionalPooler, x: torch.Tensor, bias: torch.Tensor | None):
-    """open_clip's AttentionalPooler with an additive key bias [B, N]."""
+    """open_clip's AttentionalPooler with an additive key bias [B, 1, 1, N]."""
     if bias is None:
         return pooler(x)
     keys = pooler.ln_k(x)
     queries = pooler.ln_q(pooler.query)
     heads = pooler.attn.num_heads
-    mask = bias[:, None, None, :].expand(-1, heads, queries.shape[0], -1).flatten(0, 1)
+    mask = bias.expand(-1, heads, queries.shape[0], -1).flatten(0, 1)
     return pooler.attn(
         queries.unsqueeze(0).expand(len(x), -1, -1), keys, keys, need_weights=False, attn_mask=mask
     )[0]
@@ -243,7 +228,7 @@ def size_aware_pool(
     if not reduced:
         return model._pool(x)
     if model.attn_pool is not None:
-        bias = key_bias_of(state, adapter.config.uses_prop_attn, x.dtype)
+        bias = key_bias(state, adapter.config.uses_prop_attn, x.dtype)
         x = model.ln_post(attentional_pool(model.attn_pool, x, bias))
         return model._global_pool(x)
     if model.pool_type != "avg":
