@@ -125,9 +125,11 @@ def test_attention_by_image_equals_the_batched_explicit_path():
     bias = size_bias(size, torch.float64)
     scale = dim**-0.5
     weights = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-    out, received = attention_by_image(q, k, v, scale, bias, counts)
-    want = (weights @ v).transpose(1, 2).flatten(2)[valid]  # real rows, image after image
-    assert out.shape == (sum(counts), heads * dim)
-    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
-    want = received_attention(weights, valid).masked_fill(~valid, 0)
-    torch.testing.assert_close(received, want, rtol=0, atol=1e-12)
+    want_out = (weights @ v).transpose(1, 2).flatten(2)[valid]  # real rows, image after image
+    want_received = received_attention(weights, valid).masked_fill(~valid, 0)
+    flat = [t.transpose(1, 2)[valid] for t in (q, k, v)]  # the ragged layout: [M, H, d]
+    for inputs in ((q, k, v), flat):
+        out, received = attention_by_image(*inputs, scale, bias, counts, length)
+        assert out.shape == (sum(counts), heads * dim)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+        torch.testing.assert_close(received, want_received, rtol=0, atol=1e-12)

@@ -26,8 +26,8 @@ from tokenreduce.methods.learned import (
     check_threshold_values,
 )
 from tokenreduce.ops.merging import interleave_destinations, mean_position, prefix_first_order
-from tokenreduce.ops.owners import follow, follow_rows
-from tokenreduce.ops.packing import gather_packed
+from tokenreduce.ops.owners import follow, gather_destinations
+from tokenreduce.ops.packing import gather_packed, merge_into_slots
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -178,22 +178,25 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return y if order is None else y[:, torch.tensor(order, device=y.device)]
 
         size = state.sizes_like(x)
-        weighted = merge_into_partners(torch.cat([x * size, size], dim=-1), moving, partner, "sum")
         importance = merge_into_partners(importance.unsqueeze(-1), moving, partner, "amax")
-        weighted, importance = reorder(weighted), reorder(importance)[..., 0]
+        importance = reorder(importance)[..., 0]
+        prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
         source = state.source
         if source is not None:
             source = reorder(merge_into_partners(source, moving, partner, "amax"))
         position = state.position
-        if position is not None:
-            if state.destination_positions:  # B tokens keep theirs, merged A tokens drop out
-                position = reorder(torch.cat([position[:, ::2], position[:, 1::2]], dim=1))
-            else:
-                moment = merge_into_partners(position * size, moving, partner, "sum")
-                position = mean_position(reorder(moment), weighted[..., -1:])
-        prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
+        destination_positions = position is not None and state.destination_positions
 
         if soft:
+            weighted = merge_into_partners(
+                torch.cat([x * size, size], dim=-1), moving, partner, "sum"
+            )
+            weighted = reorder(weighted)
+            if destination_positions:  # B tokens keep theirs, merged A tokens drop out
+                position = reorder(torch.cat([position[:, ::2], position[:, 1::2]], dim=1))
+            elif position is not None:
+                moment = merge_into_partners(position * size, moving, partner, "sum")
+                position = mean_position(reorder(moment), weighted[..., -1:])
             mask_a = state.mask[:, ::2]
             unmerged = torch.where(mask_a != 0, 1.0 - merge, mask_a)
             mask = reorder(torch.cat([unmerged, state.mask[:, 1::2]], dim=1))
@@ -204,30 +207,42 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             )
             return x, state, LTMPRecord()
 
-        stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : x.shape[1] - num_a])], dim=1))
+        num_tokens = x.shape[1]
+        stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : num_tokens - num_a])], dim=1))
         keep = stay & prune
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, overflow = self.pack(keep, importance)
-        owner = state.owner
-        if owner is not None:
-            num_tokens = x.shape[1]
-            owner = follow(owner, partner_destinations(merge, partner, num_tokens, order))
-            owner = follow_rows(owner, packing.index, num_tokens, packing.valid)
-        weighted = gather_packed(weighted, packing)
-        size = weighted[..., -1:]
-        x = weighted[..., :-1] / size.clamp_min(1.0)
+        # each input token's output slot (-1: gone): its own, or a merged A token's partner's;
+        # the C-wide rows then move once, straight into their slots
+        slot = gather_destinations(packing.index, num_tokens, packing.valid).gather(
+            1, partner_destinations(merge, partner, num_tokens, order)
+        )
+        merged_away = merge.new_zeros(merge.shape[0], num_tokens)
+        merged_away[:, ::2] = merge
+        own, moved = slot.masked_fill(merged_away, -1), slot.masked_fill(~merged_away, -1)
+        length = packing.index.shape[1]
+        merged_size = merge_into_slots(size, own, moved, length)
+        x = merge_into_slots(x * size, own, moved, length) / merged_size.clamp_min(1.0)
+        if destination_positions:
+            position = merge_into_slots(position, own, None, length)
+        elif position is not None:
+            moment = merge_into_slots(position * size, own, moved, length)
+            position = mean_position(moment, merged_size)
         if source is not None:
             source = gather_packed(source, packing)
-        if position is not None:
-            position = gather_packed(position, packing)
         record = LTMPRecord(
             overflow=overflow,
             merged=merge.sum(dim=1),
             pruned=(stay & ~prune & (importance > -math.inf)).sum(dim=1),
         )
         state = replace(
-            state, size=size, source=source, valid=packing.valid, position=position, owner=owner
+            state,
+            size=merged_size,
+            source=source,
+            valid=packing.valid,
+            position=position,
+            owner=follow(state.owner, slot),
         )
         return x, state, record
 

@@ -82,30 +82,38 @@ def attention_by_image(
     scale: float,
     bias: torch.Tensor | None,
     counts: list[int],
+    length: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit softmax attention of each image's first counts[i] tokens alone, and the attention
     each of them receives (`received_attention` over its real rows).
 
-    q, k, v: [B, H, T, d] with each image's real tokens first; bias: [B, 1, 1, T] or None.
-    Returns the output rows of the real tokens only, image after image, [sum(counts), H * d]
-    (heads concatenated, as attention modules project them), and received [B, T] (0 at
-    padding). Equal to the batched explicit path up to float rounding; on a CPU one image's
-    [H, n, n] matrix stays in cache through scores, softmax, A @ V and the column sums, where the
-    batched [B, H, T, T] matrix is streamed through memory four times, and padding costs nothing.
+    q, k, v: [B, H, T, d] with each image's real tokens first, or the flat [sum(counts), H, d]
+    rows of the real tokens, image after image (a ragged batch: nothing padded at all); bias:
+    [B, 1, 1, T] or None; length: T. Returns the output rows of the real tokens only, image after
+    image, [sum(counts), H * d] (heads concatenated, as attention modules project them), and
+    received [B, T] (0 at padding). Equal to the batched explicit path up to float rounding; on
+    a CPU one image's [H, n, n] matrix stays in cache through scores, softmax, A @ V and the
+    column sums, where the batched [B, H, T, T] matrix is streamed through memory four times,
+    and padding costs nothing.
     """
-    heads, width = q.shape[1], q.shape[1] * v.shape[-1]
-    out = q.new_empty(sum(counts), width)
-    received = q.new_zeros(q.shape[0], q.shape[2])
+    flat = q.dim() == 3
+    heads = q.shape[-2] if flat else q.shape[1]
+    out = q.new_empty(sum(counts), heads * v.shape[-1])
+    received = q.new_zeros(len(counts), length)
     start = 0
     for image, count in enumerate(counts):
-        keys = k[image, :, :count].transpose(-2, -1)
-        queries = q[image, :, :count] * scale
+        if flat:
+            rows = slice(start, start + count)
+            queries, keys, values = (t[rows].transpose(0, 1) for t in (q, k, v))
+        else:
+            queries, keys, values = (t[image, :, :count] for t in (q, k, v))
+        queries, keys = queries * scale, keys.transpose(-2, -1)
         if bias is None:
             scores = queries @ keys
         else:
             scores = torch.baddbmm(bias[image, :, :, :count].expand(heads, 1, count), queries, keys)
         weights = scores.softmax(dim=-1)
-        out[start : start + count] = (weights @ v[image, :, :count]).transpose(0, 1).flatten(1)
+        out[start : start + count] = (weights @ values).transpose(0, 1).flatten(1)
         rows = weights.new_full((1, 1, count), 1.0 / (heads * count))
         received[image, :count] = (rows @ weights).sum(dim=0)[0]
         start += count

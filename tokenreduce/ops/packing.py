@@ -70,6 +70,27 @@ def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch
     return out.masked_fill(~packing.valid.unsqueeze(-1), fill)
 
 
+def merge_into_slots(
+    y: torch.Tensor, own: torch.Tensor, moved: torch.Tensor | None, length: int
+) -> torch.Tensor:
+    """Rows of y [B, N, C] into `length` output slots per image: row i is copied to slot
+    own[b, i] and added to slot moved[b, i] (-1: to neither; moved None: no additions).
+
+    Returns [B, length, C], zero where no row arrives. A slot holds its own row plus the rows
+    moved into it, added in row order (the order of `scatter_add`). Two passes over the rows
+    into one flat buffer: no per-image loop, no padded intermediate.
+    """
+    batch, tokens, channels = y.shape
+    spare = batch * length  # rows going nowhere land in one spare row, cut off at the end
+    offset = (torch.arange(batch, device=y.device) * length).unsqueeze(1)
+    rows = y.reshape(batch * tokens, channels)
+    out = y.new_zeros(spare + 1, channels)
+    out.index_copy_(0, torch.where(own >= 0, own + offset, spare).view(-1), rows)
+    if moved is not None:
+        out.index_add_(0, torch.where(moved >= 0, moved + offset, spare).view(-1), rows)
+    return out[:spare].view(batch, length, channels)
+
+
 class RaggedLayout:
     """The real tokens of a padded batch as one flat [M, C] tensor (M = total real tokens).
 

@@ -113,8 +113,10 @@ def attend(
 ) -> tuple[torch.Tensor, AttentionOutputs]:
     """Multi-head attention of q, k, v [B, H, N, d] with the call's key bias, as timm computes it.
 
-    `spec` says how the model's attention module computes. With no bias the output equals
-    timm's op for op. The fused path stays fused; the
+    With a ragged `call.layout`, q, k, v (and metric_keys) may instead be the flat [M, H, d] rows
+    of the real tokens: the per-image path reads each image's rows from them directly, the other
+    paths pad them to the batch first. `spec` says how the model's attention module computes.
+    With no bias the output equals timm's op for op. The fused path stays fused; the
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
     the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
     path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
@@ -124,7 +126,11 @@ def attend(
     Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
     the real tokens) and the by-products.
     """
-    batch, heads, tokens, _ = q.shape
+    flat = q.dim() == 3
+    if flat:
+        batch, tokens, heads = call.layout.batch, call.layout.length, q.shape[1]
+    else:
+        batch, heads, tokens, _ = q.shape
     dropout = spec.dropout
     bias = None if call.bias is None else call.bias.to(q.dtype)
     full = None
@@ -141,6 +147,13 @@ def attend(
         and dropout == 0.0
         and q.device.type == "cpu"
     )
+    metric_keys = k if metric_keys is None else metric_keys
+    if flat and not (by_image and call.needs <= {"received", "key_mean"}):
+        q, k, v, metric_keys = (
+            call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
+            for t in (q, k, v, metric_keys)
+        )
+        flat = False
     if fused:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
@@ -148,7 +161,9 @@ def attend(
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, spec.scale, bias)
     elif by_image:
-        flat, received = attention_by_image(q, k, v, spec.scale, bias, call.counts(batch, tokens))
+        rows, received = attention_by_image(
+            q, k, v, spec.scale, bias, call.counts(batch, tokens), tokens
+        )
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, spec.scale, bias)
     else:
@@ -169,17 +184,21 @@ def attend(
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
         if "received" in call.needs:
             received = received_attention(full, call.valid)
-    metric_keys = k if metric_keys is None else metric_keys
+    key_mean = None
+    if "key_mean" in call.needs:
+        key_mean = metric_keys.mean(dim=-2 if flat else 1)
+        if flat:
+            key_mean = call.layout.pad(key_mean)
     byproducts = AttentionOutputs(
         cls_attn=cls_attn,
-        key_mean=metric_keys.mean(dim=1) if "key_mean" in call.needs else None,
+        key_mean=key_mean,
         values=v if "values" in call.needs else None,
         attn=full if "attn" in call.needs else None,
         received=received,
         fused=fused,
     )
     if by_image:
-        out = flat if call.layout is not None else flat.view(batch, tokens, -1)
+        out = rows if call.layout is not None else rows.view(batch, tokens, -1)
     else:
         out = out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1])
         if call.layout is not None:

@@ -283,16 +283,17 @@ def attention_forward(
 ) -> tuple[torch.Tensor, AttentionOutputs]:
     """timm `Attention.forward` with an additive key bias and the by-products a method needs.
 
-    With a ragged `call.layout`, x is the flat [M, C] real tokens; the linear layers run on them
-    and only the attention itself runs on the padded batch (by-products are padded, output flat).
+    With a ragged `call.layout`, x is the flat [M, C] real tokens; the linear layers run on them,
+    q, k, v go to `attend` as flat rows (by-products come back padded, the output flat).
     """
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x)
-    if call.layout is not None:
-        qkv = call.layout.pad(qkv)
-    batch, tokens, _ = qkv.shape
-    qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    if call.layout is not None:  # the flat rows of the real tokens: [M, H, d] each
+        q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(1)
+    else:
+        batch, tokens, _ = qkv.shape
+        qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
