@@ -25,7 +25,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.ops.merging import interleave_destinations, mean_position, prefix_first_order
+from tokenreduce.ops.merging import mean_position, prefix_first_order, split_rows
 from tokenreduce.ops.owners import follow, gather_destinations
 from tokenreduce.ops.packing import gather_packed, merge_into_slots
 from tokenreduce.ops.thresholds import threshold_mask
@@ -38,10 +38,11 @@ def best_partners(
     """Each A token's (even positions) best cosine similarity to a B token (odd positions) and
     that partner. key_mean: [B, N, d] (zero rows score 0). Prefix and padding rows get -inf
     and are never partners. Returns (similarity [B, N_A], partner [B, N_A])."""
-    metric = key_mean / key_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    metric = key_mean / torch.linalg.vector_norm(key_mean, dim=-1, keepdim=True).clamp_min(1e-12)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-    scores[:, : math.ceil(num_prefix / 2)] = -math.inf  # prefix tokens in A (even positions)
-    scores[:, :, : num_prefix // 2] = -math.inf  # and in B (odd positions)
+    if num_prefix:  # prefix tokens in A (even positions) and in B (odd positions)
+        scores[:, : math.ceil(num_prefix / 2)] = -math.inf
+        scores[:, :, : num_prefix // 2] = -math.inf
     if valid is not None:
         scores.masked_fill_(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
     return scores.max(dim=-1)
@@ -60,19 +61,6 @@ def merge_into_partners(
         moving = y_a.masked_fill(weight.unsqueeze(-1) <= 0, -math.inf)
         y_b = y_b.scatter_reduce(1, index, moving, reduce="amax")
     return torch.cat([y_a, y_b], dim=1)
-
-
-def partner_destinations(
-    merge: torch.Tensor, partner: torch.Tensor, num_tokens: int, order: tuple[int, ...] | None
-) -> torch.Tensor:
-    """Row of the reordered `merge_into_partners` output that each of the N input tokens goes to
-    [B, N]: a merged A token (merge [B, N_A] bool) its B partner's row."""
-    batch, num_a = merge.shape
-    device = merge.device
-    own_a = torch.arange(num_a, device=device).expand(batch, -1)
-    destination_a = torch.where(merge, num_a + partner, own_a)
-    destination_b = num_a + torch.arange(num_tokens - num_a, device=device).expand(batch, -1)
-    return interleave_destinations(destination_a, destination_b, order)
 
 
 @dataclass(frozen=True)
@@ -167,10 +155,11 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             importance = importance.masked_fill(~valid, -math.inf)
         similarity, partner = best_partners(key_mean, prefix, valid)
         merge = threshold_mask(similarity, step["merge_thresholds"], self.tau, soft)
-        moving = merge.detach().to(x.dtype)
+        moving = merge.detach().to(x.dtype) if soft else merge
 
-        # Merge into B (sizes summed, importance = max over members), then reorder to
-        # [prefix, A, B]; a token is kept when real, not merged away and important enough.
+        # Importance merges into B (max over members) and is reordered to [prefix, A, B]; a
+        # token is kept when real, not merged away and important enough. Rows and sizes merge
+        # below: in training by a sum into B, at inference straight into their packed slots.
         num_a = merge.shape[1]
         order = prefix_first_order(x.shape[1], num_a, prefix)
 
@@ -207,28 +196,30 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             )
             return x, state, LTMPRecord()
 
-        num_tokens = x.shape[1]
+        batch, num_tokens = x.shape[:2]
         stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : num_tokens - num_a])], dim=1))
         keep = stay & prune
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, overflow = self.pack(keep, importance)
-        # each input token's output slot (-1: gone): its own, or a merged A token's partner's;
-        # the C-wide rows then move once, straight into their slots
-        slot = gather_destinations(packing.index, num_tokens, packing.valid).gather(
-            1, partner_destinations(merge, partner, num_tokens, order)
-        )
-        merged_away = merge.new_zeros(merge.shape[0], num_tokens)
-        merged_away[:, ::2] = merge
-        own, moved = slot.masked_fill(merged_away, -1), slot.masked_fill(~merged_away, -1)
+        # each input token's flat output slot (-1: gone): its own, or a merged A token's
+        # partner's; the C-wide rows then move once, straight into their slots
+        slots = gather_destinations(packing.index, num_tokens, packing.valid, flat=True)
+        own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
+        moved = torch.full_like(own, -1)
+        moved[:, ::2] = own[:, 1::2].gather(1, partner).masked_fill_(~merge, -1)
         length = packing.index.shape[1]
-        merged_size = merge_into_slots(size, own, moved, length)
-        x = merge_into_slots(x * size, own, moved, length) / merged_size.clamp_min(1.0)
+        weighted, merged_size = merge_into_slots((x * size, size), own, moved, length)
+        x = weighted / merged_size.clamp_min(1.0)
         if destination_positions:
-            position = merge_into_slots(position, own, None, length)
+            (position,) = merge_into_slots((position,), own, torch.full_like(own, -1), length)
         elif position is not None:
-            moment = merge_into_slots(position * size, own, moved, length)
+            (moment,) = merge_into_slots((position * size,), own, moved, length)
             position = mean_position(moment, merged_size)
+        owner = state.owner
+        if owner is not None:  # the owner map counts rows per image
+            slot = torch.where(moved >= 0, moved, own)
+            owner = follow(owner, torch.where(slot >= 0, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)
         record = LTMPRecord(
@@ -242,7 +233,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             source=source,
             valid=packing.valid,
             position=position,
-            owner=follow(state.owner, slot),
+            owner=owner,
         )
         return x, state, record
 

@@ -63,15 +63,13 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) 
 def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean attention each token receives over heads and real query rows: [B, H, N, N] -> [B, N].
 
-    The sum over real query rows is one vector-matrix product per head (a single read of the
-    matrix, no masked copy of it). valid: [B, N] real query rows, None when all are.
+    With padding, the sum over real query rows is one vector-matrix product per head (a single
+    read of the matrix, no masked copy of it). valid: [B, N] real query rows, None when all are.
     """
-    batch, heads, tokens, _ = attn.shape
     if valid is None:
-        rows = attn.new_full((batch, 1, 1, tokens), 1.0 / (heads * tokens))
-    else:
-        rows = valid.to(attn.dtype)
-        rows = (rows / (heads * rows.sum(dim=1, keepdim=True)))[:, None, None, :]
+        return attn.mean(dim=(1, 2))
+    rows = valid.to(attn.dtype)
+    rows = (rows / (attn.shape[1] * rows.sum(dim=1, keepdim=True)))[:, None, None, :]
     return (rows @ attn).sum(dim=1)[:, 0]
 
 
@@ -103,8 +101,8 @@ def attention_by_image(
     start = 0
     for image, count in enumerate(counts):
         if flat:
-            rows = slice(start, start + count)
-            queries, keys, values = (t[rows].transpose(0, 1) for t in (q, k, v))
+            image_rows = slice(start, start + count)
+            queries, keys, values = (t[image_rows].transpose(0, 1) for t in (q, k, v))
         else:
             queries, keys, values = (t[image, :, :count] for t in (q, k, v))
         queries, keys = queries * scale, keys.transpose(-2, -1)

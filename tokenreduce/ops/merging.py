@@ -6,6 +6,7 @@ token; the r best proposals are merged. Prefix tokens are never merged and never
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -130,6 +131,29 @@ def interleave_destinations(
     destination[:, ::2] = destination_a
     destination[:, 1::2] = destination_b
     return destination
+
+
+def split_rows(
+    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
+) -> torch.Tensor:
+    """Row of each of N tokens in cat([A tokens, B tokens]) permuted by `order`: [1, N].
+    Constant per sequence length, so cached (made outside inference mode, usable in both);
+    traced afresh under torch.compile, which does not look into caches."""
+    if torch.compiler.is_compiling():
+        return _split_rows(num_tokens, order, device)
+    with torch.inference_mode(False):
+        return _cached_split_rows(num_tokens, order, device)
+
+
+def _split_rows(
+    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
+) -> torch.Tensor:
+    num_a = (num_tokens + 1) // 2
+    rows = torch.arange(num_tokens, device=device).unsqueeze(0)
+    return interleave_destinations(rows[:, :num_a], rows[:, num_a:], order)
+
+
+_cached_split_rows = functools.lru_cache(maxsize=64)(_split_rows)
 
 
 def merge_wavg(

@@ -71,24 +71,26 @@ def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch
 
 
 def merge_into_slots(
-    y: torch.Tensor, own: torch.Tensor, moved: torch.Tensor | None, length: int
-) -> torch.Tensor:
-    """Rows of y [B, N, C] into `length` output slots per image: row i is copied to slot
-    own[b, i] and added to slot moved[b, i] (-1: to neither; moved None: no additions).
+    tensors: tuple[torch.Tensor, ...], own: torch.Tensor, moved: torch.Tensor, length: int
+) -> list[torch.Tensor]:
+    """Rows of each y [B, N, C] of `tensors` into `length` output slots per image.
 
-    Returns [B, length, C], zero where no row arrives. A slot holds its own row plus the rows
-    moved into it, added in row order (the order of `scatter_add`). Two passes over the rows
-    into one flat buffer: no per-image loop, no padded intermediate.
+    own, moved: [B, N] flat slots b * length + t (-1: none); each slot is the own slot of at
+    most one row. Row i is copied to slot own[b, i] and added to slot moved[b, i]. Returns one
+    [B, length, C] per tensor, zero where no row arrives. A slot holds its own row plus the rows
+    moved into it, added in row order (on the CPU the order of `scatter_add`): two passes over
+    the rows into one flat buffer, no per-image loop.
     """
-    batch, tokens, channels = y.shape
-    spare = batch * length  # rows going nowhere land in one spare row, cut off at the end
-    offset = (torch.arange(batch, device=y.device) * length).unsqueeze(1)
-    rows = y.reshape(batch * tokens, channels)
-    out = y.new_zeros(spare + 1, channels)
-    out.index_copy_(0, torch.where(own >= 0, own + offset, spare).view(-1), rows)
-    if moved is not None:
-        out.index_add_(0, torch.where(moved >= 0, moved + offset, spare).view(-1), rows)
-    return out[:spare].view(batch, length, channels)
+    batch = own.shape[0]
+    rows = batch * length  # rows going nowhere land in one spare row, cut off at the end
+    own, moved = own.remainder(rows + 1).view(-1), moved.remainder(rows + 1).view(-1)
+    merged = []
+    for y in tensors:
+        out = y.new_zeros(rows + 1, y.shape[-1])
+        out.index_copy_(0, own, y.reshape(-1, y.shape[-1]))
+        out.index_add_(0, moved, y.reshape(-1, y.shape[-1]))
+        merged.append(out[:rows].view(batch, length, y.shape[-1]))
+    return merged
 
 
 class RaggedLayout:
