@@ -111,6 +111,34 @@ def test_merged_positions_hand_case():
     assert merge_positions(matching, None, size, merged_size, destination=False) is None
 
 
+def test_fused_attention_by_image_equals_the_padded_fused_call():
+    """The fused kernel on each image's flat rows = one padded call with -inf key bias at
+    padding (real rows), and the class rows = `class_attention_row` of the padded batch."""
+    import torch.nn.functional as F
+
+    from tokenreduce.ops.attention import class_attention_row, fused_attention_by_image, size_bias
+
+    batch, heads, length, dim = 3, 2, 7, 4
+    counts = [7, 4, 5]
+    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    valid = torch.arange(length) < torch.tensor(counts)[:, None]
+    size = (torch.rand(batch, length, 1, dtype=torch.float64) + 0.5) * valid.unsqueeze(-1)
+    bias = size_bias(size, torch.float64)
+    scale = dim**-0.5
+    padded = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    want_rows = padded.transpose(1, 2).flatten(2)[valid]
+    want_class = class_attention_row(q, k, scale, bias)
+    flat = [t.transpose(1, 2)[valid] for t in (q, k, v)]
+    rows, class_rows = fused_attention_by_image(*flat, bias, counts, length, None, scale)
+    torch.testing.assert_close(rows, want_rows, rtol=0, atol=1e-12)
+    torch.testing.assert_close(class_rows, want_class, rtol=0, atol=1e-12)
+    assert (class_rows[~valid[:, None, :].expand(-1, heads, -1)] == 0).all()
+    rows, class_rows = fused_attention_by_image(*flat, None, counts, length, None, None)
+    assert class_rows is None
+    unbiased = F.scaled_dot_product_attention(q[2:, :, :5], k[2:, :, :5], v[2:, :, :5])
+    torch.testing.assert_close(rows[11:], unbiased[0].transpose(0, 1).flatten(1))
+
+
 def test_attention_by_image_equals_the_batched_explicit_path():
     """Each image alone over its real tokens (first counts[i] slots) = the padded batch with -inf
     key bias at padding: the outputs of the real rows and the attention each token receives."""

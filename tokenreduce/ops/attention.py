@@ -1,9 +1,10 @@
 """Attention helpers: the proportional-attention bias, the class-attention row, the attention
-each token receives, and explicit attention one image at a time."""
+each token receives, and attention one image at a time (explicit or fused)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,3 +117,42 @@ def attention_by_image(
         received[image, :count] = (rows @ weights).sum(dim=0)[0]
         start += count
     return out, received
+
+
+def fused_attention_by_image(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    counts: list[int],
+    length: int,
+    sdpa_scale: float | None,
+    class_scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused kernel (scaled_dot_product_attention) on each image's real tokens alone, and,
+    with `class_scale`, its class-attention row (`class_attention_row`).
+
+    q, k, v: the flat [sum(counts), H, d] rows of the real tokens, image after image; bias:
+    [B, 1, 1, T] or None; length: T. Returns the output rows [sum(counts), H * d] and the class
+    rows [B, H, T] (0 at padding, as the padded batch's softmax gives) or None. No padded copy
+    of q, k, v and no work on padding: on a CPU faster than one padded call.
+    """
+    heads = q.shape[-2]
+    out = q.new_empty(sum(counts), heads * v.shape[-1])
+    class_rows = None
+    if class_scale is not None:
+        class_rows = q.new_zeros(len(counts), heads, length, dtype=softmax_dtype(q.dtype))
+    start = 0
+    for image, count in enumerate(counts):
+        image_rows = slice(start, start + count)
+        queries, keys, values = (t[image_rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        image_bias = None if bias is None else bias[image : image + 1, :, :, :count]
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=image_bias, scale=sdpa_scale
+        )
+        out[image_rows] = attended[0].transpose(0, 1).flatten(1)
+        if class_rows is not None:
+            row = class_attention_row(queries, keys, class_scale, image_bias)
+            class_rows[image, :, :count] = row[0]
+        start += count
+    return out, class_rows

@@ -32,6 +32,7 @@ from tokenreduce.methods.base import BlockRecord, MethodConfig
 from tokenreduce.ops.attention import (
     attention_by_image,
     class_attention_row,
+    fused_attention_by_image,
     masked_softmax,
     padding_bias,
     received_attention,
@@ -120,7 +121,9 @@ def attend(
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
     the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
     path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
-    runs one image at a time (`attention_by_image`: cache-resident, no work on padding).
+    runs one image at a time (`attention_by_image`: cache-resident, no work on padding). On a
+    CPU the fused kernel also runs one image at a time on the flat rows of a ragged batch
+    (`fused_attention_by_image`).
     metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
     the keys before rotation).
     Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
@@ -147,14 +150,33 @@ def attend(
         and dropout == 0.0
         and q.device.type == "cpu"
     )
+    fused_by_image = (  # a ragged batch on a CPU: the fused kernel on each image's rows alone
+        fused
+        and flat
+        and batch > 1
+        and dropout == 0.0
+        and q.device.type == "cpu"
+        and call.needs <= {"cls_attn", "key_mean"}
+    )
     metric_keys = k if metric_keys is None else metric_keys
-    if flat and not (by_image and call.needs <= {"received", "key_mean"}):
+    if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
         q, k, v, metric_keys = (
             call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
             for t in (q, k, v, metric_keys)
         )
         flat = False
-    if fused:
+    if fused_by_image:
+        rows, cls_attn = fused_attention_by_image(
+            q,
+            k,
+            v,
+            bias,
+            call.counts(batch, tokens),
+            tokens,
+            spec.sdpa_scale,
+            spec.scale if "cls_attn" in call.needs else None,
+        )
+    elif fused:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
         )
@@ -197,7 +219,7 @@ def attend(
         received=received,
         fused=fused,
     )
-    if by_image:
+    if by_image or fused_by_image:
         out = rows if call.layout is not None else rows.view(batch, tokens, -1)
     else:
         out = out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1])
