@@ -209,7 +209,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         moved = torch.full_like(own, -1)
         moved[:, ::2] = own[:, 1::2].gather(1, partner).masked_fill_(~merge, -1)
         length = packing.index.shape[1]
-        weighted, merged_size = merge_into_slots((x * size, size), own, moved, length)
+        weighted = x if state.size is None else x * size  # every size 1: x * 1 is x exactly
+        weighted, merged_size = merge_into_slots((weighted, size), own, moved, length)
         x = weighted / merged_size.clamp_min(1.0)
         if destination_positions:
             (position,) = merge_into_slots((position,), own, torch.full_like(own, -1), length)
@@ -222,11 +223,10 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             owner = follow(owner, torch.where(slot >= 0, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)
-        record = LTMPRecord(
-            overflow=overflow,
-            merged=merge.sum(dim=1),
-            pruned=(stay & ~prune & (importance > -math.inf)).sum(dim=1),
-        )
+        dropped = stay & ~prune
+        if valid is not None:  # padding is not pruned
+            dropped &= importance > -math.inf
+        record = LTMPRecord(overflow=overflow, merged=merge.sum(dim=1), pruned=dropped.sum(dim=1))
         state = replace(
             state,
             size=merged_size,

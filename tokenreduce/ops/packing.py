@@ -33,9 +33,10 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     same count there is no padding and `valid` is None. When an image keeps more than a static T,
     its lowest-`score` [B, N] surplus tokens are dropped (ties: the later one).
     """
-    kept = keep.sum(dim=1)
     if length is None and keep.shape[0] == 1:  # one image: its kept positions, no padding
-        return Packing(keep[0].nonzero().view(1, -1), None, torch.zeros_like(kept))
+        nothing = torch.zeros(1, dtype=torch.long, device=keep.device)
+        return Packing(keep[0].nonzero().view(1, -1), None, nothing)
+    kept = keep.sum(dim=1)
     uniform = False
     if length is None:
         counts = kept.tolist() or [keep.shape[1]]  # an empty batch keeps its (empty) shape
