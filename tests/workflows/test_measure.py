@@ -147,6 +147,18 @@ def test_compare_cli_writes_rows_and_plots(image_folder, tiny_checkpoint, tmp_pa
             assert picture.format == "PNG" and picture.width > 300
 
 
+def test_bench_on_real_images_times_batches_of_1_8_and_32(image_folder, tmp_path):
+    results = tmp_path / "bench.csv"
+    result = run_cli(
+        "bench", "-m", "test_vit", "--weights", "random", "--data", str(image_folder),
+        "--method", "ltmp:merge_thresholds=0.5", "--num-warm-iter", "0", "--num-bench-iter", "1",
+        "--results-file", str(results), "--results-format", "csv",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with results.open() as handle:
+        assert [int(row["batch_size"]) for row in csv.DictReader(handle)] == [1, 8, 32]
+
+
 def test_compare_without_data_has_no_accuracy_plot(tmp_path):
     out = tmp_path / "compare"
     result = run_cli(

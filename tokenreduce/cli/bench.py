@@ -24,7 +24,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     shared.add_model_args(parser, "deit_small_patch16_224", random_by_default=True)
     parser.add_argument(
-        "-b", "--batch-size", type=int, nargs="+", default=[1, 32], help="batch sizes to time"
+        "-b",
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes to time (default: 1 32; with --data 1 8 32, as images of one batch "
+        "keep different token counts with per-image methods)",
     )
     parser.add_argument(
         "--method",
@@ -65,6 +71,8 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     methods = [parse_method(spec) for spec in specs]
     shared.warn_untrained([make_config(name, **options) for name, options in methods], specs)
     model = shared.load_model(args)
+    if args.batch_size is None:
+        args.batch_size = [1, 8, 32] if args.data else [1, 32]
     images = None
     if args.data:
         args.num_images = 64 if args.num_images is None else args.num_images
