@@ -9,7 +9,7 @@ always runs after the other. Prints the class-token feature difference (the two 
 and each model's median time and speedup over dense; stops if the features differ by more
 than 1e-4.
 
-    git clone https://github.com/Mxbonn/ltmp /tmp/ltmp
+    git clone https://github.com/Mxbonn/ltmp /tmp/ltmp  # or any copy of that repository
     python benchmarks/ltmp_official.py /tmp/ltmp docs/learned/ltmp_0.65.safetensors \
         ../shared/data/fashion-mnist/test
 """
