@@ -42,6 +42,7 @@ def best_partners(
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if num_prefix:  # prefix tokens in A (even positions) and in B (odd positions)
         scores[:, : math.ceil(num_prefix / 2)] = -math.inf
+    if num_prefix > 1:
         scores[:, :, : num_prefix // 2] = -math.inf
     if valid is not None:
         scores.masked_fill_(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
@@ -147,7 +148,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return x, state, LTMPRecord(overflow=overflow, merged=zero, pruned=zero)
         valid = None if soft else state.valid
         importance = attn.received.clone()
-        importance[:, :prefix] = math.inf
+        importance[:, :prefix].fill_(math.inf)
         key_mean = attn.key_mean
         if soft:  # masked tokens get zero keys: similarity 0 to every token
             key_mean = key_mean * state.mask.detach().unsqueeze(-1)
@@ -197,30 +198,34 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return x, state, LTMPRecord()
 
         batch, num_tokens = x.shape[:2]
-        stay = reorder(torch.cat([~merge, torch.ones_like(merge[:, : num_tokens - num_a])], dim=1))
+        unmerged = ~merge
+        stay = reorder(
+            torch.cat([unmerged, torch.ones_like(merge[:, : num_tokens - num_a])], dim=1)
+        )
         keep = stay & prune
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, overflow = self.pack(keep, importance)
-        # each input token's flat output slot (-1: gone): its own, or a merged A token's
+        # each input token's flat output slot (`nowhere`: gone): its own, or a merged A token's
         # partner's; the C-wide rows then move once, straight into their slots
-        slots = gather_destinations(packing.index, num_tokens, packing.valid, flat=True)
-        own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
-        moved = torch.full_like(own, -1)
-        moved[:, ::2] = own[:, 1::2].gather(1, partner).masked_fill_(~merge, -1)
         length = packing.index.shape[1]
+        nowhere = batch * length
+        slots = gather_destinations(packing.index, num_tokens, packing.valid, True, nowhere)
+        own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
+        moved = torch.full_like(own, nowhere)
+        moved[:, ::2] = own[:, 1::2].gather(1, partner).masked_fill_(unmerged, nowhere)
         weighted = x if state.size is None else x * size  # every size 1: x * 1 is x exactly
         weighted, merged_size = merge_into_slots((weighted, size), own, moved, length)
         x = weighted / merged_size.clamp_min(1.0)
         if destination_positions:
-            (position,) = merge_into_slots((position,), own, torch.full_like(own, -1), length)
+            (position,) = merge_into_slots((position,), own, None, length)
         elif position is not None:
             (moment,) = merge_into_slots((position * size,), own, moved, length)
             position = mean_position(moment, merged_size)
         owner = state.owner
         if owner is not None:  # the owner map counts rows per image
-            slot = torch.where(moved >= 0, moved, own)
-            owner = follow(owner, torch.where(slot >= 0, slot % length, -1))
+            slot = torch.where(moved < nowhere, moved, own)
+            owner = follow(owner, torch.where(slot < nowhere, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)
         dropped = stay & ~prune

@@ -19,7 +19,8 @@ def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     """
     if size is None:
         return None
-    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+    bias = size.log().view(size.shape[0], 1, 1, size.shape[1])
+    return bias if bias.dtype == dtype else bias.to(dtype)
 
 
 def class_attention_row(

@@ -141,8 +141,15 @@ def split_rows(
     traced afresh under torch.compile, which does not look into caches."""
     if torch.compiler.is_compiling():
         return _split_rows(num_tokens, order, device)
+    return _cached_split_rows(num_tokens, order, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_split_rows(
+    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
+) -> torch.Tensor:
     with torch.inference_mode(False):
-        return _cached_split_rows(num_tokens, order, device)
+        return _split_rows(num_tokens, order, device)
 
 
 def _split_rows(
@@ -151,9 +158,6 @@ def _split_rows(
     num_a = (num_tokens + 1) // 2
     rows = torch.arange(num_tokens, device=device).unsqueeze(0)
     return interleave_destinations(rows[:, :num_a], rows[:, num_a:], order)
-
-
-_cached_split_rows = functools.lru_cache(maxsize=64)(_split_rows)
 
 
 def merge_wavg(

@@ -25,10 +25,14 @@ def follow(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tenso
 
 
 def gather_destinations(
-    index: torch.Tensor, num_rows: int, valid: torch.Tensor | None = None, flat: bool = False
+    index: torch.Tensor,
+    num_rows: int,
+    valid: torch.Tensor | None = None,
+    flat: bool = False,
+    missing: int = -1,
 ) -> torch.Tensor:
     """The destination map [B, num_rows] of a gather whose new row t is old row index[b, t]
-    ([B, T]); old rows not gathered get -1, and so do padding slots (valid [B, T] False).
+    ([B, T]); old rows not gathered get `missing`, and so do padding slots (valid [B, T] False).
     flat: number the new rows across the batch, b * T + t (rows of the flat [B * T, C] output)."""
     batch, slots = index.shape
     if flat:
@@ -37,7 +41,7 @@ def gather_destinations(
         new_rows = torch.arange(slots, device=index.device).expand(batch, slots)
     if valid is not None:  # padding slots write into a spare column that is cut off
         index = index.masked_fill(~valid, num_rows)
-    destination = index.new_full((batch, num_rows + 1), -1)
+    destination = index.new_full((batch, num_rows + 1), missing)
     destination.scatter_(1, index, new_rows)
     return destination[:, :num_rows]
 

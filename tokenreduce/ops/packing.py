@@ -17,12 +17,12 @@ class Packing(NamedTuple):
 
     index: [B, T] positions into the input sequence; valid: [B, T] bool, or None when every slot
     is real (every image kept the same number of tokens: no padding at all); overflow: [B] kept
-    tokens dropped because the image kept more than T (only with a static cap).
+    tokens dropped because the image kept more than T, None without a static T (nothing is).
     """
 
     index: torch.Tensor
     valid: torch.Tensor | None
-    overflow: torch.Tensor
+    overflow: torch.Tensor | None
 
 
 def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None = None) -> Packing:
@@ -33,12 +33,12 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     same count there is no padding and `valid` is None. When an image keeps more than a static T,
     its lowest-`score` [B, N] surplus tokens are dropped (ties: the later one).
     """
-    if length is None and keep.shape[0] == 1:  # one image: its kept positions, no padding
-        nothing = torch.zeros(1, dtype=torch.long, device=keep.device)
-        return Packing(keep[0].nonzero().view(1, -1), None, nothing)
+    static = length is not None
+    if not static and keep.shape[0] == 1:  # one image: its kept positions, no padding
+        return Packing(keep[0].nonzero().view(1, -1), None, None)
     kept = keep.sum(dim=1)
     uniform = False
-    if length is None:
+    if not static:
         counts = kept.tolist() or [keep.shape[1]]  # an empty batch keeps its (empty) shape
         length, uniform = max(counts), min(counts) == max(counts)
     elif score is not None and length < keep.shape[1]:
@@ -48,9 +48,9 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
         )
         keep = keep & (rank < length)
     order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :length]
-    count = keep.sum(dim=1)
+    count = keep.sum(dim=1) if static else kept
     valid = None if uniform else torch.arange(length, device=keep.device) < count[:, None]
-    return Packing(order, valid, kept - count)
+    return Packing(order, valid, kept - count if static else None)
 
 
 def gather_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -72,24 +72,26 @@ def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch
 
 
 def merge_into_slots(
-    tensors: tuple[torch.Tensor, ...], own: torch.Tensor, moved: torch.Tensor, length: int
+    tensors: tuple[torch.Tensor, ...], own: torch.Tensor, moved: torch.Tensor | None, length: int
 ) -> list[torch.Tensor]:
     """Rows of each y [B, N, C] of `tensors` into `length` output slots per image.
 
-    own, moved: [B, N] flat slots b * length + t (-1: none); each slot is the own slot of at
-    most one row. Row i is copied to slot own[b, i] and added to slot moved[b, i]. Returns one
-    [B, length, C] per tensor, zero where no row arrives. A slot holds its own row plus the rows
-    moved into it, added in row order (on the CPU the order of `scatter_add`): two passes over
-    the rows into one flat buffer, no per-image loop.
+    own, moved: [B, N] flat slots b * length + t, or B * length for none; each slot is the own
+    slot of at most one row. Row i is copied to slot own[b, i] and added to slot moved[b, i]
+    (moved None: no additions). Returns one [B, length, C] per tensor, zero where no row
+    arrives. A slot holds its own row plus the rows moved into it, added in row order (on the
+    CPU the order of `scatter_add`): two passes over the rows into one flat buffer (its spare
+    last row takes the rows going nowhere), no per-image loop.
     """
     batch = own.shape[0]
-    rows = batch * length  # rows going nowhere land in one spare row, cut off at the end
-    own, moved = own.remainder(rows + 1).view(-1), moved.remainder(rows + 1).view(-1)
+    rows = batch * length
+    own = own.view(-1)
     merged = []
     for y in tensors:
         out = y.new_zeros(rows + 1, y.shape[-1])
         out.index_copy_(0, own, y.reshape(-1, y.shape[-1]))
-        out.index_add_(0, moved, y.reshape(-1, y.shape[-1]))
+        if moved is not None:
+            out.index_add_(0, moved.view(-1), y.reshape(-1, y.shape[-1]))
         merged.append(out[:rows].view(batch, length, y.shape[-1]))
     return merged
 

@@ -529,7 +529,7 @@ class ModelAdapter(ABC):
         records: list[BlockRecord] = []
         grids: dict[int, PatchGrid] = {}
         layout = None
-        blocks = self.blocks(model)[: len(steps)]
+        blocks = list(self.blocks(model))[: len(steps)]  # slicing a ModuleList builds a new one
         for index, (block, step) in enumerate(zip(blocks, steps, strict=True)):
             rope = None if rotary is None else self.rotary(index, state, rotary)
             x, state, record, block_fused, layout = self.block_forward(
