@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from tokenreduce.ops.packing import gather_rows
+
 
 class Matching(NamedTuple):
     """A merge map over N tokens that removes r of them.
@@ -49,20 +51,20 @@ def bipartite_soft_matching(
         return None
     prefix_in_a = math.ceil(num_prefix / 2)
     prefix_in_b = num_prefix // 2
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        if prefix_in_a:
-            scores[:, :prefix_in_a, :] = -math.inf
-        if prefix_in_b:
-            scores[:, :, :prefix_in_b] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-        unm_idx = edge_idx[:, r:]
-        src_idx = edge_idx[:, :r]
-        dst_idx = node_idx.gather(dim=-1, index=src_idx)
-        if sort_unmerged:
-            unm_idx = unm_idx.sort(dim=-1).values
+    metric = metric.detach()  # the matching is a decision: nothing in it takes a gradient
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    if prefix_in_a:
+        scores[:, :prefix_in_a, :] = -math.inf
+    if prefix_in_b:
+        scores[:, :, :prefix_in_b] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    unm_idx = edge_idx[:, r:]
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(dim=-1, index=src_idx)
+    if sort_unmerged:
+        unm_idx = unm_idx.sort(dim=-1).values
     return Matching(
         unm_idx, src_idx, dst_idx, prefix_first_order(num_tokens - r, unm_idx.shape[1], num_prefix)
     )
@@ -85,6 +87,8 @@ def prefix_first_order(num_out: int, num_unmerged: int, num_prefix: int) -> tupl
 def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tensor:
     """Apply a matching to any per-token tensor y [B, N, C]: reduce merged A rows into B rows
     (mode "sum", "amax", ...; "destination": B rows stay as they are, merged A rows vanish)."""
+    if mode == "sum":
+        return merge_sum(y, m)
     batch, _, channels = y.shape
     y_a, y_b = y[:, ::2], y[:, 1::2]
     unm = y_a.gather(1, m.unm_idx.unsqueeze(-1).expand(batch, -1, channels))
@@ -94,6 +98,25 @@ def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tenso
             1, m.dst_idx.unsqueeze(-1).expand(batch, -1, channels), src, reduce=mode
         )
     out = torch.cat([unm, y_b], dim=1)
+    if m.order is not None:
+        out = out[:, torch.tensor(m.order, device=out.device)]
+    return out
+
+
+def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
+    """`merge_tokens` in mode "sum": the kept rows [A kept, B] gathered straight from y [B, N, C]
+    (one `index_select`), the merged A rows added into their B rows (`index_add_`, in the order
+    of `src_idx`: the additions of `scatter_reduce`, in the same order, so the same values bit
+    for bit on the CPU)."""
+    batch, tokens, channels = y.shape
+    num_unmerged = m.unm_idx.shape[1]
+    odd = torch.arange(1, tokens, 2, device=y.device).expand(batch, -1)
+    out = gather_rows(y, torch.cat([m.unm_idx * 2, odd], dim=1))
+    moving = gather_rows(y, m.src_idx * 2)
+    kept = out.shape[1]
+    offset = (torch.arange(batch, device=y.device) * kept).unsqueeze(1)
+    target = (m.dst_idx + (offset + num_unmerged)).view(-1)
+    out.view(batch * kept, channels).index_add_(0, target, moving.view(-1, channels))
     if m.order is not None:
         out = out[:, torch.tensor(m.order, device=out.device)]
     return out
