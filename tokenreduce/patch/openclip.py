@@ -29,6 +29,7 @@ from tokenreduce.patch.base import (
     AttentionSpec,
     ModelAdapter,
     attend,
+    check_block_types,
     key_bias,
     linear_macs,
 )
@@ -59,16 +60,14 @@ class OpenCLIPAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 "unsupported open_clip tower: transformer.batch_first=False; supported: True"
             )
+        check_block_types(
+            "the open_clip tower",
+            transformer.resblocks,
+            {ResidualAttentionBlock: (nn.MultiheadAttention,)},
+            cls.SUPPORTED,
+        )
         for i, block in enumerate(transformer.resblocks):
-            attn = getattr(block, "attn", None)
-            if type(block) is not ResidualAttentionBlock or not isinstance(
-                attn, nn.MultiheadAttention
-            ):
-                raise UnsupportedModelError(
-                    f"unsupported block {i} of the open_clip tower: {type(block).__name__}; "
-                    f"supported: {cls.SUPPORTED}"
-                )
-            if not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
+            if not block.attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
                 raise UnsupportedModelError(
                     f"unsupported block {i} of the open_clip tower: cross attention or separate "
                     "q/k/v projections; supported: self-attention with a packed in_proj"
