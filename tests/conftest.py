@@ -37,6 +37,35 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+EVERY_METHOD_SMALL = [
+    ("tome", {"r": 3}),
+    ("evit", {"keep_rate": 0.6, "layers": (1, 2)}),
+    ("topk", {"keep_rate": 0.6, "layers": (1, 2)}),
+    ("ppt", {"r": 4, "layers": (1, 2)}),
+    ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
+    ("ltmp", {"merge_thresholds": 0.2, "prune_thresholds": 0.02}),
+    ("asvit", {"thresholds": 0.98}),
+]
+"""Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
+the transformers and open_clip adapter tests."""
+
+
+def pixels(batch: int = 3) -> torch.Tensor:
+    """Random float64 32x32 images for the small transformers and open_clip models."""
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+
+
+def assert_gmacs_match(model: torch.nn.Module, counted: float, method: str | None) -> None:
+    """tokenreduce's GMACs per image (of the last forward when `method` reduced the model, else
+    the dense model's) within 1% of `counted`, a FLOP counter's."""
+    if method:
+        expected = tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean
+    else:
+        expected = tokenreduce.flops.dense_gmacs(model)
+    assert abs(expected - counted) / counted < 0.01, (method, expected, counted)
+
+
 def tiny_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, **kwargs) -> torch.nn.Module:
     """A random-weight timm model (no download), in eval mode."""
     torch.manual_seed(seed)
