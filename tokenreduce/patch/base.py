@@ -141,22 +141,16 @@ def attend(
     received = None
     explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
     fused = spec.fused and not explicit
+    several_on_cpu = batch > 1 and dropout == 0.0 and q.device.type == "cpu"
     by_image = (  # not on a static padded batch (masked batching): its counts would need a sync
         explicit
+        and several_on_cpu
         and (call.layout is not None or call.valid is None)
         and call.key_mask is None
         and "attn" not in call.needs
-        and batch > 1
-        and dropout == 0.0
-        and q.device.type == "cpu"
     )
-    fused_by_image = (  # a ragged batch on a CPU: the fused kernel on each image's rows alone
-        fused
-        and flat
-        and batch > 1
-        and dropout == 0.0
-        and q.device.type == "cpu"
-        and call.needs <= {"cls_attn", "key_mean"}
+    fused_by_image = (  # a ragged batch: the fused kernel on each image's rows alone
+        fused and several_on_cpu and flat and call.needs <= {"cls_attn", "key_mean"}
     )
     metric_keys = k if metric_keys is None else metric_keys
     if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
