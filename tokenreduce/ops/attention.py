@@ -75,6 +75,17 @@ def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.
     return (rows @ attn).sum(dim=1)[:, 0]
 
 
+def image_heads(
+    tensors: tuple[torch.Tensor, ...], image: int, start: int, count: int
+) -> list[torch.Tensor]:
+    """One image's real tokens of each tensor as [H, count, d]: rows start..start + count of
+    the flat [M, H, d] rows of a ragged batch, or the first `count` tokens of image `image` of a
+    padded [B, H, T, d] batch (views, no copies)."""
+    if tensors[0].dim() == 3:
+        return [t[start : start + count].transpose(0, 1) for t in tensors]
+    return [t[image, :, :count] for t in tensors]
+
+
 def attention_by_image(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,17 +107,12 @@ def attention_by_image(
     column sums, where the batched [B, H, T, T] matrix is streamed through memory four times,
     and padding costs nothing.
     """
-    flat = q.dim() == 3
-    heads = q.shape[-2] if flat else q.shape[1]
+    heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
     out = q.new_empty(sum(counts), heads * v.shape[-1])
     received = q.new_zeros(len(counts), length)
     start = 0
     for image, count in enumerate(counts):
-        if flat:
-            image_rows = slice(start, start + count)
-            queries, keys, values = (t[image_rows].transpose(0, 1) for t in (q, k, v))
-        else:
-            queries, keys, values = (t[image, :, :count] for t in (q, k, v))
+        queries, keys, values = image_heads((q, k, v), image, start, count)
         queries, keys = queries * scale, keys.transpose(-2, -1)
         if bias is None:
             scores = queries @ keys
@@ -133,7 +139,8 @@ def fused_attention_by_image(
     """The fused kernel (scaled_dot_product_attention) on each image's real tokens alone, and,
     with `class_scale`, its class-attention row (`class_attention_row`).
 
-    q, k, v: the flat [sum(counts), H, d] rows of the real tokens, image after image; bias:
+    q, k, v: the flat [sum(counts), H, d] rows of the real tokens, image after image, or a padded
+    [B, H, T, d] batch with each image's real tokens first (`image_heads`); bias:
     [B, 1, 1, T] or None; length: T. Returns the output rows [sum(counts), H * d] and the class
     rows [B, H, T] (0 at padding, as the padded batch's softmax gives) or None. No padded copy
     of q, k, v and no work on padding: on a CPU faster than one padded call.
@@ -145,13 +152,14 @@ def fused_attention_by_image(
         class_rows = q.new_zeros(len(counts), heads, length, dtype=softmax_dtype(q.dtype))
     start = 0
     for image, count in enumerate(counts):
-        image_rows = slice(start, start + count)
-        queries, keys, values = (t[image_rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        queries, keys, values = (
+            t.unsqueeze(0) for t in image_heads((q, k, v), image, start, count)
+        )
         image_bias = None if bias is None else bias[image : image + 1, :, :, :count]
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=image_bias, scale=sdpa_scale
         )
-        out[image_rows] = attended[0].transpose(0, 1).flatten(1)
+        out[start : start + count] = attended[0].transpose(0, 1).flatten(1)
         if class_rows is not None:
             row = class_attention_row(queries, keys, class_scale, image_bias)
             class_rows[image, :, :count] = row[0]
