@@ -129,10 +129,11 @@ def test_fused_attention_by_image_equals_the_padded_fused_call():
     want_rows = padded.transpose(1, 2).flatten(2)[valid]
     want_class = class_attention_row(q, k, scale, bias)
     flat = [t.transpose(1, 2)[valid] for t in (q, k, v)]
-    rows, class_rows = fused_attention_by_image(*flat, bias, counts, length, None, scale)
-    torch.testing.assert_close(rows, want_rows, rtol=0, atol=1e-12)
-    torch.testing.assert_close(class_rows, want_class, rtol=0, atol=1e-12)
-    assert (class_rows[~valid[:, None, :].expand(-1, heads, -1)] == 0).all()
+    for inputs in (flat, (q, k, v)):
+        rows, class_rows = fused_attention_by_image(*inputs, bias, counts, length, None, scale)
+        torch.testing.assert_close(rows, want_rows, rtol=0, atol=1e-12)
+        torch.testing.assert_close(class_rows, want_class, rtol=0, atol=1e-12)
+        assert (class_rows[~valid[:, None, :].expand(-1, heads, -1)] == 0).all()
     rows, class_rows = fused_attention_by_image(*flat, None, counts, length, None, None)
     assert class_rows is None
     unbiased = F.scaled_dot_product_attention(q[2:, :, :5], k[2:, :, :5], v[2:, :, :5])

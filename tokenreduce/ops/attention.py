@@ -145,7 +145,7 @@ def fused_attention_by_image(
     rows [B, H, T] (0 at padding, as the padded batch's softmax gives) or None. No padded copy
     of q, k, v and no work on padding: on a CPU faster than one padded call.
     """
-    heads = q.shape[-2]
+    heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
     out = q.new_empty(sum(counts), heads * v.shape[-1])
     class_rows = None
     if class_scale is not None:
