@@ -222,6 +222,18 @@ def attend(
     return out, byproducts
 
 
+def split_heads(
+    projection: torch.Tensor, call: AttentionCall, head_dim: int, parts: int = 1
+) -> list[torch.Tensor]:
+    """The `parts` projections packed in `projection` (q, k, v: 3) in the layout `attend` takes:
+    [B, N, parts * H * d] -> [B, H, N, d] each, or with a ragged layout the flat rows
+    [M, parts * H * d] -> [M, H, d] each (views, no copies)."""
+    heads = projection.unflatten(-1, (parts, -1, head_dim)).unbind(-3)
+    if call.layout is not None:
+        return list(heads)
+    return [t.transpose(1, 2) for t in heads]
+
+
 def project_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The attention module's output half (timm Attention, EvaAttention, AttentionRope): norm,
     optional sigmoid gate, projection, dropout (on the rows `attend` returned)."""

@@ -39,6 +39,7 @@ from tokenreduce.patch.base import (
     key_bias,
     linear_macs,
     reducing_class,
+    split_heads,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -350,11 +351,8 @@ class HFAdapter(ModelAdapter):
         family = self.family
         attn = getattr(block, family.attention)
         hidden = getattr(block, family.norm_before)(x)
-        q, k, v = (proj(hidden) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        if call.layout is not None:
-            q, k, v = (call.layout.pad(t) for t in (q, k, v))
-        batch, tokens, _ = q.shape
-        q, k, v = (t.view(batch, tokens, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (split_heads(proj(hidden), call, attn.head_dim)[0] for proj in projections)
         out, byproducts = attend(attention_spec(attn), q, k, v, call)
         out = getattr(attn, family.out_proj)(out)
         return x + self.residual(block, out, family.scale_before), byproducts

@@ -32,6 +32,7 @@ from tokenreduce.patch.base import (
     check_block_types,
     key_bias,
     linear_macs,
+    split_heads,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -163,11 +164,7 @@ class OpenCLIPAdapter(ModelAdapter):
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         attn = block.attn
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        if call.layout is not None:
-            qkv = call.layout.pad(qkv)
-        batch, tokens, _ = qkv.shape
-        qkv = qkv.view(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(qkv, call, attn.head_dim, 3)
         spec = AttentionSpec(True, attn.head_dim**-0.5, attn.dropout if attn.training else 0.0)
         out, byproducts = attend(spec, q, k, v, call)
         return x + block.ls_1(attn.out_proj(out)), byproducts

@@ -29,6 +29,7 @@ from tokenreduce.patch.base import (
     grid_tokens,
     linear_macs,
     project_output,
+    split_heads,
     weighted_pool,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims
@@ -287,13 +288,7 @@ def attention_forward(
     q, k, v go to `attend` as flat rows (by-products come back padded, the output flat).
     """
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x)
-    if call.layout is not None:  # the flat rows of the real tokens: [M, H, d] each
-        q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(1)
-    else:
-        batch, tokens, _ = qkv.shape
-        qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+    q, k, v = split_heads(attn.qkv(x), call, attn.head_dim, 3)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
