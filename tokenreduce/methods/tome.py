@@ -103,15 +103,15 @@ class ToMeConfig(MethodConfig[BlockRecord]):
         )
         if matching is None:
             return x, state, BlockRecord()
-        size = state.sizes_like(x)
-        x, merged_size = merge_wavg(matching, x, size)
+        num_tokens = x.shape[1]
+        x, merged_size = merge_wavg(matching, x, state.size)
         position = merge_positions(
-            matching, state.position, size, merged_size, state.destination_positions
+            matching, state.position, state.size, merged_size, state.destination_positions
         )
         source = merge_source(matching, state.source)
         owner = state.owner
         if owner is not None:
-            owner = follow(owner, matching_destinations(matching, size.shape[1]))
+            owner = follow(owner, matching_destinations(matching, num_tokens))
         return x, state.with_tokens(merged_size, source, position, owner), BlockRecord()
 
     def overhead_macs(
