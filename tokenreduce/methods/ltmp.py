@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
@@ -147,8 +148,10 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             overflow = None if self.max_tokens is None else zero
             return x, state, LTMPRecord(overflow=overflow, merged=zero, pruned=zero)
         valid = None if soft else state.valid
+        # each op costs tens of microseconds at batch 1, so the decisions stay on small [B, N]
+        # maps and every C-wide row moves once
         importance = attn.received.clone()
-        importance[:, :prefix].fill_(math.inf)
+        importance.narrow(1, 0, prefix).fill_(math.inf)
         key_mean = attn.key_mean
         if soft:  # masked tokens get zero keys: similarity 0 to every token
             key_mean = key_mean * state.mask.detach().unsqueeze(-1)
@@ -157,6 +160,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         similarity, partner = best_partners(key_mean, prefix, valid)
         merge = threshold_mask(similarity, step["merge_thresholds"], self.tau, soft)
         moving = merge.detach().to(x.dtype) if soft else merge
+        unmerged = merge.detach() <= 0 if soft else ~merge
 
         # Importance merges into B (max over members) and is reordered to [prefix, A, B]; a
         # token is kept when real, not merged away and important enough. Rows and sizes merge
@@ -167,9 +171,11 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         def reorder(y: torch.Tensor) -> torch.Tensor:
             return y if order is None else y[:, torch.tensor(order, device=y.device)]
 
-        size = state.sizes_like(x)
-        importance = merge_into_partners(importance.unsqueeze(-1), moving, partner, "amax")
-        importance = reorder(importance)[..., 0]
+        importance_a = importance[:, ::2]
+        importance_b = importance[:, 1::2].scatter_reduce(
+            1, partner, importance_a.masked_fill(unmerged, -math.inf), reduce="amax"
+        )
+        importance = reorder(torch.cat([importance_a, importance_b], dim=1))
         prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
         source = state.source
         if source is not None:
@@ -178,6 +184,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         destination_positions = position is not None and state.destination_positions
 
         if soft:
+            size = state.sizes_like(x)
             weighted = merge_into_partners(
                 torch.cat([x * size, size], dim=-1), moving, partner, "sum"
             )
@@ -198,25 +205,23 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return x, state, LTMPRecord()
 
         batch, num_tokens = x.shape[:2]
-        unmerged = ~merge
-        stay = reorder(
-            torch.cat([unmerged, torch.ones_like(merge[:, : num_tokens - num_a])], dim=1)
-        )
+        stay = reorder(F.pad(unmerged, (0, num_tokens - num_a), value=True))
         keep = stay & prune
         if valid is not None:
             keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
         packing, overflow = self.pack(keep, importance)
-        # each input token's flat output slot (`nowhere`: gone): its own, or a merged A token's
-        # partner's; the C-wide rows then move once, straight into their slots
+        # each input token's flat output slot (`nowhere`: gone): its own, and for a merged A
+        # token its partner's, which its rows are added into
         length = packing.index.shape[1]
         nowhere = batch * length
         slots = gather_destinations(packing.index, num_tokens, packing.valid, True, nowhere)
         own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
-        moved = torch.full_like(own, nowhere)
-        moved[:, ::2] = own[:, 1::2].gather(1, partner).masked_fill_(unmerged, nowhere)
+        moved = own[:, 1::2].gather(1, partner).masked_fill_(unmerged, nowhere)
+        size = state.sizes_like(x)
         weighted = x if state.size is None else x * size  # every size 1: x * 1 is x exactly
         weighted, merged_size = merge_into_slots((weighted, size), own, moved, length)
-        x = weighted / merged_size.clamp_min(1.0)
+        # padding slots hold nothing (size 0); without padding every slot holds a token
+        x = weighted / (merged_size if packing.valid is None else merged_size.clamp_min(1.0))
         if destination_positions:
             (position,) = merge_into_slots((position,), own, None, length)
         elif position is not None:
@@ -224,11 +229,12 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             position = mean_position(moment, merged_size)
         owner = state.owner
         if owner is not None:  # the owner map counts rows per image
-            slot = torch.where(moved < nowhere, moved, own)
+            slot = own.clone()
+            slot[:, ::2] = torch.where(unmerged, own[:, ::2], moved)
             owner = follow(owner, torch.where(slot < nowhere, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)
-        dropped = stay & ~prune
+        dropped = stay > prune  # bools: stays (not merged away) but is pruned
         if valid is not None:  # padding is not pruned
             dropped &= importance > -math.inf
         record = LTMPRecord(overflow=overflow, merged=merge.sum(dim=1), pruned=dropped.sum(dim=1))

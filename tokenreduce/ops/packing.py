@@ -76,23 +76,25 @@ def merge_into_slots(
 ) -> list[torch.Tensor]:
     """Rows of each y [B, N, C] of `tensors` into `length` output slots per image.
 
-    own, moved: [B, N] flat slots b * length + t, or B * length for none; each slot is the own
-    slot of at most one row. Row i is copied to slot own[b, i] and added to slot moved[b, i]
-    (moved None: no additions). Returns one [B, length, C] per tensor, zero where no row
-    arrives. A slot holds its own row plus the rows moved into it, added in row order (on the
-    CPU the order of `scatter_add`): two passes over the rows into one flat buffer (its spare
-    last row takes the rows going nowhere), no per-image loop.
+    own: [B, N] flat slots b * length + t, or B * length for none; each slot is the own slot of
+    at most one row. moved: [B, ceil(N / 2)] the same for the rows at even positions (bipartite
+    set A), or None. Row i is copied to slot own[b, i], and an even row also added to slot
+    moved[b, i // 2]. Returns one [B, length, C] per tensor, zero where no row arrives. A slot
+    holds its own row plus the rows moved into it, added in row order (on the CPU the order of
+    `scatter_add`): two passes over the rows into one flat buffer (its spare last row takes the
+    rows going nowhere), no per-image loop.
     """
     batch = own.shape[0]
     rows = batch * length
     own = own.view(-1)
     merged = []
     for y in tensors:
-        out = y.new_zeros(rows + 1, y.shape[-1])
-        out.index_copy_(0, own, y.reshape(-1, y.shape[-1]))
-        if moved is not None:
-            out.index_add_(0, moved.view(-1), y.reshape(-1, y.shape[-1]))
-        merged.append(out[:rows].view(batch, length, y.shape[-1]))
+        channels = y.shape[-1]
+        out = y.new_zeros(rows + 1, channels)
+        out.index_copy_(0, own, y.reshape(-1, channels))
+        if moved is not None:  # one image: its even rows are a strided view, not a copy
+            out.index_add_(0, moved.view(-1), y[:, ::2].reshape(-1, channels))
+        merged.append(out[:rows].view(batch, length, channels))
     return merged
 
 
