@@ -110,18 +110,18 @@ def attention_by_image(
     heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
     out = q.new_empty(sum(counts), heads * v.shape[-1])
     received = q.new_zeros(len(counts), length)
+    q = q * scale  # once for the batch: each op in the loop below is paid once per image
     start = 0
     for image, count in enumerate(counts):
         queries, keys, values = image_heads((q, k, v), image, start, count)
-        queries, keys = queries * scale, keys.transpose(-2, -1)
+        keys = keys.transpose(-2, -1)
         if bias is None:
             scores = queries @ keys
         else:
             scores = torch.baddbmm(bias[image, :, :, :count].expand(heads, 1, count), queries, keys)
         weights = scores.softmax(dim=-1)
         out[start : start + count] = (weights @ values).transpose(0, 1).flatten(1)
-        rows = weights.new_full((1, 1, count), 1.0 / (heads * count))
-        received[image, :count] = (rows @ weights).sum(dim=0)[0]
+        received[image, :count] = weights.mean(dim=(0, 1))
         start += count
     return out, received
 
