@@ -29,7 +29,7 @@ from tokenreduce.ops import (
     merge_source,
     merge_wavg,
 )
-from tokenreduce.ops.merging import matching_destinations, max_merges
+from tokenreduce.ops.merging import Matching, matching_destinations, max_merges
 from tokenreduce.ops.owners import follow, follow_rows, prefix_and_rows
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -55,6 +55,38 @@ class PPTRecord(BlockRecord):
 
     policy: torch.Tensor | None = None
     score_variance: torch.Tensor | None = None
+
+
+Tokens = tuple[torch.Tensor, ...]
+"""A branch's output: tokens, sizes, positions, source map, owner map (the last three None where
+the forward does not carry them)."""
+
+
+def pooled_tokens(matching: Matching, x: torch.Tensor, state: TokenState) -> Tokens:
+    """The pooling branch: x [B, N, C] and what its tokens carry, merged by `matching`."""
+    owner = state.owner
+    if owner is not None:
+        owner = follow(owner, matching_destinations(matching, x.shape[1]))
+    x, size = merge_wavg(matching, x, state.size)
+    position = merge_positions(
+        matching, state.position, state.size, size, state.destination_positions
+    )
+    return x, size, position, merge_source(matching, state.source), owner
+
+
+def pruned_tokens(x: torch.Tensor, state: TokenState, score: torch.Tensor, keep: int) -> Tokens:
+    """The pruning branch: the prefix and the `keep` highest-`score` tokens of x [B, N, C]."""
+    num_prefix, num_tokens = state.num_prefix, x.shape[1]
+    size = state.sizes_like(x)
+    x, idx = keep_top_tokens(x, score, keep, num_prefix)
+
+    def kept(y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if y is None else keep_rows(y, idx, num_prefix)
+
+    owner = state.owner
+    if owner is not None:
+        owner = follow_rows(owner, prefix_and_rows(idx, num_prefix), num_tokens)
+    return x, kept(size), kept(state.position), kept(state.source), owner
 
 
 @register
@@ -142,36 +174,24 @@ class PPTConfig(MethodConfig[PPTRecord]):
         if r <= 0:
             return x, state, record
 
-        size = state.sizes_like(x)
-        matching = bipartite_soft_matching(attn.key_mean, r, num_prefix, sort_unmerged=True)
-        x_pool, size_pool = merge_wavg(matching, x, size)
-
-        keep = x.shape[1] - num_prefix - r
-        x_prune, idx = keep_top_tokens(x, score, keep, num_prefix)
-        size_prune = keep_rows(size, idx, num_prefix)
-
-        choose_pool = pool.view(-1, 1, 1)
-        position = state.position
-        if position is not None:
-            position = torch.where(
-                choose_pool,
-                merge_positions(matching, position, size, size_pool, state.destination_positions),
-                keep_rows(position, idx, num_prefix),
+        branches: list[Tokens] = []
+        # one image on the CPU: its choice is read (a free sync there) and only that branch runs
+        one_image = x.shape[0] == 1 and x.device.type == "cpu"
+        choice = bool(pool) if one_image and not torch.compiler.is_compiling() else None
+        if choice is not False:
+            matching = bipartite_soft_matching(attn.key_mean, r, num_prefix, sort_unmerged=True)
+            branches.append(pooled_tokens(matching, x, state))
+        if choice is not True:
+            branches.append(pruned_tokens(x, state, score, x.shape[1] - num_prefix - r))
+        chosen = branches[0]
+        if len(branches) == 2:  # per image: the pooled tokens where it pools, else the pruned
+            chosen = tuple(
+                None
+                if pooled is None
+                else torch.where(pool.view(-1, *[1] * (pooled.dim() - 1)), pooled, pruned)
+                for pooled, pruned in zip(*branches, strict=True)
             )
-        source = state.source
-        if source is not None:
-            source_prune = keep_rows(source, idx, num_prefix)
-            source = torch.where(choose_pool, merge_source(matching, source), source_prune)
-        owner = state.owner
-        if owner is not None:
-            num_tokens = x.shape[1]
-            owner = torch.where(
-                pool.view(-1, 1),
-                follow(owner, matching_destinations(matching, num_tokens)),
-                follow_rows(owner, prefix_and_rows(idx, num_prefix), num_tokens),
-            )
-        x = torch.where(choose_pool, x_pool, x_prune)
-        size = torch.where(choose_pool, size_pool, size_prune)
+        x, size, position, source, owner = chosen
         return x, state.with_tokens(size, source, position, owner), record
 
     def overhead_macs(
