@@ -26,7 +26,12 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.ops.merging import mean_position, prefix_first_order, split_rows
+from tokenreduce.ops.merging import (
+    bipartite_scores,
+    mean_position,
+    prefix_first_order,
+    split_rows,
+)
 from tokenreduce.ops.owners import follow, gather_destinations
 from tokenreduce.ops.packing import gather_packed, merge_into_slots
 from tokenreduce.ops.thresholds import threshold_mask
@@ -39,12 +44,7 @@ def best_partners(
     """Each A token's (even positions) best cosine similarity to a B token (odd positions) and
     that partner. key_mean: [B, N, d] (zero rows score 0). Prefix and padding rows get -inf
     and are never partners. Returns (similarity [B, N_A], partner [B, N_A])."""
-    metric = key_mean / torch.linalg.vector_norm(key_mean, dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-    if num_prefix:  # prefix tokens in A (even positions) and in B (odd positions)
-        scores[:, : math.ceil(num_prefix / 2)] = -math.inf
-    if num_prefix > 1:
-        scores[:, :, : num_prefix // 2] = -math.inf
+    scores = bipartite_scores(key_mean, num_prefix)
     if valid is not None:
         scores.masked_fill_(~valid[:, ::2, None] | ~valid[:, None, 1::2], -math.inf)
     return scores.max(dim=-1)

@@ -36,6 +36,20 @@ def max_merges(num_tokens: int, num_prefix: int) -> int:
     return max(0, min((num_tokens - num_prefix) // 2, non_prefix_in_a))
 
 
+def bipartite_scores(metric: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Cosine similarity of every A token (even positions) to every B token (odd positions) of
+    `metric` [B, N, d]: [B, N_A, N_B], -inf in the rows and columns of prefix tokens (zero rows of
+    `metric` score 0)."""
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    prefix_in_a, prefix_in_b = math.ceil(num_prefix / 2), num_prefix // 2
+    if prefix_in_a:
+        scores.narrow(1, 0, prefix_in_a).fill_(-math.inf)
+    if prefix_in_b:
+        scores.narrow(2, 0, prefix_in_b).fill_(-math.inf)
+    return scores
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, num_prefix: int, sort_unmerged: bool = True
 ) -> Matching | None:
@@ -50,16 +64,8 @@ def bipartite_soft_matching(
     r = min(r, max_merges(num_tokens, num_prefix))
     if r <= 0:
         return None
-    prefix_in_a = math.ceil(num_prefix / 2)
-    prefix_in_b = num_prefix // 2
-    metric = metric.detach()  # the matching is a decision: nothing in it takes a gradient
-    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-    if prefix_in_a:
-        scores[:, :prefix_in_a, :] = -math.inf
-    if prefix_in_b:
-        scores[:, :, :prefix_in_b] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
+    # the matching is a decision: nothing in it takes a gradient
+    node_max, node_idx = bipartite_scores(metric.detach(), num_prefix).max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     unm_idx = edge_idx[:, r:]
     src_idx = edge_idx[:, :r]
