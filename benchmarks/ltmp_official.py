@@ -15,13 +15,12 @@ than 1e-4.
 """
 
 import argparse
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
+from roundrobin import median_ms
 
 import tokenreduce
 from tokenreduce import models
@@ -91,7 +90,6 @@ def main() -> None:
         "official": official.forward_features,
         "ours": ours.forward_features,
     }
-    times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         worst = 0.0
         for image in images:
@@ -99,14 +97,7 @@ def main() -> None:
             worst = max(worst, (a[:, 0] - b[:, 0]).abs().max().item())
         if worst > 1e-4:
             raise SystemExit(f"official and ours disagree: class-token features differ by {worst}")
-        for round_index in range(args.rounds):
-            order = list(forwards) if round_index % 2 == 0 else list(reversed(forwards))
-            for image in images:
-                for name in order:
-                    start = time.perf_counter()
-                    forwards[name](image[None])
-                    times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        median = median_ms(forwards, [image[None] for image in images], args.rounds)
     print(
         f"{Path(args.thresholds).name}: {len(images)} images x {args.rounds} rounds; "
         f"class-token features max diff {worst:.2e}"

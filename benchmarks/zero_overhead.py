@@ -2,9 +2,10 @@
 
 Runs the model's own blocks on exactly the token counts a fixed-count method leaves after each
 block (the first tokens kept, nothing matched, merged or pooled) and times that "zero-overhead"
-forward, the reduced model and the dense model round-robin at batch 1 (random weights, one
-random image). The ratio of the zero-overhead speedup to the ideal (the MAC ratio) is what the
-CPU's matrix multiplies allow on fewer tokens; the method's own share is the rest.
+forward, the reduced model and the dense model round-robin (`roundrobin.median_ms`) at batch 1
+(random weights, one random image). The ratio of the zero-overhead speedup to the ideal (the
+MAC ratio) is what the CPU's matrix multiplies allow on fewer tokens; the method's own share is
+the rest.
 
     python benchmarks/zero_overhead.py deit_small_patch16_224 tome r=13
     python benchmarks/zero_overhead.py deit_small_patch16_224 evit keep_rate=0.7
@@ -12,11 +13,10 @@ CPU's matrix multiplies allow on fewer tokens; the method's own share is the res
 
 import argparse
 import ast
-import statistics
-import time
 
 import timm
 import torch
+from roundrobin import median_ms
 
 import tokenreduce
 from tokenreduce import flops
@@ -55,16 +55,10 @@ def main() -> None:
         return dense.forward_head(dense.norm(x))
 
     forwards = {"dense": dense, args.method: reduced, "zero-overhead": zero_overhead}
-    times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         for forward in forwards.values():
             forward(images)
-        for _ in range(args.rounds):
-            for name, forward in forwards.items():
-                start = time.perf_counter()
-                forward(images)
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        median = median_ms(forwards, [images], args.rounds)
     ideal = flops.dense_gmacs(dense) / flops.gmacs(reduced, info).mean
     print(f"{args.model} {args.method} {options}: ideal {ideal:.2f}x; token counts {counts}")
     for name, ms in median.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,9 +128,22 @@ class BenchResult:
     device: str
     precision: str
     threads: int
+    compiled: bool
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def compile_for_timing(
+    model: nn.Module, x: torch.Tensor, amp: bool, amp_dtype: torch.dtype
+) -> tuple[nn.Module, float]:
+    """`torch.compile(model)` (inductor) and the seconds its first call on x takes: the
+    compilation, kept out of the timed rounds."""
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    with precision_context(x.device.type, amp, amp_dtype):
+        compiled(x)
+    return compiled, time.perf_counter() - start
 
 
 def measure_speedup(
@@ -204,11 +218,15 @@ def bench_model(
     amp_dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     images: torch.Tensor | None = None,
+    torch_compile: bool = False,
 ) -> list[BenchResult]:
     """Benchmark each method against `model` (left unreduced) at each batch size.
 
     images: real preprocessed images to time on, split into consecutive batches (each timing
     iteration runs the next one; GMACs are their mean), instead of one random batch.
+    torch_compile: time `torch.compile`d dense and reduced models (each compiled on the first batch
+    before the warm-up rounds; GMACs come from the eager reduced model, which computes the same
+    token counts).
     """
     model = model.to(device).eval()
     img_size = tokenreduce.flops.model_dims(model).input_size
@@ -222,8 +240,19 @@ def bench_model(
                 batches = [torch.randn(batch_size, 3, *img_size, device=device)]
             else:
                 batches = image_batches(images.to(device), batch_size)
+            timed_dense, timed_reduced = model, reduced
+            if torch_compile:
+                timed_dense, dense_s = compile_for_timing(model, batches[0], amp, amp_dtype)
+                timed_reduced, reduced_s = compile_for_timing(reduced, batches[0], amp, amp_dtype)
+                logger.info(
+                    "  compiled for batch %d: dense %.0f s, %s %.0f s",
+                    batch_size,
+                    dense_s,
+                    name,
+                    reduced_s,
+                )
             timing = measure_speedup(
-                model, reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
+                timed_dense, timed_reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
             )
             report = _mean_report(reduced, batches, amp, amp_dtype)
             result = BenchResult(
@@ -247,6 +276,7 @@ def bench_model(
                 device=device,
                 precision=precision,
                 threads=torch.get_num_threads(),
+                compiled=torch_compile,
             )
             logger.info(
                 "  %s %s b=%d: %.2fx (ideal %.2fx)%s",

@@ -159,6 +159,26 @@ def test_bench_on_real_images_times_batches_of_1_8_and_32(image_folder, tmp_path
         assert [int(row["batch_size"]) for row in csv.DictReader(handle)] == [1, 8, 32]
 
 
+def test_bench_compile_times_compiled_models_with_the_eager_gmacs(tmp_path):
+    """--compile: both models compiled before the timed rounds (logged), GMACs those of the eager
+    reduced model."""
+    results = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "-m", "test_vit", "--weights", "random", "--method", "tome:r=4", "-b", "1",
+        "--num-warm-iter", "0", "--num-bench-iter", "1", "--compile",
+        "--results-file", str(results), "--results-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "compiled for batch 1: dense" in result.stderr
+    (row,) = json.loads(results.read_text())
+    model = tokenreduce.apply(models.load("test_vit", pretrained=False), "tome", r=4)
+    with torch.inference_mode():
+        model(torch.randn(1, 3, *tokenreduce.flops.model_dims(model).input_size))
+    eager = tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean
+    assert row["compiled"] is True and row["gmacs"] == round(eager, 4)
+    assert row["measured_speedup"] > 0
+
+
 def test_compare_without_data_has_no_accuracy_plot(tmp_path):
     out = tmp_path / "compare"
     result = run_cli(

@@ -59,6 +59,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="evenly spaced images taken from --data (default with --data: 64)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time torch.compile'd dense and reduced models (inductor; compiled before the "
+        "timed rounds, which can take minutes per model on a CPU); per-image methods compile "
+        "best with batching=masked (static shapes)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -81,11 +88,12 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         folder = data.ImageFolder(args.data, transform, args.num_images)
         images = shared.readable_images(folder, range(len(folder)), "the timing")
     shared.logger.info(
-        "benchmark: %s (%s), %s, %d threads",
+        "benchmark: %s (%s), %s, %d threads%s",
         args.model,
         shared.weights_label(args),
         args.device,
         torch.get_num_threads(),
+        ", torch.compile" if args.compile else "",
     )
     results = bench.bench_model(
         model,
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         amp_dtype=shared.amp_dtype(args),
         device=args.device,
         images=images,
+        torch_compile=args.compile,
     )
     shared.print_results(
         [r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format
