@@ -29,6 +29,7 @@ from tokenreduce.methods.learned import (
 from tokenreduce.ops.merging import (
     bipartite_scores,
     mean_position,
+    order_index,
     prefix_first_order,
     split_rows,
 )
@@ -169,7 +170,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         order = prefix_first_order(x.shape[1], num_a, prefix)
 
         def reorder(y: torch.Tensor) -> torch.Tensor:
-            return y if order is None else y[:, torch.tensor(order, device=y.device)]
+            return y if order is None else y[:, order_index(order, y.device)]
 
         importance_a = importance[:, ::2]
         importance_b = importance[:, 1::2].scatter_reduce(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ def merge_tokens(y: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tenso
         )
     out = torch.cat([unm, y_b], dim=1)
     if m.order is not None:
-        out = out[:, torch.tensor(m.order, device=out.device)]
+        out = out[:, order_index(m.order, out.device)]
     return out
 
 
@@ -132,7 +133,7 @@ def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
         target = (m.dst_idx + (offset + num_unmerged)).view(-1)
         out.view(batch * kept, channels).index_add_(0, target, moving.view(-1, channels))
     if m.order is not None:
-        out = out[:, torch.tensor(m.order, device=out.device)]
+        out = out[:, order_index(m.order, out.device)]
     return out
 
 
@@ -157,7 +158,7 @@ def interleave_destinations(
     positions, given as rows of cat([A part, B part]) before that output is permuted by `order`
     (`prefix_first_order`; None: no permutation)."""
     if order is not None:  # output row of each concatenated row: the inverse permutation
-        index = torch.tensor(order, device=destination_a.device)
+        index = order_index(order, destination_a.device)
         inverse = torch.empty_like(index).scatter_(
             0, index, torch.arange(len(order), device=index.device)
         )
@@ -170,28 +171,37 @@ def interleave_destinations(
     return destination
 
 
+def cached_index(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Cache an index tensor that depends only on `build`'s hashable arguments (lengths, orders,
+    a device): built once outside inference mode, so that it serves inference and training
+    alike, and afresh under torch.compile, which does not look into caches. Callers only read
+    it."""
+
+    @functools.lru_cache(maxsize=64)
+    def cached(*args: Any) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return build(*args)
+
+    @functools.wraps(build)
+    def index(*args: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return build(*args)
+        return cached(*args)
+
+    return index
+
+
+@cached_index
+def order_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A `prefix_first_order` permutation as an index tensor [N] on `device`."""
+    return torch.tensor(order, device=device)
+
+
+@cached_index
 def split_rows(
     num_tokens: int, order: tuple[int, ...] | None, device: torch.device
 ) -> torch.Tensor:
-    """Row of each of N tokens in cat([A tokens, B tokens]) permuted by `order`: [1, N].
-    Constant per sequence length, so cached (made outside inference mode, usable in both);
-    traced afresh under torch.compile, which does not look into caches."""
-    if torch.compiler.is_compiling():
-        return _split_rows(num_tokens, order, device)
-    return _cached_split_rows(num_tokens, order, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_split_rows(
-    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
-) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return _split_rows(num_tokens, order, device)
-
-
-def _split_rows(
-    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
-) -> torch.Tensor:
+    """Row of each of N tokens in cat([A tokens, B tokens]) permuted by `order`: [1, N]."""
     num_a = (num_tokens + 1) // 2
     rows = torch.arange(num_tokens, device=device).unsqueeze(0)
     return interleave_destinations(rows[:, :num_a], rows[:, num_a:], order)
