@@ -196,8 +196,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
                 moment = merge_into_partners(position * size, moving, partner, "sum")
                 position = mean_position(reorder(moment), weighted[..., -1:])
             mask_a = state.mask[:, ::2]
-            unmerged = torch.where(mask_a != 0, 1.0 - merge, mask_a)
-            mask = reorder(torch.cat([unmerged, state.mask[:, 1::2]], dim=1))
+            mask_a = torch.where(mask_a != 0, 1.0 - merge, mask_a)  # merged away: 0
+            mask = reorder(torch.cat([mask_a, state.mask[:, 1::2]], dim=1))
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
             state = replace(

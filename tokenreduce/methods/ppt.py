@@ -57,7 +57,7 @@ class PPTRecord(BlockRecord):
     score_variance: torch.Tensor | None = None
 
 
-Tokens = tuple[torch.Tensor, ...]
+Tokens = tuple[torch.Tensor | None, ...]
 """A branch's output: tokens, sizes, positions, source map, owner map (the last three None where
 the forward does not carry them)."""
 
