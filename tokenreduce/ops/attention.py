@@ -110,15 +110,16 @@ def attention_by_image(
     heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
     out = q.new_empty(sum(counts), heads * v.shape[-1])
     received = q.new_zeros(len(counts), length)
-    q = q * scale  # once for the batch: each op in the loop below is paid once per image
+    no_bias = q.new_zeros(1, 1, 1)
     start = 0
     for image, count in enumerate(counts):
         queries, keys, values = image_heads((q, k, v), image, start, count)
-        keys = keys.transpose(-2, -1)
-        if bias is None:
-            scores = queries @ keys
-        else:
-            scores = torch.baddbmm(bias[image, :, :, :count].expand(heads, 1, count), queries, keys)
+        image_bias = no_bias if bias is None else bias[image, :, :, :count]
+        # the scale and the bias inside the product: no pass over q or the scores (each op in
+        # this loop is paid once per image)
+        scores = torch.baddbmm(
+            image_bias.expand(heads, 1, count), queries, keys.transpose(-2, -1), alpha=scale
+        )
         weights = scores.softmax(dim=-1)
         out[start : start + count] = (weights @ values).transpose(0, 1).flatten(1)
         received[image, :count] = weights.mean(dim=(0, 1))

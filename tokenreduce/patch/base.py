@@ -185,11 +185,12 @@ def attend(
     else:
         if bias is None:
             scores = (q * spec.scale) @ k.transpose(-2, -1)
-        else:  # the bias added inside the product: no extra pass over the N x N scores
+        else:  # bias and scale inside the product: no extra pass over q or the N x N scores
             scores = torch.baddbmm(
                 bias.expand(batch, heads, 1, tokens).flatten(0, 1),
-                (q * spec.scale).flatten(0, 1),
+                q.flatten(0, 1),
                 k.transpose(-2, -1).flatten(0, 1),
+                alpha=spec.scale,
             ).unflatten(0, (batch, heads))
         if call.key_mask is None:
             full = scores.softmax(dim=-1)
