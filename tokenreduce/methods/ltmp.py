@@ -235,10 +235,15 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             owner = follow(owner, torch.where(slot < nowhere, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)
-        dropped = stay > prune  # bools: stays (not merged away) but is pruned
-        if valid is not None:  # padding is not pruned
-            dropped &= importance > -math.inf
-        record = LTMPRecord(overflow=overflow, merged=merge.sum(dim=1), pruned=dropped.sum(dim=1))
+        merged = merge.sum(dim=1)
+        if valid is None and packing.valid is None:  # every image keeps `length` of its tokens
+            pruned = (num_tokens - length) - merged
+        else:
+            dropped = stay > prune  # bools: stays (not merged away) but is pruned
+            if valid is not None:  # padding is not pruned
+                dropped &= importance > -math.inf
+            pruned = dropped.sum(dim=1)
+        record = LTMPRecord(overflow=overflow, merged=merged, pruned=pruned)
         state = replace(
             state,
             size=merged_size,

@@ -6,15 +6,13 @@ token; the r best proposals are merged. Prefix tokens are never merged and never
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from tokenreduce.ops.packing import gather_rows
+from tokenreduce.ops.packing import cached_index, gather_rows
 
 
 class Matching(NamedTuple):
@@ -169,26 +167,6 @@ def interleave_destinations(
     destination[:, ::2] = destination_a
     destination[:, 1::2] = destination_b
     return destination
-
-
-def cached_index(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Cache an index tensor that depends only on `build`'s hashable arguments (lengths, orders,
-    a device): built once outside inference mode, so that it serves inference and training
-    alike, and afresh under torch.compile, which does not look into caches. Callers only read
-    it."""
-
-    @functools.lru_cache(maxsize=64)
-    def cached(*args: Any) -> torch.Tensor:
-        with torch.inference_mode(False):
-            return build(*args)
-
-    @functools.wraps(build)
-    def index(*args: Any) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return build(*args)
-        return cached(*args)
-
-    return index
 
 
 @cached_index

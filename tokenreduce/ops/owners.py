@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenreduce.ops.packing import gather_rows
+from tokenreduce.ops.packing import gather_rows, index_range
 
 
 def follow(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tensor | None:
@@ -36,9 +36,9 @@ def gather_destinations(
     flat: number the new rows across the batch, b * T + t (rows of the flat [B * T, C] output)."""
     batch, slots = index.shape
     if flat:
-        new_rows = torch.arange(batch * slots, device=index.device).view(batch, slots)
+        new_rows = index_range(batch * slots, index.device).view(batch, slots)
     else:
-        new_rows = torch.arange(slots, device=index.device).expand(batch, slots)
+        new_rows = index_range(slots, index.device).expand(batch, slots)
     if valid is not None:  # padding slots write into a spare column that is cut off
         index = index.masked_fill(~valid, num_rows)
     destination = index.new_full((batch, num_rows + 1), missing)

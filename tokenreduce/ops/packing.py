@@ -7,9 +7,42 @@ Padding follows docs/methods.md §1.6: padding slots sit after the real tokens a
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
+
+
+def cached_index(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Cache an index tensor that depends only on `build`'s hashable arguments (lengths, orders,
+    a device): built once outside inference mode, so that it serves inference and training
+    alike, and afresh under torch.compile, which does not look into caches. Callers only read
+    it."""
+
+    @functools.lru_cache(maxsize=64)
+    def cached(*args: Any) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return build(*args)
+
+    @functools.wraps(build)
+    def index(*args: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return build(*args)
+        return cached(*args)
+
+    return index
+
+
+@cached_index
+def _range(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device)
+
+
+def index_range(n: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(n) on `device` as a view of a cached range (a power of two long, so that the
+    varying counts of per-image methods share a few): no kernel per call. Read only."""
+    return _range(1 << max(n - 1, 0).bit_length(), device)[:n]
 
 
 class Packing(NamedTuple):
