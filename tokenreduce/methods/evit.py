@@ -22,8 +22,8 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.ops import fuse_dropped, keep_rows, keep_top_tokens, mean_position
-from tokenreduce.ops.owners import follow_rows, prefix_and_rows
+from tokenreduce.methods.steps import kept_tokens
+from tokenreduce.ops import fuse_dropped, mean_position
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -46,16 +46,11 @@ def attentive_keep(
     if keep >= x.shape[1] - num_prefix:
         return x, state, BlockRecord()
     score = cls_attn.mean(dim=1)[:, num_prefix:]
-    x_new, idx = keep_top_tokens(x, score, keep, num_prefix)
-    size = state.sizes_like(x)
-    size_new = keep_rows(size, idx, num_prefix)
-    source = state.source
-    source_new = None if source is None else keep_rows(source, idx, num_prefix)
-    position = state.position
-    position_new = None if position is None else keep_rows(position, idx, num_prefix)
-    owner = state.owner  # the fused token holds no original token: its members have left
-    if owner is not None:
-        owner = follow_rows(owner, prefix_and_rows(idx, num_prefix), x.shape[1])
+    size, source, position = state.sizes_like(x), state.source, state.position
+    # the fused token below holds no original token: its members leave the owner map
+    (x_new, size_new, position_new, source_new, owner), idx = kept_tokens(
+        x, state, size, score, keep
+    )
     if fuse:
         ones = torch.ones_like(score)
         x_new = torch.cat([x_new, fuse_dropped(x[:, num_prefix:], score, idx)], dim=1)

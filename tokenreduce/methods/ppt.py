@@ -21,16 +21,9 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.ops import (
-    bipartite_soft_matching,
-    keep_rows,
-    keep_top_tokens,
-    merge_positions,
-    merge_source,
-    merge_wavg,
-)
-from tokenreduce.ops.merging import Matching, matching_destinations, max_merges
-from tokenreduce.ops.owners import follow, follow_rows, prefix_and_rows
+from tokenreduce.methods.steps import Tokens, kept_tokens, merged_tokens
+from tokenreduce.ops import bipartite_soft_matching
+from tokenreduce.ops.merging import max_merges
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -55,38 +48,6 @@ class PPTRecord(BlockRecord):
 
     policy: torch.Tensor | None = None
     score_variance: torch.Tensor | None = None
-
-
-Tokens = tuple[torch.Tensor | None, ...]
-"""A branch's output: tokens, sizes, positions, source map, owner map (the last three None where
-the forward does not carry them)."""
-
-
-def pooled_tokens(matching: Matching, x: torch.Tensor, state: TokenState) -> Tokens:
-    """The pooling branch: x [B, N, C] and what its tokens carry, merged by `matching`."""
-    owner = state.owner
-    if owner is not None:
-        owner = follow(owner, matching_destinations(matching, x.shape[1]))
-    x, size = merge_wavg(matching, x, state.size)
-    position = merge_positions(
-        matching, state.position, state.size, size, state.destination_positions
-    )
-    return x, size, position, merge_source(matching, state.source), owner
-
-
-def pruned_tokens(x: torch.Tensor, state: TokenState, score: torch.Tensor, keep: int) -> Tokens:
-    """The pruning branch: the prefix and the `keep` highest-`score` tokens of x [B, N, C]."""
-    num_prefix, num_tokens = state.num_prefix, x.shape[1]
-    size = state.sizes_like(x)
-    x, idx = keep_top_tokens(x, score, keep, num_prefix)
-
-    def kept(y: torch.Tensor | None) -> torch.Tensor | None:
-        return None if y is None else keep_rows(y, idx, num_prefix)
-
-    owner = state.owner
-    if owner is not None:
-        owner = follow_rows(owner, prefix_and_rows(idx, num_prefix), num_tokens)
-    return x, kept(size), kept(state.position), kept(state.source), owner
 
 
 @register
@@ -180,9 +141,10 @@ class PPTConfig(MethodConfig[PPTRecord]):
         choice = bool(pool) if one_image and not torch.compiler.is_compiling() else None
         if choice is not False:
             matching = bipartite_soft_matching(attn.key_mean, r, num_prefix, sort_unmerged=True)
-            branches.append(pooled_tokens(matching, x, state))
+            branches.append(merged_tokens(matching, x, state))
         if choice is not True:
-            branches.append(pruned_tokens(x, state, score, x.shape[1] - num_prefix - r))
+            keep = x.shape[1] - num_prefix - r
+            branches.append(kept_tokens(x, state, state.sizes_like(x), score, keep)[0])
         chosen = branches[0]
         if len(branches) == 2:  # per image: the pooled tokens where it pools, else the pruned
             chosen = tuple(

@@ -20,9 +20,8 @@ from tokenreduce.methods.base import (
     matching_macs,
     register,
 )
-from tokenreduce.ops import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
-from tokenreduce.ops.merging import matching_destinations
-from tokenreduce.ops.owners import follow
+from tokenreduce.methods.steps import merged_tokens
+from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -103,16 +102,8 @@ class ToMeConfig(MethodConfig[BlockRecord]):
         )
         if matching is None:
             return x, state, BlockRecord()
-        num_tokens = x.shape[1]
-        x, merged_size = merge_wavg(matching, x, state.size)
-        position = merge_positions(
-            matching, state.position, state.size, merged_size, state.destination_positions
-        )
-        source = merge_source(matching, state.source)
-        owner = state.owner
-        if owner is not None:
-            owner = follow(owner, matching_destinations(matching, num_tokens))
-        return x, state.with_tokens(merged_size, source, position, owner), BlockRecord()
+        x, size, position, source, owner = merged_tokens(matching, x, state)
+        return x, state.with_tokens(size, source, position, owner), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: BlockRecord, fused: bool
