@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
@@ -151,8 +150,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         valid = None if soft else state.valid
         # each op costs tens of microseconds at batch 1, so the decisions stay on small [B, N]
         # maps and every C-wide row moves once
-        importance = attn.received.clone()
-        importance.narrow(1, 0, prefix).fill_(math.inf)
+        importance = attn.received
         key_mean = attn.key_mean
         if soft:  # masked tokens get zero keys: similarity 0 to every token
             key_mean = key_mean * state.mask.detach().unsqueeze(-1)
@@ -164,8 +162,9 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         unmerged = merge.detach() <= 0 if soft else ~merge
 
         # Importance merges into B (max over members) and is reordered to [prefix, A, B]; a
-        # token is kept when real, not merged away and important enough. Rows and sizes merge
-        # below: in training by a sum into B, at inference straight into their packed slots.
+        # token is kept when important enough, the prefix always (importance inf). Rows and
+        # sizes merge below: in training by a sum into B, at inference straight into their
+        # packed slots.
         num_a = merge.shape[1]
         order = prefix_first_order(x.shape[1], num_a, prefix)
 
@@ -176,7 +175,13 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         importance_b = importance[:, 1::2].scatter_reduce(
             1, partner, importance_a.masked_fill(unmerged, -math.inf), reduce="amax"
         )
-        importance = reorder(torch.cat([importance_a, importance_b], dim=1))
+        if not soft:  # merged away: importance -inf like padding, so never kept
+            importance_a = importance_a.masked_fill(merge, -math.inf)
+        importance = torch.cat([importance_a, importance_b], dim=1)
+        importance.narrow(1, 0, math.ceil(prefix / 2)).fill_(math.inf)
+        if prefix > 1:  # prefix tokens at odd positions are in B
+            importance.narrow(1, num_a, prefix // 2).fill_(math.inf)
+        importance = reorder(importance)
         prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
         source = state.source
         if source is not None:
@@ -206,10 +211,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return x, state, LTMPRecord()
 
         batch, num_tokens = x.shape[:2]
-        stay = reorder(F.pad(unmerged, (0, num_tokens - num_a), value=True))
-        keep = stay & prune
-        if valid is not None:
-            keep = keep & reorder(torch.cat([valid[:, ::2], valid[:, 1::2]], dim=1))
+        keep = prune  # importance -inf (merged away, padding) is never above a finite threshold
         packing, overflow = self.pack(keep, importance)
         # each input token's flat output slot (`nowhere`: gone): its own, and for a merged A
         # token its partner's, which its rows are added into
@@ -238,11 +240,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         merged = merge.sum(dim=1)
         if valid is None and packing.valid is None:  # every image keeps `length` of its tokens
             pruned = (num_tokens - length) - merged
-        else:
-            dropped = stay > prune  # bools: stays (not merged away) but is pruned
-            if valid is not None:  # padding is not pruned
-                dropped &= importance > -math.inf
-            pruned = dropped.sum(dim=1)
+        else:  # real, not merged away (importance above -inf), and not kept
+            pruned = ((importance > -math.inf) > keep).sum(dim=1)
         record = LTMPRecord(overflow=overflow, merged=merged, pruned=pruned)
         state = replace(
             state,
