@@ -222,7 +222,9 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         moved = own[:, 1::2].gather(1, partner).masked_fill_(unmerged, nowhere)
         size = state.sizes_like(x)
         weighted = x if state.size is None else x * size  # every size 1: x * 1 is x exactly
-        weighted, merged_size = merge_into_slots((weighted, size), own, moved, length)
+        weighted, merged_size = merge_into_slots(
+            (weighted, size), own, moved, length, every_slot_owned=packing.valid is None
+        )
         # padding slots hold nothing (size 0); without padding every slot holds a token
         x = weighted / (merged_size if packing.valid is None else merged_size.clamp_min(1.0))
         if destination_positions:

@@ -557,12 +557,17 @@ class ModelAdapter(ABC):
         if layout is not None:
             x = layout.pad(x)
         self._local.final_state = state
-        # per-image counts stay on the device (no sync); plain ints join them there
         device = next((c.device for c in counts if isinstance(c, torch.Tensor)), None)
-        per_block = [torch.as_tensor(c, device=device).expand(batch) for c in counts]
+        if device is None:  # every block kept a count shared by the batch: one small tensor
+            tokens_per_block = torch.tensor([counts] * batch, dtype=torch.long).view(
+                batch, len(counts)
+            )
+        else:  # per-image counts stay on the device (no sync); plain ints join them there
+            per_block = [torch.as_tensor(c, device=device).expand(batch) for c in counts]
+            tokens_per_block = torch.stack(per_block, dim=1).long()
         self._local.info = ReductionInfo(
             config=config,
-            tokens_per_block=torch.stack(per_block, dim=1).long(),
+            tokens_per_block=tokens_per_block,
             tokens_in=tokens_in,
             steps=self.steps[: len(steps)],
             sizes=sizes,
