@@ -130,6 +130,29 @@ def test_merging_conserves_size(method, options):
             assert (size[:, 2:].sum(dim=1) == model.patch_embed.num_patches).all()
 
 
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("tome", {"r": 8}),
+        ("ppt", {"r": 30, "threshold": 1.0}),
+        ("bat", {"clusters": 5}),
+        ("ltmp", {"merge_thresholds": 0.5, "prune_thresholds": 0.001}),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_recorded_sizes_hold_only_their_own_memory(method, options, batch):
+    """Each block's sizes are kept after the forward (state, ReductionInfo.sizes): a view into
+    that block's merged [B, N, C + 1] rows would keep all of them alive."""
+    model = tiny_vit("deit_small_distilled_patch16_224")
+    tokenreduce.apply(model, method, **options)
+    with torch.inference_mode():
+        model(torch.randn(batch, 3, 224, 224))
+    sizes = [size for size in tokenreduce.last_info(model).sizes if size is not None]
+    assert sizes
+    for size in sizes:
+        assert size.untyped_storage().nbytes() == size.numel() * size.element_size()
+
+
 def test_distilled_model_keeps_head_tokens_in_place():
     """Head reads tokens 0 and 1: they must be the class and distillation tokens after reduction."""
     model = tiny_vit("deit_small_distilled_patch16_224")

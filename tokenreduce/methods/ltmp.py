@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
@@ -159,7 +160,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         similarity, partner = best_partners(key_mean, prefix, valid)
         merge = threshold_mask(similarity, step["merge_thresholds"], self.tau, soft)
         moving = merge.detach().to(x.dtype) if soft else merge
-        unmerged = merge.detach() <= 0 if soft else ~merge
+        merging = merge.detach() > 0 if soft else merge
 
         # Importance merges into B (max over members) and is reordered to [prefix, A, B]; a
         # token is kept when important enough, the prefix always (importance inf). Rows and
@@ -173,7 +174,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
 
         importance_a = importance[:, ::2]
         importance_b = importance[:, 1::2].scatter_reduce(
-            1, partner, importance_a.masked_fill(unmerged, -math.inf), reduce="amax"
+            1, partner, torch.where(merging, importance_a, -math.inf), reduce="amax"
         )
         if not soft:  # merged away: importance -inf like padding, so never kept
             importance_a = importance_a.masked_fill(merge, -math.inf)
@@ -219,23 +220,29 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         nowhere = batch * length
         slots = gather_destinations(packing.index, num_tokens, packing.valid, True, nowhere)
         own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
-        moved = own[:, 1::2].gather(1, partner).masked_fill_(unmerged, nowhere)
-        size = state.sizes_like(x)
-        weighted = x if state.size is None else x * size  # every size 1: x * 1 is x exactly
-        weighted, merged_size = merge_into_slots(
-            (weighted, size), own, moved, length, every_slot_owned=packing.valid is None
-        )
-        # padding slots hold nothing (size 0); without padding every slot holds a token
-        x = weighted / (merged_size if packing.valid is None else merged_size.clamp_min(1.0))
+        moved = torch.where(merging, own[:, 1::2].gather(1, partner), nowhere)
+        # the size rides as a last column, so that one merge moves rows and sizes (x * 1 is x
+        # exactly: implicit sizes are a padded column of ones)
+        size = state.size
         if destination_positions:
             (position,) = merge_into_slots((position,), own, None, length)
         elif position is not None:
-            (moment,) = merge_into_slots((position * size,), own, moved, length)
+            (moment,) = merge_into_slots((position * state.sizes_like(x),), own, moved, length)
+        weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], -1)
+        (weighted,) = merge_into_slots(
+            (weighted,), own, moved, length, every_slot_owned=packing.valid is None
+        )
+        merged_size = weighted[..., -1:].contiguous()  # not a view that keeps the rows alive
+        # padding slots hold nothing (size 0); without padding every slot holds a token
+        x = weighted[..., :-1] / (
+            merged_size if packing.valid is None else merged_size.clamp_min(1.0)
+        )
+        if position is not None and not destination_positions:
             position = mean_position(moment, merged_size)
         owner = state.owner
         if owner is not None:  # the owner map counts rows per image
             slot = own.clone()
-            slot[:, ::2] = torch.where(unmerged, own[:, ::2], moved)
+            slot[:, ::2] = torch.where(merging, moved, own[:, ::2])
             owner = follow(owner, torch.where(slot < nowhere, slot % length, -1))
         if source is not None:
             source = gather_packed(source, packing)

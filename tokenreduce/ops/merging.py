@@ -194,8 +194,10 @@ def merge_wavg(
     # x * 1 is x: with implicit sizes one padding op replaces ones, a product and a concatenation
     weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
     merged = merge_tokens(weighted, m, "sum")
-    x, size = merged[..., :channels], merged[..., channels:]
-    return x / size, size
+    # a copy, not a view of the merged rows: the state and ReductionInfo.sizes keep each block's
+    # sizes, which would otherwise keep every block's [B, N, C + 1] rows alive
+    size = merged[..., channels:].contiguous()
+    return merged[..., :channels] / size, size
 
 
 def merge_positions(
