@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +162,13 @@ def test_bench_on_real_images_times_batches_of_1_8_and_32(image_folder, tmp_path
         assert [int(row["batch_size"]) for row in csv.DictReader(handle)] == [1, 8, 32]
 
 
+# the compiler torch.compile's CPU backend runs (inductor's default: $CXX, else g++ / clang++)
+CXX = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+
+
+@pytest.mark.skipif(
+    shutil.which(CXX) is None, reason=f"torch.compile on the CPU needs a C++ compiler ({CXX})"
+)
 def test_bench_compile_times_compiled_models_with_the_eager_gmacs(tmp_path):
     """--compile: both models compiled before the timed rounds (logged), GMACs those of the eager
     reduced model."""
