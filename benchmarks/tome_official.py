@@ -22,7 +22,7 @@ from pathlib import Path
 
 import timm
 import torch
-from roundrobin import median_ms
+from roundrobin import median_ms, round_robin
 
 import tokenreduce
 from tokenreduce import flops
@@ -57,7 +57,7 @@ def main() -> None:
         ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
         dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
-        median = median_ms(forwards, [images], args.rounds)
+        median = median_ms(round_robin(forwards, [images], args.rounds))
     width = "" if args.width is None else f", width {args.width}"
     print(
         f"{args.model}{width} ToMe r={args.r}, batch {args.batch_size}: ideal {ideal:.2f}x; "

@@ -16,7 +16,7 @@ import ast
 
 import timm
 import torch
-from roundrobin import median_ms
+from roundrobin import median_ms, round_robin
 
 import tokenreduce
 from tokenreduce import flops
@@ -58,7 +58,7 @@ def main() -> None:
     with torch.inference_mode():
         for forward in forwards.values():
             forward(images)
-        median = median_ms(forwards, [images], args.rounds)
+        median = median_ms(round_robin(forwards, [images], args.rounds))
     ideal = flops.dense_gmacs(dense) / flops.gmacs(reduced, info).mean
     print(f"{args.model} {args.method} {options}: ideal {ideal:.2f}x; token counts {counts}")
     for name, ms in median.items():
