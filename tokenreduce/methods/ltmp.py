@@ -221,13 +221,13 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         slots = gather_destinations(packing.index, num_tokens, packing.valid, True, nowhere)
         own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
         moved = torch.where(merging, own[:, 1::2].gather(1, partner), nowhere)
-        # the size rides as a last column, so that one merge moves rows and sizes (x * 1 is x
-        # exactly: implicit sizes are a padded column of ones)
-        size = state.size
         if destination_positions:
             (position,) = merge_into_slots((position,), own, None, length)
         elif position is not None:
             (moment,) = merge_into_slots((position * state.sizes_like(x),), own, moved, length)
+        # the size rides as a last column, so that one merge moves rows and sizes (x * 1 is x
+        # exactly: implicit sizes are a padded column of ones)
+        size = state.size
         weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], -1)
         (weighted,) = merge_into_slots(
             (weighted,), own, moved, length, every_slot_owned=packing.valid is None
