@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
@@ -32,6 +31,8 @@ from tokenreduce.ops.merging import (
     order_index,
     prefix_first_order,
     split_rows,
+    split_size_column,
+    with_size_column,
 )
 from tokenreduce.ops.owners import follow, gather_destinations
 from tokenreduce.ops.packing import gather_packed, merge_into_slots
@@ -221,22 +222,18 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         slots = gather_destinations(packing.index, num_tokens, packing.valid, True, nowhere)
         own = slots.gather(1, split_rows(num_tokens, order, x.device).expand(batch, -1))
         moved = torch.where(merging, own[:, 1::2].gather(1, partner), nowhere)
+        size = state.size
         if destination_positions:
             (position,) = merge_into_slots((position,), own, None, length)
         elif position is not None:
-            (moment,) = merge_into_slots((position * state.sizes_like(x),), own, moved, length)
-        # the size rides as a last column, so that one merge moves rows and sizes (x * 1 is x
-        # exactly: implicit sizes are a padded column of ones)
-        size = state.size
-        weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], -1)
+            moment = position if size is None else position * size
+            (moment,) = merge_into_slots((moment,), own, moved, length)
+        # the size rides as a last column, so that one merge moves rows and sizes; padding
+        # slots hold nothing (size 0), and without padding every slot holds a token
         (weighted,) = merge_into_slots(
-            (weighted,), own, moved, length, every_slot_owned=packing.valid is None
+            (with_size_column(x, size),), own, moved, length, packing.valid is None
         )
-        merged_size = weighted[..., -1:].contiguous()  # not a view that keeps the rows alive
-        # padding slots hold nothing (size 0); without padding every slot holds a token
-        x = weighted[..., :-1] / (
-            merged_size if packing.valid is None else merged_size.clamp_min(1.0)
-        )
+        x, merged_size = split_size_column(weighted, empty_rows=packing.valid is not None)
         if position is not None and not destination_positions:
             position = mean_position(moment, merged_size)
         owner = state.owner

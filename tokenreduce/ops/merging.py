@@ -185,19 +185,30 @@ def split_rows(
     return interleave_destinations(rows[:, :num_a], rows[:, num_a:], order)
 
 
+def with_size_column(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """The rows a size-weighted merge sums: x * size with the size as a last column,
+    [B, N, C + 1], for x [B, N, C] and size [B, N, 1] (None: every size 1)."""
+    # x * 1 is x: with implicit sizes one padding op replaces ones, a product and a concatenation
+    return F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
+
+
+def split_size_column(
+    merged: torch.Tensor, empty_rows: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed `with_size_column` rows [B, N, C + 1] -> (size-weighted means [B, N, C], sizes
+    [B, N, 1]). empty_rows: some rows summed nothing (size 0, padding) and come out 0."""
+    # a copy, not a view of the merged rows: the state and ReductionInfo.sizes keep each block's
+    # sizes, which would otherwise keep every block's [B, N, C + 1] rows alive
+    size = merged[..., -1:].contiguous()
+    return merged[..., :-1] / (size.clamp_min(1.0) if empty_rows else size), size
+
+
 def merge_wavg(
     m: Matching, x: torch.Tensor, size: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge: x [B, N, C], size [B, N, 1] (None: every size 1) -> merged x
     and summed sizes."""
-    channels = x.shape[-1]
-    # x * 1 is x: with implicit sizes one padding op replaces ones, a product and a concatenation
-    weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
-    merged = merge_tokens(weighted, m, "sum")
-    # a copy, not a view of the merged rows: the state and ReductionInfo.sizes keep each block's
-    # sizes, which would otherwise keep every block's [B, N, C + 1] rows alive
-    size = merged[..., channels:].contiguous()
-    return merged[..., :channels] / size, size
+    return split_size_column(merge_tokens(with_size_column(x, size), m, "sum"))
 
 
 def merge_positions(
