@@ -15,6 +15,7 @@ from tokenreduce import data, train
 from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
+from tokenreduce.methods.ltmp import LTMPConfig
 from tokenreduce.ops.attention import received_attention
 from tokenreduce.ops.packing import pack_kept
 from tokenreduce.patch.base import TRAINABLE_ATTR
@@ -109,6 +110,35 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
                 assert not src[i, n:].any()
     gmacs = tokenreduce.flops.gmacs(model, info).gmacs
     assert len(set(gmacs.tolist())) > 1  # per-image GMACs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_ltmp_one_image_path_equals_the_slot_maps_bit_for_bit(name, dtype, monkeypatch):
+    """One image on the CPU takes LTMP's one-image merge (in place, then gathered); with it
+    turned off, the batched slot maps. Tokens, sizes and records are the same bit for bit, with
+    one and with two prefix tokens."""
+    model = peaky_vit(name, dtype=dtype)
+    image = torch.randn(1, 3, 64, 64, dtype=dtype)
+    options = {"merge_thresholds": 0.1, "prune_thresholds": 0.05}
+    calls = []
+    one_image = LTMPConfig.reduce_one_image
+    monkeypatch.setattr(
+        LTMPConfig, "reduce_one_image", lambda *args: calls.append(1) or one_image(*args)
+    )
+    fast, fast_info = reduced_forward(model, image, "ltmp", **options)
+    assert len(calls) == len(model.blocks)
+    monkeypatch.setattr(LTMPConfig, "one_image_on_cpu", lambda *args: False)
+    slots, info = reduced_forward(model, image, "ltmp", **options)
+    assert len(calls) == len(model.blocks)
+    assert torch.equal(fast, slots)
+    assert fast_info.records.merged.sum() > 0 and fast_info.records.pruned.sum() > 0
+    assert torch.equal(fast_info.tokens_per_block, info.tokens_per_block)
+    for field in ("merged", "pruned"):
+        assert torch.equal(getattr(fast_info.records, field), getattr(info.records, field))
+    for size, size_slots in zip(fast_info.sizes, info.sizes, strict=True):
+        assert (size is None) == (size_slots is None)
+        assert size is None or torch.equal(size, size_slots)
 
 
 @pytest.mark.parametrize("method", ["asvit", "ltmp"])

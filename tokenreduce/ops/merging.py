@@ -185,6 +185,15 @@ def split_rows(
     return interleave_destinations(rows[:, :num_a], rows[:, num_a:], order)
 
 
+@cached_index
+def rows_in_order(
+    num_tokens: int, order: tuple[int, ...] | None, device: torch.device
+) -> torch.Tensor:
+    """Input row of each position of cat([A tokens, B tokens]) permuted by `order`: [N], the
+    inverse of `split_rows`."""
+    return split_rows(num_tokens, order, device)[0].argsort()
+
+
 def with_size_column(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
     """The rows a size-weighted merge sums: x * size with the size as a last column,
     [B, N, C + 1], for x [B, N, C] and size [B, N, 1] (None: every size 1)."""
