@@ -180,7 +180,7 @@ def evaluate_saliency(
     rows = []
     dense_total = dense_backbone + decoder
     for i, config in enumerate(configs):
-        timing = Timing(dense_times, reduced_times[i], several_batches=True)
+        timing = Timing(dense_times, reduced_times[i], inputs=len(dense_times))
         gmacs = torch.cat(backbone_gmacs[i]).mean().item()
         per_image = {m: torch.cat(scores[i][m]) for m in METRICS}
         summary = {m: round(v.mean().item(), 4) for m, v in per_image.items()}

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 import tokenreduce
 from tests.conftest import SHARED_DATA, make_image_folder, require_shared, run_cli
 from tokenreduce import data, models
+from tokenreduce.bench import Timing, measure_speedup
 from tokenreduce.compare import pareto_front
 from tokenreduce.data import ImageFolder
 from tokenreduce.evaluate import evaluate
@@ -160,6 +161,25 @@ def test_bench_on_real_images_times_batches_of_1_8_and_32(image_folder, tmp_path
     assert result.returncode == 0, result.stderr
     with results.open() as handle:
         assert [int(row["batch_size"]) for row in csv.DictReader(handle)] == [1, 8, 32]
+
+
+def test_best_speedup_compares_each_inputs_fastest_round():
+    """Round k ran input k mod 2: input 0 took 1.0 / 1.2 s dense and 0.5 / 0.4 s reduced, input 1
+    2.0 / 2.5 and 1.1 / 1.0; the fastest rounds sum to 3.0 and 1.4 seconds."""
+    timing = Timing(dense=[1.0, 2.0, 1.2, 2.5], reduced=[0.5, 1.1, 0.4, 1.0], inputs=2)
+    assert timing.best_speedup == pytest.approx(3.0 / 1.4)
+    assert timing.speedup == pytest.approx(6.7 / 3.0)  # the means of every round
+    one_input = Timing(dense=[1.0, 1.5, 1.2], reduced=[0.6, 0.5, 0.7])
+    assert one_input.best_speedup == pytest.approx(2.0) and one_input.speedup == 2.0
+
+
+def test_measure_speedup_alternates_which_model_runs_first():
+    calls = []
+    dense = lambda x: calls.append("dense")  # noqa: E731
+    reduced = lambda x: calls.append("reduced")  # noqa: E731
+    timing = measure_speedup(dense, reduced, [torch.zeros(1), torch.ones(1)], 0, 4)
+    assert calls == ["dense", "reduced", "reduced", "dense"] * 2
+    assert len(timing.dense) == len(timing.reduced) == 4 and timing.inputs == 2
 
 
 # the compiler torch.compile's CPU backend runs (inductor's default: $CXX, else g++ / clang++)

@@ -12,8 +12,8 @@ from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
 COLUMNS = (
-    "method options batch_size gmacs ideal_speedup measured_speedup dense_ms method_ms "
-    "dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"
+    "method options batch_size gmacs ideal_speedup measured_speedup best_speedup dense_ms "
+    "method_ms dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"
 )
 """The table's columns on stdout (the results file has every field)."""
 
