@@ -122,7 +122,7 @@ class BATConfig(KeepRateConfig):
         source, position = state.source, state.position
 
         def part(y: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-            return None if y is None else gather_tokens(y[:, num_prefix:], idx)
+            return None if y is None else gather_tokens(y, idx, num_prefix)
 
         x_att, size_att, src_att, pos_att = (
             part(x, attentive),

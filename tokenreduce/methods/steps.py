@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from tokenreduce.ops import keep_rows, keep_top_tokens, merge_positions, merge_source, merge_wavg
+from tokenreduce.ops import merge_positions, merge_source, merge_wavg
 from tokenreduce.ops.merging import Matching, matching_destinations
-from tokenreduce.ops.owners import follow, follow_rows, prefix_and_rows
+from tokenreduce.ops.owners import follow, follow_rows
+from tokenreduce.ops.packing import gather_rows
+from tokenreduce.ops.selection import prefix_and_rows
 from tokenreduce.state import TokenState
 
 Tokens = tuple[torch.Tensor | None, ...]
@@ -35,12 +37,14 @@ def kept_tokens(
     descending score, with what they carry (size: the state's sizes, materialised). Also returns
     idx [B, keep], the kept positions among the non-prefix tokens."""
     num_prefix, num_tokens = state.num_prefix, x.shape[1]
-    x, idx = keep_top_tokens(x, score, keep, num_prefix)
+    idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
+    rows = prefix_and_rows(idx, num_prefix)
 
     def kept(y: torch.Tensor | None) -> torch.Tensor | None:
-        return None if y is None else keep_rows(y, idx, num_prefix)
+        return None if y is None else gather_rows(y, rows)
 
+    x = gather_rows(x, rows)
     owner = state.owner
     if owner is not None:
-        owner = follow_rows(owner, prefix_and_rows(idx, num_prefix), num_tokens)
+        owner = follow_rows(owner, rows, num_tokens)
     return (x, kept(size), kept(state.position), kept(state.source), owner), idx

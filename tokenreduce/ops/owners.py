@@ -59,12 +59,6 @@ def follow_rows(
     return follow(owner, gather_destinations(index, num_rows, valid))
 
 
-def prefix_and_rows(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Row indices [B, P + K] of `keep_rows(y, idx, P)`: the prefix rows, then P + idx [B, K]."""
-    prefix = torch.arange(num_prefix, device=idx.device).expand(idx.shape[0], num_prefix)
-    return torch.cat([prefix, idx + num_prefix], dim=1)
-
-
 def held_features(
     x: torch.Tensor, owner: torch.Tensor, exited: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
