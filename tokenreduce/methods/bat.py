@@ -28,6 +28,7 @@ from tokenreduce.ops import (
 )
 from tokenreduce.ops.merging import matching_destinations
 from tokenreduce.ops.owners import follow
+from tokenreduce.ops.packing import gather_rows
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -121,17 +122,21 @@ class BATConfig(KeepRateConfig):
         size = state.sizes_like(x)
         source, position = state.source, state.position
 
-        def part(y: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-            return None if y is None else gather_tokens(y, idx, num_prefix)
+        # rows of the attentive and inattentive tokens among all N: built once, gathered from
+        # for every tensor the tokens carry
+        attentive_rows, inattentive_rows = num_prefix + attentive, num_prefix + inattentive
+
+        def part(y: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+            return None if y is None else gather_rows(y, rows)
 
         x_att, size_att, src_att, pos_att = (
-            part(x, attentive),
-            part(size, attentive),
-            part(source, attentive),
-            part(position, attentive),
+            part(x, attentive_rows),
+            part(size, attentive_rows),
+            part(source, attentive_rows),
+            part(position, attentive_rows),
         )
         matching = bipartite_soft_matching(
-            part(attn.key_mean, attentive), matches, num_prefix=0, sort_unmerged=True
+            part(attn.key_mean, attentive_rows), matches, num_prefix=0, sort_unmerged=True
         )
         destination = None
         if state.owner is not None:  # prefix rows stay; the others are filled in below
@@ -140,7 +145,7 @@ class BATConfig(KeepRateConfig):
                 att_rows = torch.arange(keep, device=x.device).expand_as(attentive)
             else:
                 att_rows = matching_destinations(matching, keep)
-            destination.scatter_(1, num_prefix + attentive, num_prefix + att_rows)
+            destination.scatter_(1, attentive_rows, num_prefix + att_rows)
         if matching is not None:
             x_att, merged_size = merge_wavg(matching, x_att, size_att)
             src_att = merge_source(matching, src_att)
@@ -154,7 +159,7 @@ class BATConfig(KeepRateConfig):
             (x_att, size_att, src_att, pos_att),
         ]  # fmt: skip
         if rest:
-            x_in, size_in = part(x, inattentive), part(size, inattentive)
+            x_in, size_in = part(x, inattentive_rows), part(size, inattentive_rows)
             assignment, _ = dpc_knn(x_in, num_clusters, self.neighbours)
             weight = gather_tokens(score.unsqueeze(-1), inattentive).to(x.dtype) * size_in
             summed = merge_clusters(torch.cat([x_in * weight, weight, size_in], -1), assignment,
@@ -165,17 +170,17 @@ class BATConfig(KeepRateConfig):
             size_clusters = summed[..., channels + 1 :]
             src_clusters = pos_clusters = None
             if source is not None:
-                src_clusters = merge_clusters(part(source, inattentive), assignment,
+                src_clusters = merge_clusters(part(source, inattentive_rows), assignment,
                                               num_clusters, "amax")  # fmt: skip
             if position is not None:
-                moment = part(position * size, inattentive)
+                moment = part(position * size, inattentive_rows)
                 pos_clusters = mean_position(
                     merge_clusters(moment, assignment, num_clusters), size_clusters
                 )
             pieces.append((x_clusters, size_clusters, src_clusters, pos_clusters))
             if destination is not None:
                 first_cluster = num_prefix + x_att.shape[1]
-                destination.scatter_(1, num_prefix + inattentive, first_cluster + assignment)
+                destination.scatter_(1, inattentive_rows, first_cluster + assignment)
         x_new = torch.cat([p[0] for p in pieces], dim=1)
         size_new = torch.cat([p[1] for p in pieces], dim=1)
         source_new = None if source is None else torch.cat([p[2] for p in pieces], dim=1)

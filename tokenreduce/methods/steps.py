@@ -10,7 +10,7 @@ from tokenreduce.ops import merge_positions, merge_source, merge_wavg
 from tokenreduce.ops.merging import Matching, matching_destinations
 from tokenreduce.ops.owners import follow, follow_rows
 from tokenreduce.ops.packing import gather_rows
-from tokenreduce.ops.selection import prefix_and_rows
+from tokenreduce.ops.selection import top_rows
 from tokenreduce.state import TokenState
 
 Tokens = tuple[torch.Tensor | None, ...]
@@ -37,8 +37,7 @@ def kept_tokens(
     descending score, with what they carry (size: the state's sizes, materialised). Also returns
     idx [B, keep], the kept positions among the non-prefix tokens."""
     num_prefix, num_tokens = state.num_prefix, x.shape[1]
-    idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
-    rows = prefix_and_rows(idx, num_prefix)
+    idx, rows = top_rows(score, keep, num_prefix)
 
     def kept(y: torch.Tensor | None) -> torch.Tensor | None:
         return None if y is None else gather_rows(y, rows)

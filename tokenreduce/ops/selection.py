@@ -7,11 +7,11 @@ import torch
 from tokenreduce.ops.packing import gather_rows, index_range
 
 
-def gather_tokens(y: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """Rows offset + idx [B, K] of y [B, N, C] -> [B, K, C]."""
+def gather_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [B, K] of y [B, N, C] -> [B, K, C]."""
     # whole rows by index_select: a gather with the index expanded over C reads one index per
     # element, 3-5x slower on the CPU
-    return gather_rows(y, idx + offset if offset else idx)
+    return gather_rows(y, idx)
 
 
 def prefix_and_rows(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -27,6 +27,14 @@ def keep_rows(y: torch.Tensor, idx: torch.Tensor, num_prefix: int) -> torch.Tens
     return gather_rows(y, prefix_and_rows(idx, num_prefix))
 
 
+def top_rows(score: torch.Tensor, keep: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` non-prefix tokens with the largest score [B, N - P], in descending score:
+    their indices [B, keep] into the non-prefix part, and the rows [B, P + keep] of the prefix
+    and of them among all N tokens (`prefix_and_rows`)."""
+    idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
+    return idx, prefix_and_rows(idx, num_prefix)
+
+
 def keep_top_tokens(
     y: torch.Tensor, score: torch.Tensor, keep: int, num_prefix: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +43,8 @@ def keep_top_tokens(
     score: [B, N - P] over the non-prefix tokens. Kept tokens come in descending score order.
     Returns the new tokens [B, P + keep, C] and the kept indices [B, keep] into the non-prefix part.
     """
-    idx = score.topk(keep, dim=-1, largest=True, sorted=True).indices
-    return keep_rows(y, idx, num_prefix), idx
+    idx, rows = top_rows(score, keep, num_prefix)
+    return gather_rows(y, rows), idx
 
 
 def fuse_dropped(y: torch.Tensor, weight: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
