@@ -6,9 +6,11 @@ reads and returns them. A state lives only inside one forward call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from tokenreduce.ops.attention import padding_bias, size_bias
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,20 @@ class TokenState:
     position_rule: str = "mean"
     owner: torch.Tensor | None = None
     exited: torch.Tensor | None = None
+    _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def key_bias(self, prop_attn: bool, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive attention bias over keys [B, 1, 1, N]: log s with proportional attention
+        (padding has s = 0), otherwise -inf at padding slots only; None when neither applies.
+        Built once per state, so the blocks between two reductions share it."""
+        key = (prop_attn, dtype)
+        if key not in self._key_biases:
+            self._key_biases[key] = (
+                size_bias(self.size, dtype) if prop_attn else padding_bias(self.valid, dtype)
+            )
+        return self._key_biases[key]
 
     def sizes_like(self, x: torch.Tensor) -> torch.Tensor:
         """The size vector [B, N, 1], materialised as ones when still implicit."""

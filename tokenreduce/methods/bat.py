@@ -28,7 +28,7 @@ from tokenreduce.ops import (
 )
 from tokenreduce.ops.merging import matching_destinations
 from tokenreduce.ops.owners import follow
-from tokenreduce.ops.packing import gather_rows
+from tokenreduce.ops.packing import gather_rows, index_range
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -118,13 +118,14 @@ class BATConfig(KeepRateConfig):
             return x, state, BlockRecord()
         score = attn.cls_attn.mean(dim=1)[:, num_prefix:]
         order = score.topk(score.shape[1], dim=-1, sorted=True).indices
-        attentive, inattentive = order[:, :keep], order[:, keep:]
+        inattentive = order[:, keep:]
         size = state.sizes_like(x)
         source, position = state.source, state.position
 
         # rows of the attentive and inattentive tokens among all N: built once, gathered from
         # for every tensor the tokens carry
-        attentive_rows, inattentive_rows = num_prefix + attentive, num_prefix + inattentive
+        rows = order + num_prefix
+        attentive_rows, inattentive_rows = rows[:, :keep], rows[:, keep:]
 
         def part(y: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
             return None if y is None else gather_rows(y, rows)
@@ -142,7 +143,7 @@ class BATConfig(KeepRateConfig):
         if state.owner is not None:  # prefix rows stay; the others are filled in below
             destination = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).clone()
             if matching is None:
-                att_rows = torch.arange(keep, device=x.device).expand_as(attentive)
+                att_rows = index_range(keep, x.device).expand_as(attentive_rows)
             else:
                 att_rows = matching_destinations(matching, keep)
             destination.scatter_(1, attentive_rows, num_prefix + att_rows)

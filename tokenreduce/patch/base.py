@@ -244,14 +244,6 @@ def project_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None
     return attn.proj_drop(attn.proj(out))
 
 
-def key_bias(state: TokenState, prop_attn: bool, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive attention bias over keys: log s with proportional attention (padding has s = 0),
-    otherwise -inf at padding slots only; None when neither applies."""
-    if prop_attn:
-        return size_bias(state.size, dtype)
-    return padding_bias(state.valid, dtype)
-
-
 def grid_positions(grid_size: tuple[int, int], num_prefix: int, batch: int) -> torch.Tensor:
     """(row, column) of every token of an unreduced sequence [B, P + H * W, 2], prefix rows 0."""
     rows, cols = grid_size
@@ -445,7 +437,7 @@ class ModelAdapter(ABC):
         block's own forward.
         """
         config = self.config
-        bias = key_bias(state, config.uses_prop_attn, x.dtype)
+        bias = state.key_bias(config.uses_prop_attn, x.dtype)
         if step is None and bias is None and state.mask is None:
             fused = self.attention_fused(block)
             return self.plain_block(block, x, rope), state, None, fused, layout
@@ -663,7 +655,6 @@ __all__ = [
     "AttentionCall",
     "ModelAdapter",
     "attend",
-    "key_bias",
     "project_output",
     "weighted_pool",
 ]

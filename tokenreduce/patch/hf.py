@@ -36,7 +36,6 @@ from tokenreduce.patch.base import (
     AttentionSpec,
     ModelAdapter,
     attend,
-    key_bias,
     linear_macs,
     reducing_class,
     split_heads,
@@ -480,7 +479,7 @@ def siglip_pool(
     """SigLIP's attention-pooling head with log(size) as key bias (proportional attention) and
     -inf at padding, so that a merged token weighs as the patches it holds."""
     head = base.head
-    bias = None if state is None else key_bias(state, adapter.config.uses_prop_attn, sequence.dtype)
+    bias = None if state is None else state.key_bias(adapter.config.uses_prop_attn, sequence.dtype)
     if bias is None:
         return head(sequence)
     heads = head.attention.num_heads

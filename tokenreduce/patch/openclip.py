@@ -30,7 +30,6 @@ from tokenreduce.patch.base import (
     ModelAdapter,
     attend,
     check_block_types,
-    key_bias,
     linear_macs,
     split_heads,
 )
@@ -224,7 +223,7 @@ def size_aware_pool(
     if not reduced:
         return model._pool(x)
     if model.attn_pool is not None:
-        bias = key_bias(state, adapter.config.uses_prop_attn, x.dtype)
+        bias = state.key_bias(adapter.config.uses_prop_attn, x.dtype)
         x = model.ln_post(attentional_pool(model.attn_pool, x, bias))
         return model._global_pool(x)
     if model.pool_type != "avg":
