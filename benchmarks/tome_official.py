@@ -3,9 +3,9 @@
 The official code (facebookresearch/ToMe, `tome/patch/timm.py` and `tome/merge.py`) is not a
 dependency: clone it into a temporary folder and pass that folder. The dense model, the
 official ToMe model and ours share random weights and one random batch; they run in rounds
-whose order alternates (`roundrobin.median_ms`). Prints the ideal speedup (MAC ratio), each
-model's median time, speedup and share of the ideal, and the largest logit difference between
-the two ToMe models (stops above 1e-4).
+whose order alternates (`tokenreduce.bench.round_robin`). Prints the ideal speedup (MAC
+ratio), each model's median time, speedup and share of the ideal, and the largest logit
+difference between the two ToMe models (stops above 1e-4).
 
 With --width W the model keeps its depth, patch grid and token counts but has W channels and
 one head: the matrix work vanishes and what remains is each implementation's own cost of
@@ -17,15 +17,16 @@ dispatching its operations (the floor no kernel tuning removes).
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import timm
 import torch
-from roundrobin import median_ms, round_robin
 
 import tokenreduce
 from tokenreduce import flops
+from tokenreduce.bench import round_robin
 
 
 def main() -> None:
@@ -57,7 +58,8 @@ def main() -> None:
         ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
         dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
-        median = median_ms(round_robin(forwards, [images], args.rounds))
+        times = round_robin(forwards, [images], args.rounds)
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     width = "" if args.width is None else f", width {args.width}"
     print(
         f"{args.model}{width} ToMe r={args.r}, batch {args.batch_size}: ideal {ideal:.2f}x; "

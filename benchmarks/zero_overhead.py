@@ -2,7 +2,8 @@
 
 Runs the model's own blocks on exactly the token counts a fixed-count method leaves after each
 block (the first tokens kept, nothing matched, merged or pooled) and times that "zero-overhead"
-forward, the reduced model and the dense model round-robin (`roundrobin.median_ms`) at batch 1
+forward, the reduced model and the dense model round-robin (`tokenreduce.bench.round_robin`,
+medians) at batch 1
 (random weights, one random image). The ratio of the zero-overhead speedup to the ideal (the
 MAC ratio) is what the CPU's matrix multiplies allow on fewer tokens; the method's own share is
 the rest.
@@ -13,13 +14,14 @@ the rest.
 
 import argparse
 import ast
+import statistics
 
 import timm
 import torch
-from roundrobin import median_ms, round_robin
 
 import tokenreduce
 from tokenreduce import flops
+from tokenreduce.bench import round_robin
 
 
 def main() -> None:
@@ -58,7 +60,8 @@ def main() -> None:
     with torch.inference_mode():
         for forward in forwards.values():
             forward(images)
-        median = median_ms(round_robin(forwards, [images], args.rounds))
+        times = round_robin(forwards, [images], args.rounds)
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ideal = flops.dense_gmacs(dense) / flops.gmacs(reduced, info).mean
     print(f"{args.model} {args.method} {options}: ideal {ideal:.2f}x; token counts {counts}")
     for name, ms in median.items():

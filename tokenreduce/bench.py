@@ -7,7 +7,7 @@ import copy
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,10 +52,6 @@ class Timing:
     def _summary(self, times: list[float]) -> float:
         return statistics.fmean(times) if self.inputs > 1 else statistics.median(times)
 
-    def _fastest(self, times: list[float]) -> float:
-        """The sum over inputs of each input's fastest round."""
-        return sum(min(times[i :: self.inputs]) for i in range(min(self.inputs, len(times))))
-
     @property
     def dense_s(self) -> float:
         return self._summary(self.dense)
@@ -70,7 +66,7 @@ class Timing:
 
     @property
     def best_speedup(self) -> float:
-        return self._fastest(self.dense) / self._fastest(self.reduced)
+        return fastest_total(self.dense, self.inputs) / fastest_total(self.reduced, self.inputs)
 
     @property
     def dense_spread(self) -> float:
@@ -169,28 +165,46 @@ def measure_speedup(
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Timing:
-    """Dense and reduced, timed alternately on the same input, round by round (which of the two
-    runs first alternates too, so that a drift of the machine's speed favours neither).
+    """Dense and reduced, timed alternately on the same input (`round_robin`: which of the two
+    runs first alternates from round to round, so that a drift of the machine's speed favours
+    neither).
 
     x: one batch (median over iterations) or several (iteration k runs batch k mod count; mean
     over iterations, so that methods whose cost depends on the image are timed on many).
     """
     batches = [x] if isinstance(x, torch.Tensor) else list(x)
     device = batches[0].device.type
-    dense_times, reduced_times = [], []
     with precision_context(device, amp, amp_dtype):
         for k in range(num_warm_iter):
             dense(batches[k % len(batches)])
             reduced(batches[k % len(batches)])
-        for k in range(num_bench_iter):
-            batch = batches[k % len(batches)]
-            if k % 2:
-                reduced_times.append(timed_forward(reduced, batch))
-                dense_times.append(timed_forward(dense, batch))
-            else:
-                dense_times.append(timed_forward(dense, batch))
-                reduced_times.append(timed_forward(reduced, batch))
-    return Timing(dense_times, reduced_times, inputs=len(batches))
+        times = round_robin({"dense": dense, "reduced": reduced}, batches, num_bench_iter)
+    return Timing(times["dense"], times["reduced"], inputs=len(batches))
+
+
+def round_robin(
+    forwards: Mapping[str, Callable[[Any], Any]], inputs: Sequence[Any], iterations: int
+) -> dict[str, list[float]]:
+    """Seconds of each forward's call in every iteration: iteration k runs input k mod
+    len(inputs) through every forward in turn. Round r (iterations r * len(inputs) onwards)
+    runs them in the given order when r is even and reversed when it is odd, so that every input
+    is timed in both orders and a drift of the machine's speed favours no forward. Run it under
+    inference mode, after a warm-up.
+    """
+    names = list(forwards)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(iterations):
+        x = inputs[k % len(inputs)]
+        for name in names[::-1] if (k // len(inputs)) % 2 else names:
+            times[name].append(timed_forward(forwards[name], x))
+    return times
+
+
+def fastest_total(times: Sequence[float], inputs: int) -> float:
+    """The sum over the inputs of each input's fastest call, where call k ran input k mod
+    `inputs` (`round_robin`): the work is the same in every call of one input, so its fastest
+    is the one least disturbed by other processes on a shared machine."""
+    return sum(min(times[i::inputs]) for i in range(min(inputs, len(times))))
 
 
 def noise_note(timing: Timing) -> str:

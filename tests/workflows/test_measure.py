@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import tokenreduce
 from tests.conftest import SHARED_DATA, make_image_folder, require_shared, run_cli
 from tokenreduce import data, models
-from tokenreduce.bench import Timing, measure_speedup
+from tokenreduce.bench import Timing, measure_speedup, round_robin
 from tokenreduce.compare import pareto_front
 from tokenreduce.data import ImageFolder
 from tokenreduce.evaluate import evaluate
@@ -173,13 +173,24 @@ def test_best_speedup_compares_each_inputs_fastest_round():
     assert one_input.best_speedup == pytest.approx(2.0) and one_input.speedup == 2.0
 
 
-def test_measure_speedup_alternates_which_model_runs_first():
+def test_measure_speedup_alternates_which_model_runs_first_round_by_round():
+    """Two input batches, three rounds: each batch is timed in both orders."""
     calls = []
-    dense = lambda x: calls.append("dense")  # noqa: E731
-    reduced = lambda x: calls.append("reduced")  # noqa: E731
-    timing = measure_speedup(dense, reduced, [torch.zeros(1), torch.ones(1)], 0, 4)
-    assert calls == ["dense", "reduced", "reduced", "dense"] * 2
-    assert len(timing.dense) == len(timing.reduced) == 4 and timing.inputs == 2
+    dense = lambda x: calls.append(("dense", int(x)))  # noqa: E731
+    reduced = lambda x: calls.append(("reduced", int(x)))  # noqa: E731
+    timing = measure_speedup(dense, reduced, [torch.tensor(0), torch.tensor(1)], 0, 6)
+    dense_first = [("dense", 0), ("reduced", 0), ("dense", 1), ("reduced", 1)]
+    reduced_first = [("reduced", 0), ("dense", 0), ("reduced", 1), ("dense", 1)]
+    assert calls == dense_first + reduced_first + dense_first
+    assert len(timing.dense) == len(timing.reduced) == 6 and timing.inputs == 2
+
+
+def test_round_robin_times_every_forward_on_every_input_in_turn():
+    calls = []
+    forwards = {name: (lambda x, name=name: calls.append(name + str(int(x)))) for name in "abc"}
+    times = round_robin(forwards, [torch.tensor(0)], 3)
+    assert calls == ["a0", "b0", "c0", "c0", "b0", "a0", "a0", "b0", "c0"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 # the compiler torch.compile's CPU backend runs (inductor's default: $CXX, else g++ / clang++)
