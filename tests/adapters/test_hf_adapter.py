@@ -155,6 +155,13 @@ def test_dinov2_patch_mean_is_size_weighted(name):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
 
 
+def test_dinov2_patch_mean_refuses_images_that_kept_no_patch_token():
+    model = build("Dinov2ForImageClassification", "sdpa", num_labels=5)
+    tokenreduce.apply(model, "ltmp", prune_thresholds=1.0)
+    with torch.no_grad(), pytest.raises(InvalidOptionError, match=r"\[0, 1, 2\].*patch-mean"):
+        model(pixel_values=pixels())
+
+
 def test_outputs_a_reduced_model_cannot_give_are_refused():
     model = build("ViTModel", "sdpa")
     tokenreduce.apply(model, "tome", r=2)

@@ -8,6 +8,8 @@ import torch
 
 import tokenreduce
 from tests.conftest import EVERY_METHOD_SMALL, assert_gmacs_match, pixels
+from tokenreduce.errors import InvalidOptionError
+from tokenreduce.patch import attached_adapter
 
 open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
 from open_clip.transformer import VisionTransformer  # noqa: E402
@@ -93,6 +95,26 @@ def test_average_pooling_weighs_merged_tokens_by_size():
         grid = tokenreduce.patch_features(model, x)
     expected = grid[:, 1:].mean(dim=1) @ model.proj
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+
+
+def test_average_pooling_in_training_weighs_masked_tokens_zero():
+    """A learned method's training forward masks tokens instead of removing them: the tower's
+    average counts each unmasked patch token by its size and a masked one not at all."""
+    model = tower(pool_type="avg", output_tokens=True)
+    tokenreduce.apply(model, "ltmp", merge_thresholds=0.2, prune_thresholds=0.02)
+    model.train()
+    pooled, tokens = model(pixels())
+    state = attached_adapter(model).final_state()
+    weight = state.size[:, 1:] * state.mask[:, 1:, None]
+    assert 0 < (weight > 0).sum() < weight.numel()  # some tokens masked, not all
+    expected = (tokens * weight).sum(dim=1) / weight.sum(dim=1) @ model.proj
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+
+
+def test_average_pooling_refuses_images_that_kept_no_patch_token():
+    model = tokenreduce.apply(tower(pool_type="avg"), "ltmp", prune_thresholds=1.0)
+    with torch.no_grad(), pytest.raises(InvalidOptionError, match=r"\[0, 1, 2\].*kept no patch"):
+        model(pixels())
 
 
 def test_vit_b_32_tower_and_timm_reduce_alike():

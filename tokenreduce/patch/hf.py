@@ -36,9 +36,12 @@ from tokenreduce.patch.base import (
     AttentionSpec,
     ModelAdapter,
     attend,
+    check_patches_left,
     linear_macs,
+    pooling_weights,
     reducing_class,
     split_heads,
+    weighted_mean,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -440,10 +443,10 @@ def patch_mean_features(model: nn.Module, sequence: torch.Tensor) -> torch.Tenso
     if state is None or (state.size is None and state.mask is None):
         mean = patches.mean(dim=1)
     else:
-        weight = state.sizes_like(sequence)[:, prefix:].to(sequence.dtype)
-        if state.mask is not None:  # a learned method's training forward: masked tokens weigh 0
-            weight = weight * state.mask[:, prefix:, None].to(sequence.dtype)
-        mean = (patches * weight).sum(dim=1) / weight.sum(dim=1)
+        weight = pooling_weights(state, sequence)[:, prefix:]
+        if adapter.checks_patches_left():
+            check_patches_left(weight, adapter.config.name, "patch-mean")
+        mean = weighted_mean(patches, weight)
     return torch.cat([sequence[:, 0], mean], dim=1)
 
 

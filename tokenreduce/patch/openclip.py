@@ -30,8 +30,12 @@ from tokenreduce.patch.base import (
     ModelAdapter,
     attend,
     check_block_types,
+    check_patches_left,
     linear_macs,
+    pooling_key_bias,
+    pooling_weights,
     split_heads,
+    weighted_mean,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -216,26 +220,27 @@ def attentional_pool(pooler: AttentionalPooler, x: torch.Tensor, bias: torch.Ten
 def size_aware_pool(
     model: nn.Module, x: torch.Tensor, state: TokenState | None, adapter: ModelAdapter
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tower's `_pool` where tokens stand for several patches or are padding: the average
-    is size-weighted over real patch tokens, the attentional pooler gets log(size) / -inf key
-    biases; the class token ('tok') is read as it is."""
-    reduced = state is not None and (state.size is not None or state.valid is not None)
+    """The tower's `_pool` where tokens stand for several patches, are padding or are masked in
+    a learned method's training forward: the average is weighted (`pooling_weights`) over the
+    patch tokens, the attentional pooler gets log(size) / -inf key biases; the class token
+    ('tok') is read as it is."""
+    reduced = state is not None and (
+        state.size is not None or state.valid is not None or state.mask is not None
+    )
     if not reduced:
         return model._pool(x)
+    weight = pooling_weights(state, x)
     if model.attn_pool is not None:
-        bias = state.key_bias(adapter.config.uses_prop_attn, x.dtype)
+        size = state.sizes_like(x)
+        bias = pooling_key_bias(state, size, weight, adapter.config.uses_prop_attn, x.dtype)
         x = model.ln_post(attentional_pool(model.attn_pool, x, bias))
         return model._global_pool(x)
     if model.pool_type != "avg":
         return model._pool(x)
-
-    def weighted_mean(y: torch.Tensor) -> torch.Tensor:
-        size = state.sizes_like(y)[:, 1:].to(y.dtype)
-        if state.valid is not None:
-            size = size * state.valid[:, 1:, None].to(y.dtype)
-        return (y[:, 1:] * size).sum(dim=1) / size.sum(dim=1)
-
+    weight = weight[:, 1:]
+    if adapter.checks_patches_left():
+        check_patches_left(weight, adapter.config.name, "avg")
     if model.final_ln_after_pool:
-        return model.ln_post(weighted_mean(x)), x[:, 1:]
+        return model.ln_post(weighted_mean(x[:, 1:], weight)), x[:, 1:]
     x = model.ln_post(x)
-    return weighted_mean(x), x[:, 1:]
+    return weighted_mean(x[:, 1:], weight), x[:, 1:]
