@@ -7,7 +7,7 @@ diffusers<0.36 for pruna's imports), plus pruna installed with --no-deps, torch,
 tokenreduce. A random-weight transformers ViT-B/16 (sdpa) gets pruna's ToMe; the same weights in
 timm's vit_base_patch16_224 get tokenreduce's; both at r=13. Prints the logit differences and,
 with --speed, the speedup of each over its own dense model at batch 1 and 32, timed
-round-robin in this process (median of the rounds).
+round-robin in this process (`tokenreduce.bench.round_robin`, medians).
 
     python benchmarks/pruna_tome.py --speed
 """
@@ -15,7 +15,6 @@ round-robin in this process (median of the rounds).
 import copy
 import statistics
 import sys
-import time
 
 import timm
 import torch
@@ -23,6 +22,7 @@ import transformers
 from pruna import SmashConfig, smash
 
 import tokenreduce
+from tokenreduce.bench import round_robin
 
 R = 13
 QKV = ("query", "key", "value")
@@ -56,12 +56,6 @@ def timm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for timm_part, hf_part in parts.items():
                 out[f"blocks.{i}.{timm_part}.{leaf}"] = state[f"{layer}{hf_part}.{leaf}"]
     return out
-
-
-def timed(run, batch: torch.Tensor) -> float:
-    start = time.perf_counter()
-    run(batch)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -98,13 +92,10 @@ def main() -> None:
     }
     for batch, rounds in ((1, 30), (32, 6)):
         xb = x[:batch]
-        times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.inference_mode():
             for run in runs.values():
                 run(xb)
-            for _ in range(rounds):
-                for name, run in runs.items():
-                    times[name].append(timed(run, xb))
+            times = round_robin(runs, [xb], rounds)
         median = {name: statistics.median(t) for name, t in times.items()}
         base = times["transformers dense"]
         spread = (max(base) - min(base)) / median["transformers dense"]

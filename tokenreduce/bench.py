@@ -37,13 +37,13 @@ to their median): the machine was busy, and the speedup is not to be trusted."""
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per batch of each timed round, dense and reduced; round k ran input k mod
+    """Seconds per batch of each timed iteration, dense and reduced; iteration k ran input k mod
     `inputs`.
 
     `dense_s` / `reduced_s` summarise them: the median with one input batch, the mean with
-    several (each round runs the next batch, so the mean covers every image). `best_speedup`
-    compares each input's fastest round instead: the work is the same in every round of an
-    input, so its fastest is the one least disturbed by other processes on a shared machine."""
+    several (each iteration runs the next batch, so the mean covers every image). `best_speedup`
+    compares each input's fastest iteration instead: the work is the same every time an input
+    runs, so its fastest is the one least disturbed by other processes on a shared machine."""
 
     dense: list[float]
     reduced: list[float]
@@ -70,7 +70,7 @@ class Timing:
 
     @property
     def dense_spread(self) -> float:
-        """(max - min) / median of the dense model's rounds: the machine's noise."""
+        """(max - min) / median of the dense model's iterations: the machine's noise."""
         return (max(self.dense) - min(self.dense)) / statistics.median(self.dense)
 
     @property
@@ -166,8 +166,7 @@ def measure_speedup(
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Timing:
     """Dense and reduced, timed alternately on the same input (`round_robin`: which of the two
-    runs first alternates from round to round, so that a drift of the machine's speed favours
-    neither).
+    runs first alternates, so that a drift of the machine's speed favours neither).
 
     x: one batch (median over iterations) or several (iteration k runs batch k mod count; mean
     over iterations, so that methods whose cost depends on the image are timed on many).
@@ -186,24 +185,25 @@ def round_robin(
     forwards: Mapping[str, Callable[[Any], Any]], inputs: Sequence[Any], iterations: int
 ) -> dict[str, list[float]]:
     """Seconds of each forward's call in every iteration: iteration k runs input k mod
-    len(inputs) through every forward in turn. Round r (iterations r * len(inputs) onwards)
-    runs them in the given order when r is even and reversed when it is odd, so that every input
-    is timed in both orders and a drift of the machine's speed favours no forward. Run it under
-    inference mode, after a warm-up.
+    len(inputs) through every forward in turn, in the given order or reversed. The order flips
+    from one iteration to the next and, for each input, from one pass over the inputs to the
+    next, so that a drift of the machine's speed favours no forward and an input timed twice is
+    timed in both orders. Run it under inference mode, after a warm-up.
     """
     names = list(forwards)
+    count = len(inputs)
     times: dict[str, list[float]] = {name: [] for name in names}
     for k in range(iterations):
-        x = inputs[k % len(inputs)]
-        for name in names[::-1] if (k // len(inputs)) % 2 else names:
-            times[name].append(timed_forward(forwards[name], x))
+        reverse = (k % count + k // count) % 2 == 1
+        for name in names[::-1] if reverse else names:
+            times[name].append(timed_forward(forwards[name], inputs[k % count]))
     return times
 
 
 def fastest_total(times: Sequence[float], inputs: int) -> float:
     """The sum over the inputs of each input's fastest call, where call k ran input k mod
-    `inputs` (`round_robin`): the work is the same in every call of one input, so its fastest
-    is the one least disturbed by other processes on a shared machine."""
+    `inputs` (`round_robin`): the work is the same every time an input runs, so its fastest is
+    the one least disturbed by other processes on a shared machine."""
     return sum(min(times[i::inputs]) for i in range(min(inputs, len(times))))
 
 

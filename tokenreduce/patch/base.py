@@ -255,10 +255,12 @@ def grid_positions(grid_size: tuple[int, int], num_prefix: int, batch: int) -> t
 
 
 def pooling_weights(state: TokenState, x: torch.Tensor) -> torch.Tensor:
-    """What each token of x [B, N, C] weighs in a pooling: [B, N, 1], its size (0 at padding),
-    times the training mask of a learned method (masked tokens weigh 0)."""
+    """What each token of x [B, N, C] weighs in a pooling: [B, N, 1] in x's dtype, its size (0
+    at padding), times the training mask of a learned method (masked tokens weigh 0)."""
     weight = state.sizes_like(x)
-    return weight if state.mask is None else weight * state.mask.unsqueeze(-1)
+    if state.mask is not None:
+        weight = weight * state.mask.unsqueeze(-1)
+    return weight.to(x.dtype)
 
 
 def pooling_key_bias(
@@ -282,7 +284,7 @@ def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def check_patches_left(weight: torch.Tensor, method: str, pooling: str) -> None:
     """InvalidOptionError when an image kept no patch token for a pooling that reads only patch
     tokens (an average over nothing is NaN, a max -inf). weight: [B, N, 1] those tokens'
-    `pooling_weights`. One host sync: `ModelAdapter.checks_patches_left` says when to ask."""
+    `pooling_weights`. One host sync: `ModelAdapter.should_check_patches_left` says when to ask."""
     empty = (weight.detach().sum(dim=(1, 2)) <= 0).nonzero().flatten().tolist()
     if empty:
         raise InvalidOptionError(
@@ -437,11 +439,11 @@ class ModelAdapter(ABC):
         """The methods the reducing subclass of `model_class` overrides (its forward through
         `run_blocks`, size-aware pooling, ...); they find the adapter in the model's `ATTR`."""
 
-    def checks_patches_left(self) -> bool:
+    def should_check_patches_left(self) -> bool:
         """Whether a pooling of patch tokens only first asks the host that every image kept one
-        (`check_patches_left`, one sync): only a method with per-image counts can remove them
-        all (LTMP, AS-ViT), and masked batching, which never syncs, and compiled forwards skip
-        it (there such an image pools to NaN)."""
+        (`check_patches_left`, one sync per forward, in training too): only a method with
+        per-image counts can remove them all (LTMP, AS-ViT); masked batching, which never syncs,
+        and compiled forwards skip it (there such an image pools to NaN)."""
         config = self.config
         return (
             config.learned

@@ -444,7 +444,7 @@ def patch_mean_features(model: nn.Module, sequence: torch.Tensor) -> torch.Tenso
         mean = patches.mean(dim=1)
     else:
         weight = pooling_weights(state, sequence)[:, prefix:]
-        if adapter.checks_patches_left():
+        if adapter.should_check_patches_left():
             check_patches_left(weight, adapter.config.name, "patch-mean")
         mean = weighted_mean(patches, weight)
     return torch.cat([sequence[:, 0], mean], dim=1)

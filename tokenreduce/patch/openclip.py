@@ -238,7 +238,7 @@ def size_aware_pool(
     if model.pool_type != "avg":
         return model._pool(x)
     weight = weight[:, 1:]
-    if adapter.checks_patches_left():
+    if adapter.should_check_patches_left():
         check_patches_left(weight, adapter.config.name, "avg")
     if model.final_ln_after_pool:
         return model.ln_post(weighted_mean(x[:, 1:], weight)), x[:, 1:]

@@ -92,7 +92,7 @@ def size_aware_pool(
             include_prefix(self),
             self.attn_pool,
             adapter.config.uses_prop_attn,
-            adapter.config.name if adapter.checks_patches_left() else None,
+            adapter.config.name if adapter.should_check_patches_left() else None,
         )
         return model_class.pool(self, x, pool_type) if pooled is None else pooled
 
