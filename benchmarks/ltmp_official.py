@@ -16,7 +16,6 @@ a shared machine); stops if the features differ by more than 1e-4.
 """
 
 import argparse
-import statistics
 import sys
 import types
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 import tokenreduce
 from tokenreduce import models
-from tokenreduce.bench import fastest_total, round_robin
+from tokenreduce.bench import fastest_total, median_ms, round_robin
 from tokenreduce.data import load_images
 from tokenreduce.methods.base import make_config
 
@@ -100,7 +99,7 @@ def main() -> None:
         if worst > 1e-4:
             raise SystemExit(f"official and ours disagree: class-token features differ by {worst}")
         times = round_robin(forwards, [image[None] for image in images], args.rounds * len(images))
-    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    median = median_ms(times)
     best = {name: fastest_total(t, len(images)) / len(images) * 1e3 for name, t in times.items()}
     print(
         f"{Path(args.thresholds).name}: {len(images)} images x {args.rounds} rounds; "

@@ -13,7 +13,6 @@ round-robin in this process (`tokenreduce.bench.round_robin`, medians).
 """
 
 import copy
-import statistics
 import sys
 
 import timm
@@ -22,7 +21,7 @@ import transformers
 from pruna import SmashConfig, smash
 
 import tokenreduce
-from tokenreduce.bench import round_robin
+from tokenreduce.bench import median_ms, round_robin
 
 R = 13
 QKV = ("query", "key", "value")
@@ -96,13 +95,13 @@ def main() -> None:
             for run in runs.values():
                 run(xb)
             times = round_robin(runs, [xb], rounds)
-        median = {name: statistics.median(t) for name, t in times.items()}
+        median = median_ms(times)
         base = times["transformers dense"]
-        spread = (max(base) - min(base)) / median["transformers dense"]
+        spread = (max(base) - min(base)) * 1e3 / median["transformers dense"]
         print(
             f"b={batch}: pruna {median['transformers dense'] / median['pruna']:.3f}x over "
             f"transformers dense; tokenreduce {median['timm dense'] / median['tokenreduce']:.3f}x "
-            f"over timm dense; ms: {', '.join(f'{k} {v * 1e3:.1f}' for k, v in median.items())}; "
+            f"over timm dense; ms: {', '.join(f'{k} {v:.1f}' for k, v in median.items())}; "
             f"dense spread {spread:.0%}"
         )
 

@@ -17,7 +17,6 @@ dispatching its operations (the floor no kernel tuning removes).
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 import tokenreduce
 from tokenreduce import flops
-from tokenreduce.bench import round_robin
+from tokenreduce.bench import median_ms, round_robin
 
 
 def main() -> None:
@@ -59,7 +58,7 @@ def main() -> None:
         dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
         times = round_robin(forwards, [images], args.rounds)
-    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    median = median_ms(times)
     width = "" if args.width is None else f", width {args.width}"
     print(
         f"{args.model}{width} ToMe r={args.r}, batch {args.batch_size}: ideal {ideal:.2f}x; "

@@ -14,14 +14,13 @@ the rest.
 
 import argparse
 import ast
-import statistics
 
 import timm
 import torch
 
 import tokenreduce
 from tokenreduce import flops
-from tokenreduce.bench import round_robin
+from tokenreduce.bench import median_ms, round_robin
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
         for forward in forwards.values():
             forward(images)
         times = round_robin(forwards, [images], args.rounds)
-    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    median = median_ms(times)
     ideal = flops.dense_gmacs(dense) / flops.gmacs(reduced, info).mean
     print(f"{args.model} {args.method} {options}: ideal {ideal:.2f}x; token counts {counts}")
     for name, ms in median.items():

@@ -200,6 +200,11 @@ def round_robin(
     return times
 
 
+def median_ms(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Median milliseconds of each forward's calls (`round_robin`'s times)."""
+    return {name: statistics.median(calls) * 1e3 for name, calls in times.items()}
+
+
 def fastest_total(times: Sequence[float], inputs: int) -> float:
     """The sum over the inputs of each input's fastest call, where call k ran input k mod
     `inputs` (`round_robin`): the work is the same every time an input runs, so its fastest is

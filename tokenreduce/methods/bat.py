@@ -19,7 +19,6 @@ from tokenreduce.methods.evit import KeepRateConfig
 from tokenreduce.ops import (
     bipartite_soft_matching,
     dpc_knn,
-    gather_tokens,
     mean_position,
     merge_clusters,
     merge_positions,
@@ -162,7 +161,7 @@ class BATConfig(KeepRateConfig):
         if rest:
             x_in, size_in = part(x, inattentive_rows), part(size, inattentive_rows)
             assignment, _ = dpc_knn(x_in, num_clusters, self.neighbours)
-            weight = gather_tokens(score.unsqueeze(-1), inattentive).to(x.dtype) * size_in
+            weight = gather_rows(score.unsqueeze(-1), inattentive).to(x.dtype) * size_in
             summed = merge_clusters(torch.cat([x_in * weight, weight, size_in], -1), assignment,
                                     num_clusters)  # fmt: skip
             channels = x.shape[-1]
