@@ -1,4 +1,4 @@
-"""Public entry points: apply, remove, last_info, patch_features, methods."""
+"""Public entry points: apply, remove, last_info, describe, patch_features, methods."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from torch import nn
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
-from tokenreduce.patch import adapter_for, attached_adapter
-from tokenreduce.patch.base import check_pruned_rule
+from tokenreduce.patch import adapter_for, attached_engine
+from tokenreduce.patch.attach import attach, detach
+from tokenreduce.patch.engine import Engine
+from tokenreduce.patch.grids import check_pruned_rule
+from tokenreduce.state import ModelDims
+
+__all__ = ["apply", "describe", "last_info", "methods", "patch_features", "remove"]
 
 
 def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
@@ -24,29 +29,34 @@ def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     config = make_config(method, **options)
     adapter_class = adapter_for(model)
     config.validate(adapter_class.describe(model))  # a refused config leaves the model as it was
-    if attached_adapter(model) is not None:
+    if attached_engine(model) is not None:
         remove(model)
-    adapter_class(model, config).attach(model)
+    attach(model, Engine(model, config, adapter_class))
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model is again its original class, bit for bit."""
-    adapter = attached_adapter(model)
-    if adapter is None:
+    if attached_engine(model) is None:
         raise InvalidOptionError(f"model {type(model).__name__} has no token reduction to remove")
-    adapter.detach(model)
+    detach(model)
     return model
 
 
 def last_info(model: nn.Module) -> ReductionInfo:
     """What the last forward pass of `model` in this thread did."""
-    adapter = attached_adapter(model)
-    if adapter is None:
+    engine = attached_engine(model)
+    if engine is None:
         raise InvalidOptionError(
             f"model {type(model).__name__} has no token reduction; call tokenreduce.apply first"
         )
-    return adapter.last_info()
+    return engine.last_info()
+
+
+def describe(model: nn.Module) -> ModelDims:
+    """The facts of a supported model, reduced or not: its family, depth, width, heads, prefix
+    and patch counts, input and grid size, and the MAC coefficients the GMACs model reads."""
+    return adapter_for(model).describe(model)
 
 
 def patch_features(model: nn.Module, images: torch.Tensor, pruned: str = "exit") -> torch.Tensor:

@@ -268,7 +268,7 @@ def bench_model(
     which computes the same token counts).
     """
     model = model.to(device).eval()
-    img_size = tokenreduce.flops.model_dims(model).input_size
+    img_size = tokenreduce.describe(model).input_size
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)
     precision = f"amp-{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
     results = []

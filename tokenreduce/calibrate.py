@@ -17,7 +17,7 @@ from torch import nn
 import tokenreduce
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, make_config
-from tokenreduce.patch import attached_adapter
+from tokenreduce.patch import attached_engine
 
 UNREACHABLE = 0.02
 """How far (relative) above the target the strongest setting may cost before the target counts
@@ -67,7 +67,7 @@ def match_gmacs(
                 else type(images).__name__
             )
         )
-    size = tokenreduce.flops.model_dims(model).input_size
+    size = tokenreduce.describe(model).input_size
     if tuple(images.shape[-2:]) != size:
         raise InvalidOptionError(
             f"images of {tuple(images.shape[-2:])} pixels do not fit the model's {size}; accepted: "
@@ -83,7 +83,7 @@ def match_gmacs(
         )
     dense = tokenreduce.flops.dense_gmacs(model)
     target = ratio * dense
-    dims = tokenreduce.flops.model_dims(model)
+    dims = tokenreduce.describe(model)
     low, high = strength.bounds(dims)
     cache: dict[float, float] = {}
 
@@ -123,6 +123,6 @@ def match_gmacs(
                 f"on these images; accepted: a ratio >= {gmacs / dense:.3f} for {base.name}"
             )
     finally:
-        if attached_adapter(model) is not None:
+        if attached_engine(model) is not None:
             tokenreduce.remove(model)
     return Calibration(config=config, gmacs=gmacs, ratio=gmacs / dense)

@@ -18,8 +18,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from tokenreduce.api import describe
 from tokenreduce.errors import MissingFileError, UnsupportedModelError
-from tokenreduce.patch.timm import model_name
 
 
 def _transformers() -> Any:
@@ -174,7 +174,7 @@ def to_transformers(model: nn.Module, attn_implementation: str = "sdpa") -> nn.M
         target = transformers.Dinov2Model(config)
     config._attn_implementation = attn_implementation
     # the same model: threshold files trained for the timm model apply to it as they are
-    config._name_or_path = model_name(model)
+    config._name_or_path = describe(model).model_name
     state = model.state_dict()
     used: set[str] = set()
 

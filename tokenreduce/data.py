@@ -15,8 +15,8 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset
 
+from tokenreduce.api import describe
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
-from tokenreduce.flops import model_dims
 
 # Real photographs inside the scikit-image and matplotlib wheels (licences: skimage.data
 # docstrings; matplotlib's sample_data). No download is involved.
@@ -69,7 +69,7 @@ def eval_transform(
     resolved config. The input size is the model's own (e.g. built with another img_size than
     its pretrained config's) unless overridden."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    given.setdefault("input_size", (3, *model_dims(model).input_size))
+    given.setdefault("input_size", (3, *describe(model).input_size))
     config = resolve_data_config(given, model=model)
     return create_transform(**config, is_training=False), config
 

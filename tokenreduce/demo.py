@@ -63,7 +63,7 @@ def run_demo(
     """
     out_dir = Path(out_dir)
     images, display = data.load_images(photos, model)
-    grid = tokenreduce.flops.model_dims(model).grid_size
+    grid = tokenreduce.describe(model).grid_size
     timing_batch = images[torch.arange(batch_size or len(photos)) % len(photos)]
     dense_features = pooled_features(model, images)
     dense_gmacs = tokenreduce.flops.dense_gmacs(model)

@@ -70,7 +70,7 @@ def decoder_gmacs(model: SaliencyModel) -> float:
     backbone = model.backbone
     rows, cols = backbone.patch_embed.grid_size
     grid = torch.zeros(1, backbone.embed_dim, rows, cols)
-    size = tuple(tokenreduce.flops.model_dims(backbone).input_size)
+    size = tuple(tokenreduce.describe(backbone).input_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.decoder(grid, size)
     return counter.get_total_flops() / 2 / 1e9

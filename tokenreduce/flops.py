@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tokenreduce.api import describe
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.info import ReductionInfo
-from tokenreduce.patch import adapter_for
 from tokenreduce.state import ModelDims
 
 
@@ -61,13 +61,9 @@ def network_macs(dims: ModelDims, tokens_in: int, tokens_per_block: torch.Tensor
     return macs
 
 
-def model_dims(model: nn.Module) -> ModelDims:
-    return adapter_for(model).describe(model)
-
-
 def dense_gmacs(model: nn.Module) -> float:
     """GMACs per image of the unreduced model at its configured image size."""
-    dims = model_dims(model)
+    dims = describe(model)
     counts = torch.full((1, dims.depth), dims.num_tokens, dtype=torch.long)
     return float(network_macs(dims, dims.num_tokens, counts)[0]) / 1e9
 
@@ -79,7 +75,7 @@ def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
             f"info must be the ReductionInfo of a forward pass (tokenreduce.last_info(model)), "
             f"got {type(info).__name__}"
         )
-    dims = model_dims(model)
+    dims = describe(model)
     if info.tokens_in != dims.num_tokens or info.tokens_per_block.shape[1] != dims.depth:
         raise InvalidOptionError(
             f"info describes a forward of {info.tokens_in} tokens through "

@@ -19,7 +19,7 @@ from torch import nn
 
 from tokenreduce.api import patch_features
 from tokenreduce.errors import InvalidOptionError, MissingFileError
-from tokenreduce.patch.base import check_pruned_rule
+from tokenreduce.patch import check_pruned_rule
 
 
 def onnx_path() -> Path:
@@ -168,7 +168,7 @@ class SaliencyModel(nn.Module):
     class token is not read. With token reduction on the backbone (`tokenreduce.apply(
     model.backbone, ...)`) the grid comes from `tokenreduce.patch_features`: merged tokens give
     their feature to each patch they hold, pruned patches follow `pruned` (one of
-    `patch.base.PRUNED_RULES`).
+    `patch.PRUNED_RULES`).
     """
 
     def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder, pruned: str = "exit") -> None:

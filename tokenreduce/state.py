@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from tokenreduce.batching import Batching
 from tokenreduce.ops.attention import padding_bias, size_bias
 
 
@@ -36,6 +37,8 @@ class TokenState:
         (`ops.owners`).
     exited: [B, N0, C] the feature each original token had when its token left the sequence
         (zeros for tokens still held); with `owner`, once a block has reduced.
+    batching: how images that keep different counts share the batch, the engine's policy for
+        this forward (`tokenreduce.batching.Batching`); methods with per-image counts pack by it.
     """
 
     num_prefix: int
@@ -47,6 +50,7 @@ class TokenState:
     position_rule: str = "mean"
     owner: torch.Tensor | None = None
     exited: torch.Tensor | None = None
+    batching: Batching = Batching.AUTO
     _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -70,15 +74,20 @@ class TokenState:
 
     def with_tokens(
         self,
-        size: torch.Tensor,
+        *,
+        size: torch.Tensor | None,
         source: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        mask: torch.Tensor | None,
         position: torch.Tensor | None,
         owner: torch.Tensor | None,
     ) -> TokenState:
-        """The state of a reduction's output tokens. Every argument is required, so that a method
-        cannot forget one: position is None where the model has no rotary embedding, source and
-        owner are None unless traced (each follows the step from the state's own)."""
-        return replace(self, size=size, source=source, position=position, owner=owner)
+        """The state of a reduction's output tokens. Every per-token field is a required keyword,
+        so that a method cannot forget one; each is None where the forward does not carry it (see
+        the fields above)."""
+        return replace(
+            self, size=size, source=source, valid=valid, mask=mask, position=position, owner=owner
+        )
 
     @property
     def destination_positions(self) -> bool:
@@ -141,6 +150,8 @@ class ModelDims:
     pool_include_prefix: bool = False
     model_name: str = ""
     """The model's name (timm: architecture.tag of its pretrained config), "" when unknown."""
+    family: str = ""
+    """The model family whose adapter serves it ("timm", "eva", "transformers", "open_clip")."""
     input_size: tuple[int, int] = (0, 0)
     """(H, W) of the images the model takes."""
     grid_size: tuple[int, int] = (0, 0)

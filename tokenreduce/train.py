@@ -29,7 +29,7 @@ from tokenreduce.data import ImageFolder
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, learned_method_names, make_config
 from tokenreduce.methods.learned import LearnedConfig, ThresholdParameters, write_threshold_file
-from tokenreduce.patch.base import TRAINABLE_ATTR
+from tokenreduce.patch import ModelAdapter, adapter_for, attached_engine
 from tokenreduce.report import check_output_file
 from tokenreduce.runtime import progress_bar
 
@@ -55,6 +55,20 @@ class TrainResult:
     @property
     def ratio(self) -> float:
         return self.mean_gmacs / self.dense_gmacs
+
+
+class Logits(nn.Module):
+    """The model's class logits as its family gives them (`ModelAdapter.logits`: a timm model's
+    output, a transformers classifier's `.logits`, an open_clip tower's zero-shot scores), as a
+    module, so that DistributedDataParallel wraps the call that the gradients flow through."""
+
+    def __init__(self, model: nn.Module, adapter_class: type[ModelAdapter]) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter_class = adapter_class
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter_class.logits(self.model, images)
 
 
 def _check_number(option: str, value: object, low: float, high: float | None) -> None:
@@ -149,12 +163,14 @@ def train_thresholds(
     _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     if backbone_lr is not None:
         _check_number("backbone_lr", backbone_lr, 0.0, None)
-    num_classes = getattr(model, "num_classes", 0)
+    adapter_class = adapter_for(model)
+    num_classes = adapter_class.num_classes(model)
     if num_classes < len(dataset.classes):
         raise InvalidOptionError(
             f"train: the dataset has {len(dataset.classes)} classes but the model predicts "
-            f"{num_classes}; give it a classifier for them (--head, or --num-classes with "
-            "--checkpoint)"
+            f"{num_classes}; give it a classifier for them (a timm model: --head, or "
+            "--num-classes with --checkpoint; a transformers model: a *ForImageClassification "
+            "folder with that many labels; an open_clip tower: --class-map)"
         )
     rates = _learning_rates(config, lr)
     context = distributed.setup(next(model.parameters()).device.type)
@@ -165,14 +181,14 @@ def train_thresholds(
     for parameter in model.parameters():
         parameter.requires_grad_(finetune)
     tokenreduce.apply(model, config)
-    dims = tokenreduce.flops.model_dims(model)
+    dims = tokenreduce.describe(model)
     layers = len(config.reduce_layers(dims))
     if config.has_thresholds:  # warm start from the given thresholds (e.g. a threshold file)
         start = {kind: list(values) for kind, values in config.threshold_vectors(dims).items()}
     else:
         start = {kind: [value] * layers for kind, value in config.train_init.items()}
-    thresholds = ThresholdParameters(start)
-    model.add_module(TRAINABLE_ATTR, thresholds.to(device))
+    thresholds = ThresholdParameters(start).to(device)
+    attached_engine(model).set_trainable(model, thresholds)
     groups = [
         {"params": [thresholds.values[kind]], "lr": rates[kind], "kind": kind}
         for kind in config.kinds
@@ -181,13 +197,14 @@ def train_thresholds(
         torch.optim.SGD(groups, momentum=0.0, weight_decay=0.0)
     ]
     if finetune:
-        backbone = [p for n, p in model.named_parameters() if not n.startswith(TRAINABLE_ATTR)]
+        learned = {id(p) for p in thresholds.parameters()}
+        backbone = [p for p in model.parameters() if id(p) not in learned]
         rate = 1e-5 * batch_size * context.world / 512 if backbone_lr is None else backbone_lr
         optimizers.append(torch.optim.AdamW(backbone, lr=rate, weight_decay=0.05))
-    network: nn.Module = model
+    network: nn.Module = Logits(model, adapter_class)
     if context.active:
         ids = [device.index] if device.type == "cuda" else None
-        network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        network = nn.parallel.DistributedDataParallel(network, device_ids=ids)
 
     sampler = DistributedSampler(
         dataset, num_replicas=context.world, rank=context.rank, shuffle=True, seed=seed

@@ -206,7 +206,7 @@ def test_merged_position_rules_differ_and_are_recorded():
         tokenreduce.apply(model, "tome", r=40, rope_position=rule)
         with torch.no_grad():
             outputs[rule] = model(x)
-        state = model._tokenreduce.final_state()
+        state = tokenreduce.patch.attached_engine(model).final_state()
         sizes = state.size[..., 0]
         merged = sizes > 1
         assert merged.any()
@@ -275,7 +275,7 @@ def test_optional_family_adapter_is_imported_when_its_model_comes(monkeypatch):
     torch.manual_seed(0)
     model = LazyViT(depth=2, embed_dim=96, num_heads=2).eval()
     tokenreduce.apply(model, "tome", r=4)
-    assert type(model._tokenreduce).__name__ == "LazyViTAdapter"
+    assert type(tokenreduce.patch.attached_engine(model).adapter).__name__ == "LazyViTAdapter"
     assert patch.ADAPTERS[0].__name__ == "LazyViTAdapter" and not patch.LAZY_ADAPTERS
 
 
@@ -293,7 +293,7 @@ def test_max_pooling_ignores_padding():
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         features = model.forward_features(x)
-        valid = model._tokenreduce.final_state().valid
+        valid = tokenreduce.patch.attached_engine(model).final_state().valid
         assert valid is not None and not valid.all()  # the batch really holds padding
         features = torch.where(valid[..., None], features - 100.0, 0.0)  # real rows negative
         pooled = model.pool(features)

@@ -102,7 +102,7 @@ def test_every_method_runs_and_keeps_the_output_class(name):
     x = pixels(4)
     with torch.no_grad():
         dense = model(pixel_values=x)
-    tokens_in = 16 + tokenreduce.flops.model_dims(model).num_prefix
+    tokens_in = 16 + tokenreduce.describe(model).num_prefix
     for method, options in EVERY_METHOD_SMALL:
         if name.startswith("Siglip") and method != "tome":
             with pytest.raises(ValueError, match="class token"):
@@ -150,7 +150,7 @@ def test_dinov2_patch_mean_is_size_weighted(name):
     with torch.no_grad():
         logits = model(pixel_values=x).logits
         grid = tokenreduce.patch_features(model, x)
-    prefix = tokenreduce.flops.model_dims(model).num_prefix
+    prefix = tokenreduce.describe(model).num_prefix
     expected = model.classifier(torch.cat([grid[:, 0], grid[:, prefix:].mean(dim=1)], dim=1))
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
 

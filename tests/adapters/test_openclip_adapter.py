@@ -9,7 +9,7 @@ import torch
 import tokenreduce
 from tests.conftest import EVERY_METHOD_SMALL, assert_gmacs_match, pixels
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.patch import attached_adapter
+from tokenreduce.patch import attached_engine
 
 open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
 from open_clip.transformer import VisionTransformer  # noqa: E402
@@ -104,7 +104,7 @@ def test_average_pooling_in_training_weighs_masked_tokens_zero():
     tokenreduce.apply(model, "ltmp", merge_thresholds=0.2, prune_thresholds=0.02)
     model.train()
     pooled, tokens = model(pixels())
-    state = attached_adapter(model).final_state()
+    state = attached_engine(model).final_state()
     weight = state.size[:, 1:] * state.mask[:, 1:, None]
     assert 0 < (weight > 0).sum() < weight.numel()  # some tokens masked, not all
     expected = (tokens * weight).sum(dim=1) / weight.sum(dim=1) @ model.proj

@@ -24,7 +24,7 @@ from tokenreduce.ops.owners import (
     held_features,
     record_exits,
 )
-from tokenreduce.patch import attached_adapter
+from tokenreduce.patch import attached_engine
 from tokenreduce.state import TokenState
 
 METHODS = [
@@ -203,7 +203,7 @@ def test_held_patches_take_their_tokens_feature(model_pair, key, method):
         with torch.no_grad():
             tokens = model.forward_features(x)
             grid = tokenreduce.patch_features(model, x)
-        state = attached_adapter(model).final_state()
+        state = attached_engine(model).final_state()
     finally:
         tokenreduce.remove(model)
     source = state.source
@@ -236,7 +236,7 @@ def test_exit_feature_is_the_token_at_its_pruning_block():
         grid = tokenreduce.patch_features(model, x)
         zeroed = tokenreduce.patch_features(model, x, pruned="zero")
         nearest = tokenreduce.patch_features(model, x, pruned="nearest")
-        held = attached_adapter(model).final_state().owner >= 0
+        held = attached_engine(model).final_state().owner >= 0
         tokenreduce.remove(model)
     pruned = ~held
     assert pruned.sum() == 2 * 98

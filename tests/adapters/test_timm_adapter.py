@@ -76,7 +76,7 @@ def test_remove_restores_class_and_state(model_and_input):
     assert model.state_dict().keys() == state.keys()
     tokenreduce.remove(model)
     assert type(model) is cls
-    assert not hasattr(model, "_tokenreduce")
+    assert tokenreduce.patch.attached_engine(model) is None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -270,7 +270,7 @@ def test_reapply_replaces_previous_method():
 def test_apply_accepts_config_dataclass():
     model = tiny_vit()
     tokenreduce.apply(model, tokenreduce.PPTConfig(r=20), threshold=0.0)
-    assert model._tokenreduce.config == tokenreduce.PPTConfig(r=20, threshold=0.0)
+    assert tokenreduce.patch.attached_engine(model).config == tokenreduce.PPTConfig(r=20, threshold=0.0)
 
 
 def test_attention_masks_are_rejected_not_ignored():

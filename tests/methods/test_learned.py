@@ -18,7 +18,6 @@ from tokenreduce.methods.learned import ThresholdParameters, write_threshold_fil
 from tokenreduce.methods.ltmp import LTMPConfig
 from tokenreduce.ops.attention import received_attention
 from tokenreduce.ops.packing import pack_kept
-from tokenreduce.patch.base import TRAINABLE_ATTR
 from tokenreduce.state import AttentionOutputs, TokenState
 
 VARIABLE = {
@@ -197,15 +196,17 @@ def test_masked_path_block_compiles_without_graph_breaks(method):
     """The masked path of a reducing block on padded input: static shapes, no host sync."""
     model = peaky_vit().float()
     tokenreduce.apply(model, method, batching="masked", **VARIABLE[method])
-    adapter = model._tokenreduce
-    index = next(i for i, s in enumerate(adapter.steps) if s is not None)
-    block, step = model.blocks[index], adapter.steps[index]
+    engine = tokenreduce.patch.attached_engine(model)
+    index = next(i for i, s in enumerate(engine.steps) if s is not None)
+    block, step = model.blocks[index], engine.steps[index]
     size = torch.ones(2, 17, 1)
     size[1, 12:] = 0  # the second image holds 12 real tokens and 5 padding slots
 
     def run(x, size):
-        state = TokenState(num_prefix=1, size=size, valid=size[..., 0] > 0)
-        out, new, _, _, _ = adapter.block_forward(block, x, state, step)
+        state = TokenState(
+            num_prefix=1, size=size, valid=size[..., 0] > 0, batching=engine.batching
+        )
+        out, new, _, _, _ = engine.block_forward(block, x, state, step)
         return out, new.size, new.valid
 
     x = torch.randn(2, 17, 192)
@@ -305,14 +306,14 @@ def test_budget_loss_moves_thresholds_the_right_way(method, direction):
     model = peaky_vit()
     config = make_config(method, tau=1.0)
     tokenreduce.apply(model, config)
-    dims = tokenreduce.flops.model_dims(model)
+    dims = tokenreduce.describe(model)
     start = {
         "asvit": {"thresholds": 0.8},
         "ltmp": {"merge_thresholds": 0.3, "prune_thresholds": 0.0},
     }[method]
     layers = len(config.reduce_layers(dims))
     parameters = ThresholdParameters({k: [v] * layers for k, v in start.items()})
-    model.add_module(TRAINABLE_ATTR, parameters)
+    tokenreduce.patch.attached_engine(model).set_trainable(model, parameters)
     model.train()
     model(torch.randn(4, 3, 64, 64, dtype=torch.float64))
     kept = tokenreduce.last_info(model).kept_fraction.mean(dim=0)
@@ -328,7 +329,7 @@ def test_budget_loss_moves_thresholds_the_right_way(method, direction):
 # ---- threshold files ---------------------------------------------------------------------------
 def test_threshold_file_round_trip_and_bad_files(tmp_path):
     model = tiny_vit("vit_tiny_patch16_224", img_size=64)
-    dims = tokenreduce.flops.model_dims(model)
+    dims = tokenreduce.describe(model)
     config = make_config("ltmp", merge_thresholds=0.8, prune_thresholds=0.001, layers=(1, 5))
     path = write_threshold_file(tmp_path / "t.safetensors", config, dims, {"mean_gmacs": 1.0})
     loaded = make_config("ltmp", thresholds=str(path))
@@ -377,6 +378,6 @@ def test_train_writes_a_threshold_file(tmp_path):
     assert log["mean_gmacs"] == pytest.approx(result.mean_gmacs)
     loaded = make_config("asvit", thresholds=str(result.path))
     assert loaded.thresholds == pytest.approx(result.config.thresholds)
-    assert tokenreduce.patch.attached_adapter(model) is None and not model.training
+    assert tokenreduce.patch.attached_engine(model) is None and not model.training
     with pytest.raises(ValueError, match="no learned thresholds"):
         train.train_thresholds(model, "tome", dataset, target_ratio=0.5, r=2)

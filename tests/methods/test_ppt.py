@@ -46,16 +46,16 @@ def test_policy_and_variance_shapes_for_custom_layers():
 def test_reducing_block_compiles_without_graph_breaks(method):
     model = tiny_vit()
     tokenreduce.apply(model, method, trace_source=True)
-    adapter = model._tokenreduce
-    block_index = adapter.steps.index(next(s for s in adapter.steps if s is not None))
-    block, step = model.blocks[block_index], adapter.steps[block_index]
+    engine = tokenreduce.patch.attached_engine(model)
+    block_index = engine.steps.index(next(s for s in engine.steps if s is not None))
+    block, step = model.blocks[block_index], engine.steps[block_index]
     state = TokenState(
         num_prefix=1, size=torch.rand(2, 197, 1) + 1, source=torch.eye(197).expand(2, -1, -1)
     )
     x = torch.randn(2, 197, 192)
 
     def run(x, size, source):
-        out, new_state, record, _, _ = adapter.block_forward(
+        out, new_state, record, _, _ = engine.block_forward(
             block, x, TokenState(num_prefix=1, size=size, source=source), step
         )
         return out, new_state.size, new_state.source, record

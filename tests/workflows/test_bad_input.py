@@ -151,7 +151,7 @@ def test_gmacs_ratio_says_what_it_replaces(paths, caplog):
 def test_gmacs_ratio_says_it_replaces_a_threshold_file(paths, tmp_path, caplog):
     model = tokenreduce.models.load("test_vit", pretrained=False)
     config = make_config("asvit", thresholds=(0.5, 0.6, 0.7))
-    path = write_threshold_file(tmp_path / "t.safetensors", config, flops.model_dims(model), {})
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
     caplog.set_level(logging.WARNING, logger="tokenreduce")
     argv = ["eval", paths["data"], *TINY, "--method", f"asvit:thresholds={path}"]
     assert main([*argv, "--gmacs-ratio", "0.8", "-j", "0", "--no-progress"]) == 0
@@ -205,7 +205,7 @@ def test_threshold_file_of_another_model_is_refused_unless_transferred():
 
 def test_train_warm_starts_from_a_threshold_file(tmp_path):
     model = peaky_vit(dtype=torch.float32)
-    dims = flops.model_dims(model)
+    dims = tokenreduce.describe(model)
     start = make_config("asvit", thresholds=(0.3, 0.4, 0.5))
     path = write_threshold_file(tmp_path / "start.safetensors", start, dims, {})
     root = make_image_folder(tmp_path / "images", 2)

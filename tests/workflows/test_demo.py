@@ -22,7 +22,7 @@ def test_match_gmacs_is_the_closest_strength(method):
     images = torch.randn(3, 3, 224, 224)
     dense = tokenreduce.flops.dense_gmacs(model)
     matched = calibrate.match_gmacs(model, method, 0.6, images)
-    assert tokenreduce.patch.attached_adapter(model) is None
+    assert tokenreduce.patch.attached_engine(model) is None
     strength = type(matched.config).strength
     value = getattr(matched.config, strength.option)
     step = 1 if strength.integer else 1e-4

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> list[CompareRow]:
         picks = [i % len(dataset) for i in range(args.bench_batch_size)]
         timing = shared.readable_images(dataset, picks, "the timing batch")
     else:
-        size = tokenreduce.flops.model_dims(model).input_size
+        size = tokenreduce.describe(model).input_size
         timing = torch.randn(args.bench_batch_size, 3, *size)
     shared.logger.info(
         "compare: %s (%s), %d configurations, %d threads",

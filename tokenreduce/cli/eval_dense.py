@@ -11,7 +11,7 @@ from tokenreduce import data, imgfocus
 from tokenreduce.cli import shared
 from tokenreduce.dense import SaliencyResult, evaluate_saliency
 from tokenreduce.options import parse_method
-from tokenreduce.patch.base import PRUNED_RULES
+from tokenreduce.patch import PRUNED_RULES
 
 COLUMNS = (
     "method options backbone_gmacs_ratio gmacs_ratio ideal_speedup measured_speedup cc kl sim mae"

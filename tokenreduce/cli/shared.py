@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from tokenreduce import calibrate, data, models
+from tokenreduce.api import describe
 from tokenreduce.bench import NOISY_SPREAD
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.flops import model_dims
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.methods.learned import LearnedConfig
 from tokenreduce.options import MethodSpec, format_spec
@@ -171,7 +171,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
     adapter_for(model)  # an unsupported model is refused before any work
-    dims = model_dims(model)
+    dims = describe(model)
     patch = tuple(i // g for i, g in zip(dims.input_size, dims.grid_size, strict=True))
     if args.img_size and any(args.img_size % p for p in patch):
         raise InvalidOptionError(
@@ -187,11 +187,11 @@ def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]
     family, _, arch = args.model.partition(":")
     if family != "open_clip":
         return
-    from tokenreduce.patch.openclip import ZERO_SHOT_ATTR
+    from tokenreduce.patch.openclip import set_zero_shot_weights
 
     logger.info("zero-shot classifier of %s for %d class names ...", args.model, len(classes))
     weights = models.open_clip_zero_shot(arch, args.checkpoint, real_weights(args), classes)
-    setattr(model, ZERO_SHOT_ATTR, weights)
+    set_zero_shot_weights(model, weights)
 
 
 def check_device(option: str, device: str) -> None:

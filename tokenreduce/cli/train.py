@@ -109,9 +109,7 @@ def run(args: argparse.Namespace) -> training.TrainResult:
     if context.is_main:
         thresholds = {
             kind: [round(v, 5) for v in values]
-            for kind, values in result.config.threshold_vectors(
-                tokenreduce.flops.model_dims(model)
-            ).items()
+            for kind, values in result.config.threshold_vectors(tokenreduce.describe(model)).items()
         }
         seconds = ", ".join(f"{s:.1f}" for s in result.epoch_seconds)
         print(

@@ -15,7 +15,7 @@ from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, describe_options, parse_method, unique_labels
-from tokenreduce.patch.base import PRUNED_RULES
+from tokenreduce.patch import PRUNED_RULES
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             viz.draw_token_maps(
                 display,
                 info,
-                tokenreduce.flops.model_dims(model).grid_size,
+                tokenreduce.describe(model).grid_size,
                 path,
                 title=f"{args.model}, {name} {describe_options(config)}: {cost.mean:.2f} GMACs",
                 row_labels=[Path(p).name for p in args.image],

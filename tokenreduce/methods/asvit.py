@@ -186,7 +186,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
                 position = torch.cat([position, mean_position(moment, size[:, -1:])], dim=1)
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
-        packing, overflow = self.pack(keep_all, rank)
+        packing, overflow = self.pack(keep_all, rank, state.batching)
         owner = follow_rows(state.owner, packing.index, x.shape[1], packing.valid)
         record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
         x = gather_packed(x, packing)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
+from tokenreduce.batching import Batching
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -89,6 +90,10 @@ class MethodConfig(Generic[RecordT]):
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
     strength: ClassVar[Strength | None] = None
     learned: ClassVar[bool] = False
+    """Whether the method has trainable thresholds and a soft-mask training forward."""
+    per_image_counts: ClassVar[bool] = False
+    """Whether images of one batch may keep different counts (the engine then lays the batch out
+    by `requested_batching`)."""
     merges: ClassVar[bool] = False
     """Whether the method merges tokens into destination tokens (rope_position="destination"
     acts only then)."""
@@ -107,13 +112,13 @@ class MethodConfig(Generic[RecordT]):
 
     @property
     def uses_prop_attn(self) -> bool:
-        return bool(getattr(self, "prop_attn", False))
-
-    @property
-    def ragged(self) -> bool:
-        """Whether, once images keep different counts, per-token work runs on the real tokens
-        only (a flat layout between blocks) rather than on the padded batch."""
+        """Whether attention adds log(size) to its logits (proportional attention)."""
         return False
+
+    def requested_batching(self) -> Batching:
+        """The batch layout the method asks the engine for once images keep different counts
+        (read once, when the reduction is put on a model)."""
+        return Batching.AUTO
 
     @property
     def appends_fused_token(self) -> bool:

@@ -22,8 +22,7 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.methods.steps import kept_tokens
-from tokenreduce.ops import fuse_dropped, mean_position
+from tokenreduce.methods.steps import carried, kept_tokens, with_fused_token
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 
@@ -46,23 +45,13 @@ def attentive_keep(
     if keep >= x.shape[1] - num_prefix:
         return x, state, BlockRecord()
     score = cls_attn.mean(dim=1)[:, num_prefix:]
-    size, source, position = state.sizes_like(x), state.source, state.position
-    # the fused token below holds no original token: its members leave the owner map
-    (x_new, size_new, position_new, source_new, owner), idx = kept_tokens(
-        x, state, size, score, keep
-    )
+    tokens = carried(x, state, state.sizes_like(x))
+    kept, idx = kept_tokens(tokens, num_prefix, score, keep)
     if fuse:
-        ones = torch.ones_like(score)
-        x_new = torch.cat([x_new, fuse_dropped(x[:, num_prefix:], score, idx)], dim=1)
-        size_new = torch.cat([size_new, fuse_dropped(size[:, num_prefix:], ones, idx)], dim=1)
-        if source is not None:
-            fused_src = fuse_dropped(source[:, num_prefix:], ones, idx).clamp_max(1.0)
-            source_new = torch.cat([source_new, fused_src], dim=1)
-        if position is not None:
-            moment = fuse_dropped((position * size)[:, num_prefix:], ones, idx)
-            fused_position = mean_position(moment, size_new[:, -1:])
-            position_new = torch.cat([position_new, fused_position], dim=1)
-    return x_new, state.with_tokens(size_new, source_new, position_new, owner), BlockRecord()
+        dropped = torch.ones_like(score, dtype=x.dtype).scatter(1, idx, 0.0)
+        weight = score.to(x.dtype).scatter(1, idx, 0.0)
+        kept = with_fused_token(kept, tokens, num_prefix, dropped, weight)
+    return kept.x, kept.in_state(state), BlockRecord()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +74,10 @@ class KeepRateConfig(MethodConfig[BlockRecord]):
         check_keep_rate(self.name, self.keep_rate)
         check_layers_type(self.name, self.layers)
         check_bool(self.name, "prop_attn", self.prop_attn)
+
+    @property
+    def uses_prop_attn(self) -> bool:
+        return self.prop_attn
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenreduce.batching import Batching
 from tokenreduce.errors import InvalidOptionError, MissingFileError
 from tokenreduce.methods.base import (
     BlockRecord,
@@ -32,7 +33,6 @@ from tokenreduce.ops.packing import Packing, pack_kept
 from tokenreduce.state import ModelDims
 
 THRESHOLD_FORMAT = "tokenreduce-thresholds/1"
-BATCHING = ("auto", "ragged", "packed", "masked")
 
 Step = dict[str, float | torch.Tensor]
 """A reducing block's thresholds by kind: floats at inference, 0-d tensors while training."""
@@ -206,6 +206,7 @@ class LearnedConfig(MethodConfig[RecordT]):
     """
 
     learned: ClassVar[bool] = True
+    per_image_counts: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]]
     train_init: ClassVar[dict[str, float]]
     train_lr: ClassVar[dict[str, float]]
@@ -230,10 +231,10 @@ class LearnedConfig(MethodConfig[RecordT]):
             raise InvalidOptionError(
                 f"{self.name}: option tau={self.tau!r} is not accepted; accepted: a number > 0"
             )
-        if self.batching not in BATCHING:
+        if self.batching not in Batching.names():
             raise InvalidOptionError(
                 f"{self.name}: option batching={self.batching!r} is not accepted; accepted: "
-                f"{list(BATCHING)}"
+                f"{Batching.names()}"
             )
         if self.max_tokens is not None:
             if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -247,10 +248,8 @@ class LearnedConfig(MethodConfig[RecordT]):
                     "with batching='masked'"
                 )
 
-    @property
-    def ragged(self) -> bool:
-        """Whether per-token work runs on the real tokens only (a flat layout between blocks)."""
-        return self.batching in ("auto", "ragged")
+    def requested_batching(self) -> Batching:
+        return Batching(self.batching)
 
     def load_thresholds(self, source: ThresholdSource | None) -> dict[str, Any]:
         """Option values {kind: tuple, maybe layers} from a threshold file or tensor."""
@@ -394,11 +393,13 @@ class LearnedConfig(MethodConfig[RecordT]):
     def with_vectors(self, vectors: dict[str, Sequence[float]]) -> LearnedConfig:
         return replace(self, **{kind: tuple(float(v) for v in vectors[kind]) for kind in vectors})
 
-    def pack(self, keep: torch.Tensor, score: torch.Tensor) -> tuple[Packing, torch.Tensor | None]:
-        """Compact kept tokens [B, N] per image by `batching`; also the overflow [B] to record
-        (None without `max_tokens`)."""
+    def pack(
+        self, keep: torch.Tensor, score: torch.Tensor, batching: Batching
+    ) -> tuple[Packing, torch.Tensor | None]:
+        """Compact kept tokens [B, N] per image as the engine's `batching` lays them out; also
+        the overflow [B] to record (None without `max_tokens`)."""
         length = None
-        if self.batching == "masked":
+        if batching.static:
             length = keep.shape[1]
             if self.max_tokens is not None:
                 length = min(length, self.max_tokens)

@@ -217,7 +217,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         if self.one_image_on_cpu(x, state):
             return self.reduce_one_image(x, state, merge, partner, keep, order)
         batch, num_tokens = x.shape[:2]
-        packing, overflow = self.pack(keep, importance)
+        packing, overflow = self.pack(keep, importance, state.batching)
         # each input token's flat output slot (`nowhere`: gone): its own, and for a merged A
         # token its partner's, which its rows are added into
         length = packing.index.shape[1]
@@ -268,7 +268,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         return (
             x.shape[0] == 1
             and x.device.type == "cpu"
-            and self.batching != "masked"
+            and not state.batching.static
             and state.valid is None
             and state.source is None
             and state.position is None

@@ -21,7 +21,7 @@ from tokenreduce.methods.base import (
     register,
     resolve_layers,
 )
-from tokenreduce.methods.steps import Tokens, kept_tokens, merged_tokens
+from tokenreduce.methods.steps import Tokens, carried, kept_tokens, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.ops.merging import max_merges
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
@@ -101,6 +101,10 @@ class PPTConfig(MethodConfig[PPTRecord]):
             )
         check_bool(self.name, "prop_attn", self.prop_attn)
 
+    @property
+    def uses_prop_attn(self) -> bool:
+        return self.prop_attn
+
     def _layer_r(self, dims: ModelDims) -> tuple[tuple[int, ...], tuple[int, ...]]:
         layers = resolve_layers(self.name, self.layers, dims.depth)
         if isinstance(self.r, int):
@@ -141,20 +145,24 @@ class PPTConfig(MethodConfig[PPTRecord]):
         choice = bool(pool) if one_image and not torch.compiler.is_compiling() else None
         if choice is not False:
             matching = bipartite_soft_matching(attn.key_mean, r, num_prefix, sort_unmerged=True)
-            branches.append(merged_tokens(matching, x, state))
+            tokens = carried(x, state, state.size)
+            branches.append(merged_tokens(matching, tokens, state.destination_positions))
         if choice is not True:
             keep = x.shape[1] - num_prefix - r
-            branches.append(kept_tokens(x, state, state.sizes_like(x), score, keep)[0])
+            tokens = carried(x, state, state.sizes_like(x))
+            branches.append(kept_tokens(tokens, num_prefix, score, keep)[0])
         chosen = branches[0]
         if len(branches) == 2:  # per image: the pooled tokens where it pools, else the pruned
-            chosen = tuple(
-                None
-                if pooled is None
-                else torch.where(pool.view(-1, *[1] * (pooled.dim() - 1)), pooled, pruned)
-                for pooled, pruned in zip(*branches, strict=True)
-            )
-        x, size, position, source, owner = chosen
-        return x, state.with_tokens(size, source, position, owner), record
+
+            def per_image(
+                pooled: torch.Tensor | None, pruned: torch.Tensor | None
+            ) -> torch.Tensor | None:
+                if pooled is None:
+                    return None
+                return torch.where(pool.view(-1, *[1] * (pooled.dim() - 1)), pooled, pruned)
+
+            chosen = Tokens(*map(per_image, *branches))
+        return chosen.x, chosen.in_state(state), record
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: PPTRecord, fused: bool

@@ -20,7 +20,7 @@ from tokenreduce.methods.base import (
     matching_macs,
     register,
 )
-from tokenreduce.methods.steps import merged_tokens
+from tokenreduce.methods.steps import carried, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -80,6 +80,10 @@ class ToMeConfig(MethodConfig[BlockRecord]):
         _check_r(self.r)
         check_bool(self.name, "prop_attn", self.prop_attn)
 
+    @property
+    def uses_prop_attn(self) -> bool:
+        return self.prop_attn
+
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
         inflect_form = (
@@ -102,8 +106,8 @@ class ToMeConfig(MethodConfig[BlockRecord]):
         )
         if matching is None:
             return x, state, BlockRecord()
-        x, size, position, source, owner = merged_tokens(matching, x, state)
-        return x, state.with_tokens(size, source, position, owner), BlockRecord()
+        tokens = merged_tokens(matching, carried(x, state, state.size), state.destination_positions)
+        return tokens.x, tokens.in_state(state), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: BlockRecord, fused: bool

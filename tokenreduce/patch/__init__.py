@@ -1,9 +1,14 @@
 """Model adapters. Only this package knows model classes.
 
-An adapter class serves one model family (`patch.base.ModelAdapter`: a few hooks over the shared
-engine). `adapter_for` asks each registered adapter, in turn, whether a model is its own
-(`supports`), the way einops picks a backend; the adapter that says yes then checks the model in
-detail (`check_supported`) and runs its reducing forward.
+An adapter class serves one model family (`patch.base.ModelAdapter`: the hooks the engine in
+`patch.engine` runs a family's blocks through). `adapter_for` asks each registered adapter, in
+turn, whether a model is its own (`supports`), the way einops picks a backend; the adapter that
+says yes then checks the model in detail (`check_supported`). `patch.attach` puts an `Engine`
+on the model; `attached_engine` finds it.
+
+The modules, one concept each: base (the family interface), engine (the block loop, token state
+and ragged layout), attention (`attend` and what a block's attention is asked for), pooling,
+grids (patch grids), attach (attach / detach and pickling), and one module per family.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import TypeVar
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.patch.base import ADAPTER_ATTR, ModelAdapter
+from tokenreduce.patch.attach import engine_of
+from tokenreduce.patch.base import ModelAdapter
+from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.eva import EvaAdapter
+from tokenreduce.patch.grids import PRUNED_RULES, check_pruned_rule
 from tokenreduce.patch.timm import TimmAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [TimmAdapter, EvaAdapter]
@@ -96,19 +104,22 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
     )
 
 
-def attached_adapter(model: nn.Module) -> ModelAdapter | None:
-    """The adapter a reduction installed on this model, if any."""
-    return getattr(model, ADAPTER_ATTR, None)
+def attached_engine(model: nn.Module) -> Engine | None:
+    """The engine a reduction installed on this model, if any."""
+    return engine_of(model)
 
 
 __all__ = [
     "ADAPTERS",
     "LAZY_ADAPTERS",
+    "PRUNED_RULES",
+    "Engine",
     "EvaAdapter",
     "ModelAdapter",
     "TimmAdapter",
     "adapter_for",
-    "attached_adapter",
+    "attached_engine",
+    "check_pruned_rule",
     "register_adapter",
     "register_lazy_adapter",
 ]

@@ -9,6 +9,7 @@ travels with the token through every reduction (`TokenState.position`, `patch.ro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,17 +21,9 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
 from tokenreduce.errors import UnsupportedModelError
-from tokenreduce.methods.base import MethodConfig
-from tokenreduce.patch.base import (
-    ADAPTER_ATTR,
-    AttentionCall,
-    AttentionSpec,
-    ModelAdapter,
-    attend,
-    check_block_types,
-    linear_macs,
-    project_output,
-)
+from tokenreduce.patch.attach import engine_of
+from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, project_output
+from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
 from tokenreduce.patch.timm import (
     attention_pool_facts,
@@ -57,10 +50,12 @@ class EvaAdapter(ModelAdapter):
         "EvaBlockPostNorm blocks, EvaAttention or AttentionRope, and rotary embeddings "
         "RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed or none"
     )
+    FAMILY = "eva"
 
-    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.positions = RotaryPositions(model.rope) if model.rope is not None else None
+        self._local = threading.local()
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -84,6 +79,7 @@ class EvaAdapter(ModelAdapter):
         cls.check_supported(model)
         attn = model.blocks[0].attn
         return ModelDims(
+            family=cls.FAMILY,
             depth=len(model.blocks),
             embed_dim=model.embed_dim,
             num_heads=attn.num_heads,
@@ -136,18 +132,14 @@ class EvaAdapter(ModelAdapter):
             out = block.gamma_2 * out
         return x + block.drop_path2(out)
 
-    def rotary(self, index: int, state: TokenState, rotary: RotaryTable) -> torch.Tensor:
+    def rotary(
+        self, index: int, state: TokenState, rotary: RotaryTable, moved: bool
+    ) -> torch.Tensor:
         """timm's table while no token moved, else the embedding at each token's position (one
         per reduction: positions change only where a block reduces, unless per depth)."""
         positions = self.positions
         position = state.position
-        if position is None:
-            raise RuntimeError(
-                f"method {self.config.name!r} returned a TokenState without token positions; a "
-                "method must carry TokenState.position through its reduction on models with "
-                "rotary embeddings (docs/methods.md §1.7)"
-            )
-        if position is self._local.initial_position:
+        if not moved:
             return rotary.table[index] if positions.per_depth else rotary.table
         cached = getattr(self._local, "rope_cache", None)
         if not positions.per_depth and cached is not None and cached[0] is position:
@@ -166,7 +158,7 @@ class EvaAdapter(ModelAdapter):
             x = self.norm_pre(x)
             if table is None:
                 return x, None
-            getattr(self, ADAPTER_ATTR).positions.check_forward(self.training)
+            engine_of(self).adapter.positions.check_forward(self.training)
             return x, RotaryTable(table, grid)
 
         return {

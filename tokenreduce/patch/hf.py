@@ -30,19 +30,11 @@ from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.patch.base import (
-    ADAPTER_ATTR,
-    AttentionCall,
-    AttentionSpec,
-    ModelAdapter,
-    attend,
-    check_patches_left,
-    linear_macs,
-    pooling_weights,
-    reducing_class,
-    split_heads,
-    weighted_mean,
-)
+from tokenreduce.patch.attach import engine_of
+from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
+from tokenreduce.patch.base import ModelAdapter, linear_macs
+from tokenreduce.patch.engine import Engine
+from tokenreduce.patch.pooling import check_patches_left, pooling_weights, weighted_mean
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -228,11 +220,11 @@ class HFAdapter(ModelAdapter):
     """transformers ViT, DeiT, DINOv2 (with registers), CLIP vision and SigLIP vision models."""
 
     SUPPORTED = SUPPORTED
+    FAMILY = "transformers"
 
-    def __init__(self, model: nn.Module, config: Any) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.family = family_of(base_model(model))
-        self.base_class: type[nn.Module] | None = None
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -282,6 +274,7 @@ class HFAdapter(ModelAdapter):
             pool = siglip_pool_facts(base.head, config.hidden_size)
         num_prefix = num_prefix_tokens(base)
         return ModelDims(
+            family=cls.FAMILY,
             depth=len(cls.layers_of(base)),
             embed_dim=config.hidden_size,
             num_heads=heads,
@@ -328,14 +321,14 @@ class HFAdapter(ModelAdapter):
     @classmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
         base = base_model(model)
-        adapter = getattr(base, ADAPTER_ATTR, None)
-        if adapter is None:
+        engine = engine_of(base)
+        if engine is None:
             return base(pixel_values=images).last_hidden_state
         family = family_of(base)
         patch = to_2tuple(base.config.patch_size)
         grid_size = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
         norm = getattr(base, family.final_norm) if family.norms_all else None
-        return adapter.last_grid(base, embed(base, images, {}), norm, pruned, grid_size)
+        return engine.last_grid(base, embed(base, images, {}), norm, pruned, grid_size)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.layers_of(base_model(model))
@@ -372,24 +365,10 @@ class HFAdapter(ModelAdapter):
             out = getattr(block, self.family.residual_drop)(out)
         return out
 
-    # ---- attach / detach: a wrapper's base model is reduced too --------------------------
-    def attach(self, model: nn.Module) -> None:
+    def reduced_modules(self, model: nn.Module) -> list[nn.Module]:
+        """A wrapper's base model is reduced too (it runs the layers)."""
         base = base_model(model)
-        if base is not model:
-            earlier = getattr(base, ADAPTER_ATTR, None)
-            if earlier is not None:  # a base restored from a pickle carries its own
-                earlier.detach(base)
-            self.base_class = type(base)
-            setattr(base, ADAPTER_ATTR, self)
-            base.__class__ = reducing_class(self.base_class, self)
-        super().attach(model)
-
-    def detach(self, model: nn.Module) -> None:
-        base = base_model(model)
-        if base is not model:
-            base.__class__ = self.base_class
-            delattr(base, ADAPTER_ATTR)
-        super().detach(model)
+        return [model] if base is model else [model, base]
 
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
@@ -401,11 +380,11 @@ class HFAdapter(ModelAdapter):
 
 
 def base_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    """The reducing forward of a base model: its embedding, the layers through the adapter, its
+    """The reducing forward of a base model: its embedding, the layers through the engine, its
     final norm and pooling (size-aware where it pools tokens), its output class."""
     options = dict(kwargs)
     return_dict = check_output_options(self, options)
-    adapter = getattr(self, ADAPTER_ATTR)
+    engine = engine_of(self)
     family = family_of(self)
     tokens = embed(self, pixel_values, options)
     if options:
@@ -414,14 +393,14 @@ def base_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, **kw
             "accepted: pixel_values, return_dict and the embedding's options "
             f"({', '.join(family.embed_options)})"
         )
-    hidden = adapter.run_blocks(self, tokens)
+    hidden = engine.run_blocks(self, tokens)
     norm = getattr(self, family.final_norm)
     if family.norms_all:
         sequence = norm(hidden)
         if isinstance(self, siglip.SiglipVisionModel):
             pooled = None
             if self.use_head:
-                pooled = siglip_pool(self, sequence, adapter.final_state(), adapter)
+                pooled = siglip_pool(self, sequence, engine.final_state(), engine)
         elif isinstance(self, (dinov2.Dinov2Model, dinov2r.Dinov2WithRegistersModel)):
             pooled = sequence[:, 0]
         else:
@@ -437,15 +416,15 @@ def patch_mean_features(model: nn.Module, sequence: torch.Tensor) -> torch.Tenso
     (registers excluded, padding weighs 0)."""
     base = base_model(model)
     prefix = num_prefix_tokens(base)
-    adapter = getattr(base, ADAPTER_ATTR, None)
-    state = adapter.final_state() if adapter is not None else None
+    engine = engine_of(base)
+    state = engine.final_state() if engine is not None else None
     patches = sequence[:, prefix:]
     if state is None or (state.size is None and state.mask is None):
         mean = patches.mean(dim=1)
     else:
         weight = pooling_weights(state, sequence)[:, prefix:]
-        if adapter.should_check_patches_left():
-            check_patches_left(weight, adapter.config.name, "patch-mean")
+        if engine.should_check_patches_left():
+            check_patches_left(weight, engine.config.name, "patch-mean")
         mean = weighted_mean(patches, weight)
     return torch.cat([sequence[:, 0], mean], dim=1)
 
@@ -477,12 +456,12 @@ def siglip_pool_facts(head: nn.Module, width: int) -> dict[str, Any]:
 
 
 def siglip_pool(
-    base: nn.Module, sequence: torch.Tensor, state: TokenState | None, adapter: HFAdapter
+    base: nn.Module, sequence: torch.Tensor, state: TokenState | None, engine: Engine
 ) -> torch.Tensor:
     """SigLIP's attention-pooling head with log(size) as key bias (proportional attention) and
     -inf at padding, so that a merged token weighs as the patches it holds."""
     head = base.head
-    bias = None if state is None else state.key_bias(adapter.config.uses_prop_attn, sequence.dtype)
+    bias = None if state is None else state.key_bias(engine.config.uses_prop_attn, sequence.dtype)
     if bias is None:
         return head(sequence)
     heads = head.attention.num_heads

@@ -23,30 +23,36 @@ from open_clip.transformer import (
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.patch.base import (
-    ADAPTER_ATTR,
-    AttentionCall,
-    AttentionSpec,
-    ModelAdapter,
-    attend,
-    check_block_types,
+from tokenreduce.patch.attach import engine_of
+from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
+from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.engine import Engine
+from tokenreduce.patch.pooling import (
     check_patches_left,
-    linear_macs,
     pooling_key_bias,
     pooling_weights,
-    split_heads,
     weighted_mean,
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+__all__ = ["OpenCLIPAdapter", "set_zero_shot_weights"]
 
 ZERO_SHOT_ATTR = "tokenreduce_zero_shot"
 """Attribute of a tower holding zero-shot classifier weights [K, D] (text embeddings of the
 class prompts, scaled), set by `tokenreduce eval` (`models.open_clip_zero_shot`)."""
 
 
+def set_zero_shot_weights(model: nn.Module, weights: torch.Tensor) -> None:
+    """Give an open_clip image tower zero-shot classifier weights [K, D] (the normalised text
+    embeddings of K class prompts, `models.open_clip_zero_shot`), so that `logits` scores K
+    classes."""
+    setattr(model, ZERO_SHOT_ATTR, weights)
+
+
 class OpenCLIPAdapter(ModelAdapter):
     """open_clip VisionTransformer towers."""
 
+    FAMILY = "open_clip"
     SUPPORTED = (
         "open_clip VisionTransformer image towers (model.visual) with ResidualAttentionBlock / "
         "nn.MultiheadAttention blocks, 'tok' or 'avg' pooling or the CoCa attentional pooler"
@@ -101,6 +107,7 @@ class OpenCLIPAdapter(ModelAdapter):
                 pool_include_prefix=True,
             )
         return ModelDims(
+            family=cls.FAMILY,
             depth=len(model.transformer.resblocks),
             embed_dim=width,
             num_heads=attn.num_heads,
@@ -145,13 +152,13 @@ class OpenCLIPAdapter(ModelAdapter):
 
     @classmethod
     def grid_features(cls, model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
-        adapter = getattr(model, ADAPTER_ATTR, None)
+        engine = engine_of(model)
         tokens = model._embeds(images)
         norm = token_norm(model)
-        if adapter is None:
+        if engine is None:
             tokens = model.transformer(tokens)
             return tokens if norm is None else norm(tokens)
-        return adapter.last_grid(model, tokens, norm, pruned, adapter.dims.grid_size)
+        return engine.last_grid(model, tokens, norm, pruned, engine.dims.grid_size)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.transformer.resblocks
@@ -178,9 +185,9 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
         def forward(self: VisionTransformer, x: torch.Tensor) -> Any:
-            adapter = getattr(self, ADAPTER_ATTR)
-            x = adapter.run_blocks(self, self._embeds(x))
-            pooled, tokens = size_aware_pool(self, x, adapter.final_state(), adapter)
+            engine = engine_of(self)
+            x = engine.run_blocks(self, self._embeds(x))
+            pooled, tokens = size_aware_pool(self, x, engine.final_state(), engine)
             if self.proj is not None:
                 pooled = pooled @ self.proj
             return (pooled, tokens) if self.output_tokens else pooled
@@ -218,7 +225,7 @@ def attentional_pool(pooler: AttentionalPooler, x: torch.Tensor, bias: torch.Ten
 
 
 def size_aware_pool(
-    model: nn.Module, x: torch.Tensor, state: TokenState | None, adapter: ModelAdapter
+    model: nn.Module, x: torch.Tensor, state: TokenState | None, engine: Engine
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tower's `_pool` where tokens stand for several patches, are padding or are masked in
     a learned method's training forward: the average is weighted (`pooling_weights`) over the
@@ -232,14 +239,14 @@ def size_aware_pool(
     weight = pooling_weights(state, x)
     if model.attn_pool is not None:
         size = state.sizes_like(x)
-        bias = pooling_key_bias(state, size, weight, adapter.config.uses_prop_attn, x.dtype)
+        bias = pooling_key_bias(state, size, weight, engine.config.uses_prop_attn, x.dtype)
         x = model.ln_post(attentional_pool(model.attn_pool, x, bias))
         return model._global_pool(x)
     if model.pool_type != "avg":
         return model._pool(x)
     weight = weight[:, 1:]
-    if adapter.should_check_patches_left():
-        check_patches_left(weight, adapter.config.name, "avg")
+    if engine.should_check_patches_left():
+        check_patches_left(weight, engine.config.name, "avg")
     if model.final_ln_after_pool:
         return model.ln_post(weighted_mean(x[:, 1:], weight)), x[:, 1:]
     x = model.ln_post(x)

@@ -16,22 +16,18 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
-from tokenreduce.patch.base import (
-    ADAPTER_ATTR,
-    TRAINABLE_ATTR,
+from tokenreduce.patch.attach import engine_of
+from tokenreduce.patch.attention import (
     AttentionCall,
     AttentionSpec,
-    ModelAdapter,
     attend,
-    check_block_types,
-    check_plain_forward,
-    check_pruned_rule,
-    grid_tokens,
-    linear_macs,
     project_output,
     split_heads,
-    weighted_pool,
 )
+from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.engine import check_plain_forward
+from tokenreduce.patch.grids import check_pruned_rule, grid_tokens
+from tokenreduce.patch.pooling import weighted_pool
 from tokenreduce.state import AttentionOutputs, ModelDims
 
 
@@ -83,16 +79,16 @@ def size_aware_pool(
     include_prefix: whether the model pools its prefix tokens too."""
 
     def pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        adapter = getattr(self, ADAPTER_ATTR)
+        engine = engine_of(self)
         pooled = weighted_pool(
             x,
-            adapter.final_state(),
+            engine.final_state(),
             self.global_pool if pool_type is None else pool_type,
             self.num_prefix_tokens,
             include_prefix(self),
             self.attn_pool,
-            adapter.config.uses_prop_attn,
-            adapter.config.name if adapter.should_check_patches_left() else None,
+            engine.config.uses_prop_attn,
+            engine.config.name if engine.should_check_patches_left() else None,
         )
         return model_class.pool(self, x, pool_type) if pooled is None else pooled
 
@@ -106,7 +102,7 @@ the grid or None)."""
 
 def reducing_forward_features(embed: Embed) -> Callable:
     """The `forward_features` of a reducing timm model class: embed, the blocks through the
-    adapter, the final norm."""
+    engine, the final norm."""
 
     def forward_features(
         self: nn.Module,
@@ -116,7 +112,7 @@ def reducing_forward_features(embed: Embed) -> Callable:
     ) -> torch.Tensor:
         check_plain_forward(self, attn_mask, is_causal)
         tokens, rotary = embed(self, x)
-        return self.norm(getattr(self, ADAPTER_ATTR).run_blocks(self, tokens, rotary))
+        return self.norm(engine_of(self).run_blocks(self, tokens, rotary))
 
     return forward_features
 
@@ -150,9 +146,8 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         tokens, rotary = embed(self, x)
-        adapter = getattr(self, ADAPTER_ATTR)
         last = max_index if stop_early else None
-        x, grids = adapter.run_blocks_with_grids(self, tokens, rotary, take, last)
+        x, grids = engine_of(self).run_blocks_with_grids(self, tokens, rotary, take, last)
         rows, cols = self.patch_embed.dynamic_feat_size((height, width))
         num_prefix = self.num_prefix_tokens
         final_norm = self.norm if norm else None
@@ -183,7 +178,7 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
 def timm_grid_features(model: nn.Module, images: torch.Tensor, pruned: str) -> torch.Tensor:
     """Final normed features of every original token [B, N0, C] (prefix first) of a timm model,
     reduced (through `forward_intermediates`) or not (its `forward_features`)."""
-    if not hasattr(model, ADAPTER_ATTR):
+    if engine_of(model) is None:
         return model.forward_features(images)
     result = model.forward_intermediates(
         images, indices=1, norm=True, output_fmt="NLC", intermediates_only=True, output_dict=True,
@@ -206,6 +201,7 @@ class TimmAdapter(ModelAdapter):
         "timm VisionTransformer (and subclasses such as VisionTransformerDistilled) whose blocks "
         "are timm.models.vision_transformer.Block with timm.layers.Attention"
     )
+    FAMILY = "timm"
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -224,6 +220,7 @@ class TimmAdapter(ModelAdapter):
         head_dist = getattr(model, "head_dist", nn.Identity())
         head_macs = linear_macs(model.head) + linear_macs(head_dist)
         return ModelDims(
+            family=cls.FAMILY,
             depth=len(model.blocks),
             embed_dim=model.embed_dim,
             num_heads=attn.num_heads,
@@ -295,4 +292,4 @@ def attention_forward(
     return project_output(attn, out, gate), byproducts
 
 
-__all__ = ["TRAINABLE_ATTR", "TimmAdapter", "attention_forward"]
+__all__ = ["TimmAdapter", "attention_forward"]

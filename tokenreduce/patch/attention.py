@@ -1,0 +1,215 @@
+"""Attention as the engine runs it: what a block's attention is asked for (`AttentionCall`), how
+a family's attention module computes (`AttentionSpec`), and `attend`, which computes it as timm
+does and returns the by-products a method needs — fused where it can, explicit where a by-product
+needs the attention matrix, one image at a time on the CPU where that is faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenreduce.ops.attention import (
+    attention_by_image,
+    class_attention_row,
+    fused_attention_by_image,
+    masked_softmax,
+    received_attention,
+    softmax_dtype,
+)
+from tokenreduce.ops.packing import RaggedLayout
+from tokenreduce.state import AttentionOutputs
+
+__all__ = ["AttentionCall", "AttentionSpec", "attend", "project_output", "split_heads"]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the engine asks of one block's attention.
+
+    bias: additive key bias [B, 1, 1, N] (log size, padding) or None. needs: the by-products the
+    method asks for ("cls_attn", "key_mean", "values", "attn", "received"). key_mask: [B, N] soft
+    key mask of a learned method's training forward, or None. layout: the input is the flat
+    [M, C] real tokens of this ragged batch (None: [B, N, C]). rope: the family's rotary
+    embedding of the current tokens, or None. valid: [B, N] real slots of a padded batch (each
+    image's real tokens first), None when every slot is real.
+    """
+
+    bias: torch.Tensor | None = None
+    needs: frozenset[str] = frozenset()
+    key_mask: torch.Tensor | None = None
+    layout: RaggedLayout | None = None
+    rope: Any = None
+    valid: torch.Tensor | None = None
+
+    @property
+    def counts_on_host(self) -> bool:
+        """Whether each image's real-token count is known without asking the device: a ragged
+        layout holds them, and an unpadded batch has one count. A padded batch without a layout
+        (packed or masked batching) would need a sync to learn them."""
+        return self.layout is not None or self.valid is None
+
+    def counts(self, batch: int, length: int) -> list[int]:
+        """Real tokens per image (of a ragged or unpadded batch)."""
+        return self.layout.counts if self.layout is not None else [length] * batch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one attention module computes: fused (scaled_dot_product_attention) or explicit, its
+    scale, its attention dropout (0 outside training) and the `scale` it passes to the fused
+    kernel (None: the kernel's default, as timm does)."""
+
+    fused: bool
+    scale: float
+    dropout: float = 0.0
+    sdpa_scale: float | None = None
+
+    @classmethod
+    def of_timm(cls, attn: nn.Module) -> AttentionSpec:
+        """A timm attention module's (`fused_attn`, `scale`, `attn_drop`, training mode)."""
+        return cls(bool(attn.fused_attn), attn.scale, attn.attn_drop.p if attn.training else 0.0)
+
+
+def attend(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttentionCall,
+    metric_keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AttentionOutputs]:
+    """Multi-head attention of q, k, v [B, H, N, d] with the call's key bias, as timm computes it.
+
+    With a ragged `call.layout`, q, k, v (and metric_keys) may instead be the flat [M, H, d] rows
+    of the real tokens: the per-image path reads each image's rows from them directly, the other
+    paths pad them to the batch first. `spec` says how the model's attention module computes.
+    With no bias the output equals timm's op for op. The fused path stays fused; the
+    class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
+    the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
+    path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
+    runs one image at a time (`attention_by_image`: cache-resident, no work on padding). On a
+    CPU the fused kernel also runs one image at a time on the flat rows of a ragged batch
+    (`fused_attention_by_image`).
+    metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
+    the keys before rotation).
+    Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
+    the real tokens) and the by-products.
+    """
+    flat = q.dim() == 3
+    if flat:
+        batch, tokens, heads = call.layout.batch, call.layout.length, q.shape[1]
+    else:
+        batch, heads, tokens, _ = q.shape
+    dropout = spec.dropout
+    bias = None if call.bias is None else call.bias.to(q.dtype)
+    full = None
+    cls_attn = None
+    received = None
+    explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
+    fused = spec.fused and not explicit
+    several_on_cpu = batch > 1 and dropout == 0.0 and q.device.type == "cpu"
+    by_image = (
+        explicit
+        and several_on_cpu
+        and call.counts_on_host
+        and call.key_mask is None
+        and "attn" not in call.needs
+    )
+    fused_by_image = (  # a ragged batch: the fused kernel on each image's rows alone
+        fused and several_on_cpu and flat and call.needs <= {"cls_attn", "key_mean"}
+    )
+    metric_keys = k if metric_keys is None else metric_keys
+    if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
+        q, k, v, metric_keys = (
+            call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
+            for t in (q, k, v, metric_keys)
+        )
+        flat = False
+    if fused_by_image:
+        rows, cls_attn = fused_attention_by_image(
+            q,
+            k,
+            v,
+            bias,
+            call.counts(batch, tokens),
+            tokens,
+            spec.sdpa_scale,
+            spec.scale if "cls_attn" in call.needs else None,
+        )
+    elif fused:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
+        )
+        if "cls_attn" in call.needs:
+            cls_attn = class_attention_row(q, k, spec.scale, bias)
+    elif by_image:
+        rows, received = attention_by_image(
+            q, k, v, spec.scale, bias, call.counts(batch, tokens), tokens
+        )
+        if "cls_attn" in call.needs:
+            cls_attn = class_attention_row(q, k, spec.scale, bias)
+    else:
+        if bias is None:
+            scores = (q * spec.scale) @ k.transpose(-2, -1)
+        else:  # bias and scale inside the product: no extra pass over q or the N x N scores
+            scores = torch.baddbmm(
+                bias.expand(batch, heads, 1, tokens).flatten(0, 1),
+                q.flatten(0, 1),
+                k.transpose(-2, -1).flatten(0, 1),
+                alpha=spec.scale,
+            ).unflatten(0, (batch, heads))
+        if call.key_mask is None:
+            full = scores.softmax(dim=-1)
+        else:
+            full = masked_softmax(scores, call.key_mask.to(scores.dtype))
+        out = (F.dropout(full, dropout) if dropout else full) @ v
+        if "cls_attn" in call.needs:
+            cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
+        if "received" in call.needs:
+            received = received_attention(full, call.valid)
+    key_mean = None
+    if "key_mean" in call.needs:
+        key_mean = metric_keys.mean(dim=-2 if flat else 1)
+        if flat:
+            key_mean = call.layout.pad(key_mean)
+    byproducts = AttentionOutputs(
+        cls_attn=cls_attn,
+        key_mean=key_mean,
+        values=v if "values" in call.needs else None,
+        attn=full if "attn" in call.needs else None,
+        received=received,
+        fused=fused,
+    )
+    if by_image or fused_by_image:
+        out = rows if call.layout is not None else rows.view(batch, tokens, -1)
+    else:
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * q.shape[-1])
+        if call.layout is not None:
+            out = call.layout.unpad(out)
+    return out, byproducts
+
+
+def split_heads(
+    projection: torch.Tensor, call: AttentionCall, head_dim: int, parts: int = 1
+) -> list[torch.Tensor]:
+    """The `parts` projections packed in `projection` (q, k, v: 3) in the layout `attend` takes:
+    [B, N, parts * H * d] -> [B, H, N, d] each, or with a ragged layout the flat rows
+    [M, parts * H * d] -> [M, H, d] each (views, no copies)."""
+    heads = projection.unflatten(-1, (parts, -1, head_dim)).unbind(-3)
+    if call.layout is not None:
+        return list(heads)
+    return [t.transpose(1, 2) for t in heads]
+
+
+def project_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The attention module's output half (timm Attention, EvaAttention, AttentionRope): norm,
+    optional sigmoid gate, projection, dropout (on the rows `attend` returned)."""
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))

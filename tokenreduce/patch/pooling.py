@@ -1,0 +1,104 @@
+"""Pooling over reduced tokens: each token weighs as the patches it holds, padding and masked
+tokens weigh nothing, and a pooling of patch tokens only refuses an image that kept none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenreduce.errors import InvalidOptionError
+from tokenreduce.ops.attention import padding_bias, size_bias
+from tokenreduce.state import TokenState
+
+__all__ = [
+    "check_patches_left",
+    "pooling_key_bias",
+    "pooling_weights",
+    "weighted_mean",
+    "weighted_pool",
+]
+
+
+def pooling_weights(state: TokenState, x: torch.Tensor) -> torch.Tensor:
+    """What each token of x [B, N, C] weighs in a pooling: [B, N, 1] in x's dtype, its size (0
+    at padding), times the training mask of a learned method (masked tokens weigh 0)."""
+    weight = state.sizes_like(x)
+    if state.mask is not None:
+        weight = weight * state.mask.unsqueeze(-1)
+    return weight.to(x.dtype)
+
+
+def pooling_key_bias(
+    state: TokenState, size: torch.Tensor, weight: torch.Tensor, prop_attn: bool, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Key bias [B, 1, 1, N] of an attention pooling over tokens with these sizes and weights
+    ([B, N, 1], `pooling_weights`): log(size) with proportional attention, -inf where a token
+    weighs 0 (padding, masked in training); None when neither applies."""
+    bias = size_bias(size, dtype) if prop_attn else None
+    if state.valid is None and state.mask is None:
+        return bias
+    padding = padding_bias(weight.detach()[..., 0] > 0, dtype)
+    return padding if bias is None else bias + padding
+
+
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of the tokens x [B, N, C] weighted by weight [B, N, 1] (`pooling_weights`): [B, C]."""
+    return (x * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def check_patches_left(weight: torch.Tensor, method: str, pooling: str) -> None:
+    """InvalidOptionError when an image kept no patch token for a pooling that reads only patch
+    tokens (an average over nothing is NaN, a max -inf). weight: [B, N, 1] those tokens'
+    `pooling_weights`. One host sync: `Engine.should_check_patches_left` says when to ask."""
+    empty = (weight.detach().sum(dim=(1, 2)) <= 0).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidOptionError(
+            f"{method}: image(s) {empty} of the batch kept no patch token, and the model's "
+            f"{pooling} pooling reads patch tokens only, so it has nothing to pool; accepted: "
+            "method options that keep at least one patch token per image (lower prune "
+            "thresholds), or a model that pools its class token"
+        )
+
+
+def weighted_pool(
+    x: torch.Tensor,
+    state: TokenState | None,
+    pool_type: str,
+    num_prefix: int,
+    include_prefix: bool,
+    attn_pool: nn.Module | None,
+    prop_attn: bool,
+    check_for: str | None = None,
+) -> torch.Tensor | None:
+    """Pooling that accounts for token sizes, padding and training masks, or None when the
+    family's own pooling is exact (nothing was reduced, or a pooling that sizes do not change).
+
+    x: final tokens [B, N, C]. attn_pool: an attention-pooling module taking `attn_mask` (timm's
+    AttentionPoolLatent); it gets log(size) as key bias with proportional attention, and -inf at
+    padding. Otherwise "avg" is the size-weighted mean, "max" the max over real tokens and
+    "avgmax" the mean of the two. check_for: the method's name where a pooling of patch tokens
+    only must first check that every image kept one (`check_patches_left`), else None.
+    """
+    if state is None or (state.size is None and state.mask is None):
+        return None
+    size = state.sizes_like(x)
+    if size.shape[:2] != x.shape[:2]:
+        return None
+    if attn_pool is None and pool_type not in ("avg", "avgmax", "max"):
+        return None
+    weight = pooling_weights(state, x)
+    if not include_prefix:
+        x, size, weight = x[:, num_prefix:], size[:, num_prefix:], weight[:, num_prefix:]
+        if check_for is not None:
+            check_patches_left(weight, check_for, pool_type if attn_pool is None else "attention")
+    if attn_pool is not None:
+        return attn_pool(x, attn_mask=pooling_key_bias(state, size, weight, prop_attn, x.dtype))
+
+    def real_max() -> torch.Tensor:
+        return x.masked_fill(~(weight.detach() > 0), -torch.inf).amax(dim=1)
+
+    if pool_type == "max":
+        return real_max()
+    mean = weighted_mean(x, weight)
+    return mean if pool_type == "avg" else 0.5 * (real_max() + mean)
