@@ -270,7 +270,8 @@ def test_reapply_replaces_previous_method():
 def test_apply_accepts_config_dataclass():
     model = tiny_vit()
     tokenreduce.apply(model, tokenreduce.PPTConfig(r=20), threshold=0.0)
-    assert tokenreduce.patch.attached_engine(model).config == tokenreduce.PPTConfig(r=20, threshold=0.0)
+    engine = tokenreduce.patch.attached_engine(model)
+    assert engine.config == tokenreduce.PPTConfig(r=20, threshold=0.0)
 
 
 def test_attention_masks_are_rejected_not_ignored():
