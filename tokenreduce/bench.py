@@ -19,6 +19,23 @@ from tokenreduce.flops import FlopsReport
 from tokenreduce.options import MethodSpec, format_options
 from tokenreduce.runtime import precision_context, timed_forward
 
+__all__ = [
+    "DEFAULT_METHODS",
+    "NOISY_SPREAD",
+    "BenchResult",
+    "SpeedRow",
+    "Timing",
+    "bench_model",
+    "compile_for_timing",
+    "fastest_total",
+    "image_batches",
+    "measure_speedup",
+    "median_ms",
+    "noise_note",
+    "round_robin",
+]
+
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = (

@@ -19,6 +19,9 @@ from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.patch import attached_engine
 
+__all__ = ["UNREACHABLE", "Calibration", "match_gmacs", "mean_gmacs"]
+
+
 UNREACHABLE = 0.02
 """How far (relative) above the target the strongest setting may cost before the target counts
 as unreachable rather than matched."""

@@ -24,6 +24,9 @@ from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
 from tokenreduce.options import describe_options
 
+__all__ = ["CompareRow", "compare", "pareto_front", "plot_tradeoffs", "sweep_configs"]
+
+
 logger = logging.getLogger(__name__)
 
 

@@ -21,6 +21,8 @@ from torch import nn
 from tokenreduce.api import describe
 from tokenreduce.errors import MissingFileError, UnsupportedModelError
 
+__all__ = ["DEIT_BLOCK", "DINOV2_BLOCK", "from_transformers", "to_transformers"]
+
 
 def _transformers() -> Any:
     try:

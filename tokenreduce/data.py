@@ -18,6 +18,21 @@ from torch.utils.data import Dataset
 from tokenreduce.api import describe
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PACKAGED_PHOTOS",
+    "ImageFiles",
+    "ImageFolder",
+    "check_folder",
+    "eval_transform",
+    "evenly_spaced",
+    "load_images",
+    "open_rgb",
+    "packaged_photos",
+    "read_class_map",
+]
+
+
 # Real photographs inside the scikit-image and matplotlib wheels (licences: skimage.data
 # docstrings; matplotlib's sample_data). No download is involved.
 PACKAGED_PHOTOS: tuple[tuple[str, str], ...] = (

@@ -23,6 +23,9 @@ from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, describe_options, unique_labels
 from tokenreduce.patch import adapter_for
 
+__all__ = ["DemoRow", "pooled_features", "run_demo"]
+
+
 logger = logging.getLogger(__name__)
 
 

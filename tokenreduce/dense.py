@@ -33,6 +33,17 @@ from tokenreduce.methods.base import MethodConfig
 from tokenreduce.options import describe_options
 from tokenreduce.runtime import precision_context, progress_bar, timed_call
 
+__all__ = [
+    "KL_EPSILON",
+    "METRICS",
+    "SaliencyResult",
+    "SaliencyRow",
+    "decoder_gmacs",
+    "evaluate_saliency",
+    "saliency_agreement",
+]
+
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("cc", "kl", "sim", "mae")

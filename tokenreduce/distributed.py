@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+__all__ = ["T", "Context", "gather", "setup", "shard", "teardown"]
+
+
 T = TypeVar("T")
 
 

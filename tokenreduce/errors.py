@@ -9,6 +9,15 @@ status 2 with a one-line message; anything else is a bug of ours and keeps its t
 
 from __future__ import annotations
 
+__all__ = [
+    "InvalidOptionError",
+    "InvalidTypeError",
+    "MissingFileError",
+    "NotReadyError",
+    "TokenReduceError",
+    "UnsupportedModelError",
+]
+
 
 class TokenReduceError(Exception):
     """Base of every user error raised by tokenreduce."""

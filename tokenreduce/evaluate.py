@@ -26,6 +26,9 @@ from tokenreduce.options import describe_options
 from tokenreduce.patch import adapter_for
 from tokenreduce.runtime import precision_context, progress_bar
 
+__all__ = ["EvalResult", "MethodAccuracy", "evaluate"]
+
+
 logger = logging.getLogger(__name__)
 
 

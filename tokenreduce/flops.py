@@ -18,6 +18,8 @@ from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.state import ModelDims
 
+__all__ = ["FlopsReport", "block_macs", "budget_fraction", "dense_gmacs", "gmacs", "network_macs"]
+
 
 @dataclass(frozen=True)
 class FlopsReport:

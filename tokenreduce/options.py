@@ -13,6 +13,16 @@ from typing import Any
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig, make_config
 
+__all__ = [
+    "MethodSpec",
+    "describe_options",
+    "format_options",
+    "format_spec",
+    "parse_method",
+    "unique_labels",
+]
+
+
 MethodSpec = tuple[str, dict[str, Any]]
 
 

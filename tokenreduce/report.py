@@ -11,6 +11,8 @@ from typing import Any
 
 from tokenreduce.errors import InvalidOptionError
 
+__all__ = ["check_output_dir", "check_output_file", "format_table", "write_results"]
+
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[str(row[c]) for c in columns] for row in rows]

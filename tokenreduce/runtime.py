@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+__all__ = ["precision_context", "progress_bar", "timed_call", "timed_forward"]
+
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 

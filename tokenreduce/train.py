@@ -33,6 +33,9 @@ from tokenreduce.patch import ModelAdapter, adapter_for, attached_engine
 from tokenreduce.report import check_output_file
 from tokenreduce.runtime import progress_bar
 
+__all__ = ["Logits", "TrainResult", "train_thresholds"]
+
+
 logger = logging.getLogger(__name__)
 
 

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 
+__all__ = ["BORDER", "PRUNED_GREY", "draw_saliency", "draw_token_maps", "patch_owners", "token_map"]
+
+
 PRUNED_GREY = 0.82
 BORDER = 0.08
 

@@ -105,7 +105,7 @@ def test_conversion_is_cached(monkeypatch):
     def no_conversion(path):
         raise AssertionError("converted again although a cached copy exists")
 
-    source = models.OFFLINE_SOURCES[IMGFOCUS]
+    source = models.offline_sources()[IMGFOCUS]
     monkeypatch.setitem(
         models.OFFLINE_SOURCES,
         IMGFOCUS,

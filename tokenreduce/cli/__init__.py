@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, train, viz
 from tokenreduce.errors import TokenReduceError
 
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
 COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz)
 
 

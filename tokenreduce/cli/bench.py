@@ -11,6 +11,9 @@ from tokenreduce.cli import shared
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
+__all__ = ["COLUMNS", "add_parser", "run"]
+
+
 COLUMNS = (
     "method options batch_size gmacs ideal_speedup measured_speedup best_speedup dense_ms "
     "method_ms dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"

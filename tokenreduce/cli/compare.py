@@ -14,6 +14,9 @@ from tokenreduce.compare import CompareRow, compare, plot_tradeoffs, sweep_confi
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import parse_method
 
+__all__ = ["COLUMNS", "add_parser", "run"]
+
+
 COLUMNS = (
     "method options gmacs ideal_speedup measured_speedup dense_spread noisy "
     "top1 top1_drop agreement"

@@ -12,6 +12,9 @@ from tokenreduce import data, demo, report
 from tokenreduce.cli import shared
 from tokenreduce.options import parse_method
 
+__all__ = ["COLUMNS", "add_parser", "run"]
+
+
 COLUMNS = (
     "method options gmacs gmacs_ratio ideal_speedup measured_speedup dense_spread noisy "
     "feature_cosine min_feature_cosine"

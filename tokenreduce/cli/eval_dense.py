@@ -13,6 +13,9 @@ from tokenreduce.dense import SaliencyResult, evaluate_saliency
 from tokenreduce.options import parse_method
 from tokenreduce.patch import PRUNED_RULES
 
+__all__ = ["COLUMNS", "DEFAULT_METHOD", "add_parser", "run"]
+
+
 COLUMNS = (
     "method options backbone_gmacs_ratio gmacs_ratio ideal_speedup measured_speedup cc kl sim mae"
 )

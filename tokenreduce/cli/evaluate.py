@@ -11,6 +11,9 @@ from tokenreduce.cli import shared
 from tokenreduce.evaluate import EvalResult, evaluate
 from tokenreduce.options import parse_method
 
+__all__ = ["COLUMNS", "add_parser", "run"]
+
+
 COLUMNS = "method options top1 top5 top1_drop agreement gmacs_mean gmacs_min gmacs_max gmacs_ratio"
 """The table's columns on stdout (the results file has every field)."""
 

@@ -24,6 +24,40 @@ from tokenreduce.options import MethodSpec, format_spec
 from tokenreduce.patch import adapter_for
 from tokenreduce.report import check_output_file, format_table, write_results
 
+__all__ = [
+    "AMP_DTYPES",
+    "DEMO_MODEL",
+    "INTERPOLATIONS",
+    "MAX_IMG_SIZE",
+    "RESULTS_FORMATS",
+    "add_amp_args",
+    "add_data_args",
+    "add_matching_args",
+    "add_model_args",
+    "add_results_args",
+    "add_results_format",
+    "add_timing_args",
+    "add_zero_shot",
+    "amp_dtype",
+    "check_at_least",
+    "check_device",
+    "check_matching",
+    "check_needs",
+    "check_ratio",
+    "check_results_file",
+    "check_timing",
+    "image_folder",
+    "load_model",
+    "method_configs",
+    "print_results",
+    "readable_images",
+    "real_weights",
+    "replaced_by_matching",
+    "warn_untrained",
+    "weights_label",
+]
+
+
 logger = logging.getLogger("tokenreduce.cli")
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,7 +168,7 @@ def add_results_format(parser: argparse.ArgumentParser, fmt: str) -> None:
 def real_weights(args: argparse.Namespace) -> bool:
     """Whether --weights (or the command's default) asks for real weights."""
     if args.weights == "auto":
-        return args.checkpoint is not None or args.model in models.OFFLINE_SOURCES
+        return args.checkpoint is not None or args.model in models.offline_sources()
     return args.weights == "pretrained"
 
 

@@ -16,6 +16,8 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import learned_method_names
 from tokenreduce.options import parse_method
 
+__all__ = ["add_parser", "learning_rates", "run"]
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(

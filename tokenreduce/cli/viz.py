@@ -17,6 +17,8 @@ from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, describe_options, parse_method, unique_labels
 from tokenreduce.patch import PRUNED_RULES
 
+__all__ = ["add_parser", "draw_saliency", "run"]
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(

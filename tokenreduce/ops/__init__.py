@@ -11,14 +11,14 @@ from tokenreduce.ops.merging import (
     merge_tokens,
     merge_wavg,
 )
-from tokenreduce.ops.selection import fuse_dropped, gather_tokens, keep_rows, keep_top_tokens
+from tokenreduce.ops.selection import fuse_rows, gather_tokens, keep_rows, keep_top_tokens
 
 __all__ = [
     "Matching",
     "bipartite_soft_matching",
     "class_attention_row",
     "dpc_knn",
-    "fuse_dropped",
+    "fuse_rows",
     "gather_tokens",
     "keep_rows",
     "keep_top_tokens",

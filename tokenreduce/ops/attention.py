@@ -6,6 +6,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "attention_by_image",
+    "class_attention_row",
+    "fused_attention_by_image",
+    "image_heads",
+    "masked_softmax",
+    "padding_bias",
+    "received_attention",
+    "size_bias",
+    "softmax_dtype",
+]
+
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax precision for attention scores: at least float32 (float64 stays float64)."""

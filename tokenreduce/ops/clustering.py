@@ -7,6 +7,8 @@ import torch
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.ops.packing import cached_index, index_range
 
+__all__ = ["dpc_knn", "merge_clusters"]
+
 
 @cached_index
 def _tie_break(count: int, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,27 @@ import torch.nn.functional as F
 
 from tokenreduce.ops.packing import cached_index, gather_rows
 
+__all__ = [
+    "Matching",
+    "bipartite_scores",
+    "bipartite_soft_matching",
+    "interleave_destinations",
+    "matching_destinations",
+    "max_merges",
+    "mean_position",
+    "merge_positions",
+    "merge_source",
+    "merge_sum",
+    "merge_tokens",
+    "merge_wavg",
+    "order_index",
+    "prefix_first_order",
+    "rows_in_order",
+    "split_rows",
+    "split_size_column",
+    "with_size_column",
+]
+
 
 class Matching(NamedTuple):
     """A merge map over N tokens that removes r of them.

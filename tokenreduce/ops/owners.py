@@ -14,6 +14,15 @@ import torch
 
 from tokenreduce.ops.packing import gather_rows, index_range
 
+__all__ = [
+    "fill_from_nearest",
+    "follow",
+    "follow_rows",
+    "gather_destinations",
+    "held_features",
+    "record_exits",
+]
+
 
 def follow(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tensor | None:
     """The owner map [B, N0] after a step that sends current row i to destination[b, i] [B, N]

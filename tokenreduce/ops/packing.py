@@ -13,6 +13,16 @@ from typing import Any, NamedTuple
 
 import torch
 
+__all__ = [
+    "Packing",
+    "RaggedLayout",
+    "cached_index",
+    "gather_rows",
+    "index_range",
+    "merge_into_slots",
+    "pack_kept",
+]
+
 
 def cached_index(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Cache an index tensor that depends only on `build`'s hashable arguments (lengths, orders,
@@ -94,14 +104,6 @@ def gather_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     offset = torch.arange(batch, device=index.device).unsqueeze(1) * tokens
     flat = y.reshape(batch * tokens, channels).index_select(0, (index + offset).view(-1))
     return flat.view(batch, index.shape[1], channels)
-
-
-def gather_packed(y: torch.Tensor, packing: Packing, fill: float = 0.0) -> torch.Tensor:
-    """Rows of y [B, N, C] in packed order, padding slots set to `fill`: [B, T, C]."""
-    out = gather_rows(y, packing.index)
-    if packing.valid is None:
-        return out
-    return out.masked_fill(~packing.valid.unsqueeze(-1), fill)
 
 
 def merge_into_slots(

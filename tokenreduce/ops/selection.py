@@ -6,6 +6,15 @@ import torch
 
 from tokenreduce.ops.packing import gather_rows, index_range
 
+__all__ = [
+    "fuse_rows",
+    "gather_tokens",
+    "keep_rows",
+    "keep_top_tokens",
+    "prefix_and_rows",
+    "top_rows",
+]
+
 
 def gather_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows idx [B, K] of y [B, N, C] -> [B, K, C]."""
@@ -47,11 +56,7 @@ def keep_top_tokens(
     return gather_rows(y, rows), idx
 
 
-def fuse_dropped(y: torch.Tensor, weight: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
-    """One token per image: the sum of the dropped rows of y [B, M, C] weighted by weight [B, M].
-
-    Dropped = not in kept_idx [B, K]. The weights are used as given (EViT: raw class attention).
-    Returns [B, 1, C].
-    """
-    weight = weight.to(y.dtype).scatter(1, kept_idx, 0.0)
-    return weight.unsqueeze(1) @ y
+def fuse_rows(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One token per image: the rows of y [B, M, C] summed with weight [B, M] (zero at the rows
+    not fused; EViT: raw class attention, used as given). Returns [B, 1, C]."""
+    return weight.to(y.dtype).unsqueeze(1) @ y

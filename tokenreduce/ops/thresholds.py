@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["threshold_mask"]
+
 
 def threshold_mask(
     score: torch.Tensor, threshold: torch.Tensor | float, tau: float, soft: bool

@@ -26,6 +26,22 @@ from tokenreduce.patch.eva import EvaAdapter
 from tokenreduce.patch.grids import PRUNED_RULES, check_pruned_rule
 from tokenreduce.patch.timm import TimmAdapter
 
+__all__ = [
+    "ADAPTERS",
+    "LAZY_ADAPTERS",
+    "PRUNED_RULES",
+    "Engine",
+    "EvaAdapter",
+    "ModelAdapter",
+    "TimmAdapter",
+    "adapter_for",
+    "attached_engine",
+    "check_pruned_rule",
+    "register_adapter",
+    "register_lazy_adapter",
+]
+
+
 ADAPTERS: list[type[ModelAdapter]] = [TimmAdapter, EvaAdapter]
 """Registered adapter classes, asked in order."""
 
@@ -107,19 +123,3 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
 def attached_engine(model: nn.Module) -> Engine | None:
     """The engine a reduction installed on this model, if any."""
     return engine_of(model)
-
-
-__all__ = [
-    "ADAPTERS",
-    "LAZY_ADAPTERS",
-    "PRUNED_RULES",
-    "Engine",
-    "EvaAdapter",
-    "ModelAdapter",
-    "TimmAdapter",
-    "adapter_for",
-    "attached_engine",
-    "check_pruned_rule",
-    "register_adapter",
-    "register_lazy_adapter",
-]

@@ -38,6 +38,9 @@ from tokenreduce.patch.timm import (
 )
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
+__all__ = ["EvaAdapter", "attention_forward"]
+
+
 ATTENTIONS = (EvaAttention, AttentionRope)
 BLOCKS = {EvaBlock: ATTENTIONS, EvaBlockPostNorm: ATTENTIONS}
 
@@ -225,6 +228,3 @@ def attention_forward(
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call, metric_keys=metric_keys)
     return project_output(attn, out, gate), byproducts
-
-
-__all__ = ["EvaAdapter", "attention_forward"]

@@ -1,4 +1,4 @@
-"""Hugging Face transformers vision models: their hooks for the shared engine (`patch.base`).
+"""Hugging Face transformers vision models: their hooks for the shared engine (`patch.engine`).
 
 The registry imports this module the first time a transformers model is applied (a lazy
 adapter), so the core never imports transformers (`pip install 'tokenreduce[hf]'`).
@@ -36,6 +36,34 @@ from tokenreduce.patch.base import ModelAdapter, linear_macs
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.pooling import check_patches_left, pooling_weights, weighted_mean
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "CLIP_LIKE",
+    "DINOV2_LIKE",
+    "FAMILIES",
+    "HEAD_ATTRS",
+    "PATCH_MEAN_WRAPPERS",
+    "SUPPORTED",
+    "VIT_LIKE",
+    "WRAPPERS",
+    "HFAdapter",
+    "HFFamily",
+    "attention_spec",
+    "base_forward",
+    "base_model",
+    "check_output_options",
+    "embed",
+    "family_of",
+    "num_prefix_tokens",
+    "patch_mean_features",
+    "patch_mean_forward",
+    "patch_projection",
+    "served_class",
+    "siglip_pool",
+    "siglip_pool_facts",
+]
+
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 

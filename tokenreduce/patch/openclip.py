@@ -1,5 +1,5 @@
 """open_clip's image tower (`open_clip.transformer.VisionTransformer`, e.g. `model.visual`): its
-hooks for the shared engine (`patch.base`).
+hooks for the shared engine (`patch.engine`).
 
 The registry imports this module the first time an open_clip tower is applied (a lazy adapter;
 `pip install 'tokenreduce[openclip]'`). Blocks are `ResidualAttentionBlock`s around

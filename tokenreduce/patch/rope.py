@@ -26,6 +26,9 @@ from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 
+__all__ = ["ROTARY_MODULES", "RotaryPositions", "RotaryTable", "check_rotary_module"]
+
+
 ROTARY_MODULES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed)
 
 
@@ -164,6 +167,3 @@ class RotaryPositions:
         if self.rotate_half:
             return torch.cat([values, values], dim=-1)
         return values.repeat_interleave(2, dim=-1)
-
-
-__all__ = ["ROTARY_MODULES", "RotaryPositions", "RotaryTable", "check_rotary_module"]

@@ -1,4 +1,4 @@
-"""The timm VisionTransformer family: its hooks for the shared engine (`patch.base`).
+"""The timm VisionTransformer family: its hooks for the shared engine (`patch.engine`).
 
 Blocks are timm `Block` with `timm.layers.Attention`; the attention half mirrors timm's forward op
 for op, so with no key bias the output equals timm's.
@@ -29,6 +29,8 @@ from tokenreduce.patch.engine import check_plain_forward
 from tokenreduce.patch.grids import check_pruned_rule, grid_tokens
 from tokenreduce.patch.pooling import weighted_pool
 from tokenreduce.state import AttentionOutputs, ModelDims
+
+__all__ = ["TimmAdapter", "attention_forward"]
 
 
 def model_name(model: nn.Module) -> str:
@@ -290,6 +292,3 @@ def attention_forward(
     q, k = attn.q_norm(q), attn.k_norm(k)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
-
-
-__all__ = ["TimmAdapter", "attention_forward"]
