@@ -7,7 +7,7 @@ No official code exists; every choice the paper leaves open is a named option
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,9 +29,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.ops.merging import mean_position
-from tokenreduce.ops.owners import follow_rows
-from tokenreduce.ops.packing import gather_packed
+from tokenreduce.methods.steps import carried, kept_rows, with_fused_token
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -154,7 +152,15 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
                     "and set fuse=True on the trained thresholds"
                 )
             mask = torch.cat([state.mask[:, :prefix], state.mask[:, prefix:] * keep], dim=1)
-            return x, replace(state, mask=mask), ASViTRecord()
+            state = state.with_tokens(
+                size=state.size,
+                source=state.source,
+                valid=state.valid,
+                mask=mask,
+                position=state.position,
+                owner=state.owner,
+            )
+            return x, state, ASViTRecord()
         return self._prune(x, state, keep & active, score, cls_attn)
 
     def _prune(
@@ -167,38 +173,19 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
     ) -> tuple[torch.Tensor, TokenState, ASViTRecord]:
         """Remove the tokens not kept: [prefix, kept in original order, fused], padded."""
         prefix = state.num_prefix
-        size = state.sizes_like(x)
-        source, position = state.source, state.position
+        tokens = carried(x, state, state.sizes_like(x))
         keep_all = torch.cat([keep.new_ones(keep.shape[0], prefix), keep], dim=1)
         rank = torch.cat([score.new_full((score.shape[0], prefix), torch.inf), score], dim=1)
         if self.fuse:
             dropped = (~keep & (score > -torch.inf)).to(x.dtype)
-            weight = (cls_attn.mean(dim=1).to(x.dtype) * dropped).unsqueeze(1)
-            x = torch.cat([x, weight @ x[:, prefix:]], dim=1)
-            size = torch.cat([size, dropped.unsqueeze(1) @ size[:, prefix:]], dim=1)
-            if source is not None:
-                fused = (dropped.unsqueeze(1) @ source[:, prefix:]).clamp_max(1.0)
-                source = torch.cat([source, fused], dim=1)
-            if position is not None:
-                moment = (
-                    dropped.unsqueeze(1).to(position.dtype) @ (position * size[:, :-1])[:, prefix:]
-                )
-                position = torch.cat([position, mean_position(moment, size[:, -1:])], dim=1)
+            weight = cls_attn.mean(dim=1).to(x.dtype) * dropped
+            tokens = with_fused_token(tokens, tokens, prefix, dropped, weight)
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
         packing, overflow = self.pack(keep_all, rank, state.batching)
-        owner = follow_rows(state.owner, packing.index, x.shape[1], packing.valid)
         record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
-        x = gather_packed(x, packing)
-        size = gather_packed(size, packing)
-        if source is not None:
-            source = gather_packed(source, packing)
-        if position is not None:
-            position = gather_packed(position, packing)
-        state = replace(
-            state, size=size, source=source, valid=packing.valid, position=position, owner=owner
-        )
-        return x, state, record
+        tokens = kept_rows(tokens, packing.index, packing.valid)
+        return tokens.x, tokens.in_state(state), record
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: ASViTRecord, fused: bool

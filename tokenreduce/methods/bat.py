@@ -16,15 +16,8 @@ import torch
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig
-from tokenreduce.ops import (
-    bipartite_soft_matching,
-    dpc_knn,
-    mean_position,
-    merge_clusters,
-    merge_positions,
-    merge_source,
-    merge_wavg,
-)
+from tokenreduce.methods.steps import Tokens, carried, kept_rows, merged_tokens
+from tokenreduce.ops import bipartite_soft_matching, dpc_knn, mean_position, merge_clusters
 from tokenreduce.ops.merging import matching_destinations
 from tokenreduce.ops.owners import follow
 from tokenreduce.ops.packing import gather_rows, index_range
@@ -118,25 +111,16 @@ class BATConfig(KeepRateConfig):
         score = attn.cls_attn.mean(dim=1)[:, num_prefix:]
         order = score.topk(score.shape[1], dim=-1, sorted=True).indices
         inattentive = order[:, keep:]
-        size = state.sizes_like(x)
-        source, position = state.source, state.position
+        # the owner map follows BAT's destination map once, below
+        tokens = carried(x, state, state.sizes_like(x))._replace(owner=None)
 
         # rows of the attentive and inattentive tokens among all N: built once, gathered from
         # for every tensor the tokens carry
         rows = order + num_prefix
         attentive_rows, inattentive_rows = rows[:, :keep], rows[:, keep:]
-
-        def part(y: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-            return None if y is None else gather_rows(y, rows)
-
-        x_att, size_att, src_att, pos_att = (
-            part(x, attentive_rows),
-            part(size, attentive_rows),
-            part(source, attentive_rows),
-            part(position, attentive_rows),
-        )
+        attentive = kept_rows(tokens, attentive_rows)
         matching = bipartite_soft_matching(
-            part(attn.key_mean, attentive_rows), matches, num_prefix=0, sort_unmerged=True
+            gather_rows(attn.key_mean, attentive_rows), matches, num_prefix=0, sort_unmerged=True
         )
         destination = None
         if state.owner is not None:  # prefix rows stay; the others are filled in below
@@ -147,47 +131,31 @@ class BATConfig(KeepRateConfig):
                 att_rows = matching_destinations(matching, keep)
             destination.scatter_(1, attentive_rows, num_prefix + att_rows)
         if matching is not None:
-            x_att, merged_size = merge_wavg(matching, x_att, size_att)
-            src_att = merge_source(matching, src_att)
-            pos_att = merge_positions(
-                matching, pos_att, size_att, merged_size, state.destination_positions
-            )
-            size_att = merged_size
-        pieces = [
-            (x[:, :num_prefix], size[:, :num_prefix], _prefix(source, num_prefix),
-             _prefix(position, num_prefix)),
-            (x_att, size_att, src_att, pos_att),
-        ]  # fmt: skip
+            attentive = merged_tokens(matching, attentive, state.destination_positions)
+        parts = [_prefix(tokens, num_prefix), attentive]
         if rest:
-            x_in, size_in = part(x, inattentive_rows), part(size, inattentive_rows)
-            assignment, _ = dpc_knn(x_in, num_clusters, self.neighbours)
-            weight = gather_rows(score.unsqueeze(-1), inattentive).to(x.dtype) * size_in
-            summed = merge_clusters(torch.cat([x_in * weight, weight, size_in], -1), assignment,
-                                    num_clusters)  # fmt: skip
+            members = kept_rows(tokens, inattentive_rows)
+            assignment, _ = dpc_knn(members.x, num_clusters, self.neighbours)
+            weight = gather_rows(score.unsqueeze(-1), inattentive).to(x.dtype) * members.size
+            summed = merge_clusters(torch.cat([members.x * weight, weight, members.size], -1),
+                                    assignment, num_clusters)  # fmt: skip
             channels = x.shape[-1]
             total = summed[..., channels : channels + 1]
             x_clusters = summed[..., :channels] / torch.where(total > 0, total, 1)
             size_clusters = summed[..., channels + 1 :]
             src_clusters = pos_clusters = None
-            if source is not None:
-                src_clusters = merge_clusters(part(source, inattentive_rows), assignment,
-                                              num_clusters, "amax")  # fmt: skip
-            if position is not None:
-                moment = part(position * size, inattentive_rows)
-                pos_clusters = mean_position(
-                    merge_clusters(moment, assignment, num_clusters), size_clusters
-                )
-            pieces.append((x_clusters, size_clusters, src_clusters, pos_clusters))
+            if members.source is not None:
+                src_clusters = merge_clusters(members.source, assignment, num_clusters, "amax")
+            if members.position is not None:
+                moment = merge_clusters(members.position * members.size, assignment, num_clusters)
+                pos_clusters = mean_position(moment, size_clusters)
+            parts.append(Tokens(x_clusters, size_clusters, src_clusters, None, pos_clusters, None))
             if destination is not None:
-                first_cluster = num_prefix + x_att.shape[1]
+                first_cluster = num_prefix + attentive.x.shape[1]
                 destination.scatter_(1, inattentive_rows, first_cluster + assignment)
-        x_new = torch.cat([p[0] for p in pieces], dim=1)
-        size_new = torch.cat([p[1] for p in pieces], dim=1)
-        source_new = None if source is None else torch.cat([p[2] for p in pieces], dim=1)
-        position_new = None if position is None else torch.cat([p[3] for p in pieces], dim=1)
         owner = None if destination is None else follow(state.owner, destination)
-        state = state.with_tokens(size_new, source_new, position_new, owner)
-        return x_new, state, BlockRecord()
+        tokens = _joined(parts)._replace(owner=owner)
+        return tokens.x, tokens.in_state(state), BlockRecord()
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: float, record: BlockRecord, fused: bool
@@ -206,5 +174,18 @@ class BATConfig(KeepRateConfig):
         )
 
 
-def _prefix(source: torch.Tensor | None, num_prefix: int) -> torch.Tensor | None:
-    return None if source is None else source[:, :num_prefix]
+def _prefix(tokens: Tokens, num_prefix: int) -> Tokens:
+    """The prefix tokens, without the owner map (rows of all tokens)."""
+
+    def head(y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if y is None else y[:, :num_prefix]
+
+    return Tokens(
+        head(tokens.x), head(tokens.size), head(tokens.source), None, head(tokens.position), None
+    )
+
+
+def _joined(parts: list[Tokens]) -> Tokens:
+    """The tokens of `parts` (none padded, none with an owner map) one after the other."""
+    joined = (None if ys[0] is None else torch.cat(ys, dim=1) for ys in zip(*parts, strict=True))
+    return Tokens(*joined)

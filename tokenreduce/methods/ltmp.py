@@ -9,7 +9,7 @@ heads and queries) is not above the prune threshold; counts differ per image (do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,6 +25,7 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
+from tokenreduce.methods.steps import Tokens, kept_rows
 from tokenreduce.ops.merging import (
     bipartite_scores,
     mean_position,
@@ -36,7 +37,7 @@ from tokenreduce.ops.merging import (
     with_size_column,
 )
 from tokenreduce.ops.owners import follow, gather_destinations
-from tokenreduce.ops.packing import gather_packed, merge_into_slots
+from tokenreduce.ops.packing import merge_into_slots
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
 
@@ -186,13 +187,12 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             importance.narrow(1, num_a, prefix // 2).fill_(math.inf)
         importance = reorder(importance)
         prune = threshold_mask(importance, step["prune_thresholds"], self.tau, soft)
-        source = state.source
-        if source is not None:
-            source = reorder(merge_into_partners(source, moving, partner, "amax"))
-        position = state.position
+        source, position = state.source, state.position
         destination_positions = position is not None and state.destination_positions
 
         if soft:
+            if source is not None:
+                source = reorder(merge_into_partners(source, moving, partner, "amax"))
             size = state.sizes_like(x)
             weighted = merge_into_partners(
                 torch.cat([x * size, size], dim=-1), moving, partner, "sum"
@@ -208,8 +208,14 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             mask = reorder(torch.cat([mask_a, state.mask[:, 1::2]], dim=1))
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
-            state = replace(
-                state, size=weighted[..., -1:], source=source, mask=mask, position=position
+            # every token stays, so no padding; and a training forward builds no patch grids
+            state = state.with_tokens(
+                size=weighted[..., -1:],
+                source=source,
+                valid=None,
+                mask=mask,
+                position=position,
+                owner=None,
             )
             return x, state, LTMPRecord()
 
@@ -237,6 +243,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             (with_size_column(x, size),), own, moved, length, packing.valid is None
         )
         x, merged_size = split_size_column(weighted, empty_rows=packing.valid is not None)
+        if source is not None:  # rows of disjoint 0/1 sources: their sum is their OR
+            (source,) = merge_into_slots((source,), own, moved, length, packing.valid is None)
         if position is not None and not destination_positions:
             position = mean_position(moment, merged_size)
         owner = state.owner
@@ -244,19 +252,17 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             slot = own.clone()
             slot[:, ::2] = torch.where(merging, moved, own[:, ::2])
             owner = follow(owner, torch.where(slot < nowhere, slot % length, -1))
-        if source is not None:
-            source = gather_packed(source, packing)
         merged = merge.sum(dim=1)
         if valid is None and packing.valid is None:  # every image keeps `length` of its tokens
             pruned = (num_tokens - length) - merged
         else:  # real, not merged away (importance above -inf), and not kept
             pruned = ((importance > -math.inf) > keep).sum(dim=1)
         record = LTMPRecord(overflow=overflow, merged=merged, pruned=pruned)
-        state = replace(
-            state,
+        state = state.with_tokens(
             size=merged_size,
             source=source,
             valid=packing.valid,
+            mask=None,
             position=position,
             owner=owner,
         )
@@ -292,17 +298,20 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         A rows merged into it in row order), in about half as many operations, which at batch 1
         cost more than their arithmetic."""
         num_tokens = x.shape[1]
-        weighted = with_size_column(x, state.size)[0]  # a new tensor: merged into in place
+        weighted = with_size_column(x, state.size)  # a new tensor: merged into in place
+        rows_a, rows_b = weighted[0, ::2], weighted[0, 1::2]
         moving = merge[0].nonzero().squeeze(1)
-        weighted[1::2].index_add_(
-            0, partner[0].index_select(0, moving), weighted[::2].index_select(0, moving)
-        )
+        rows_b.index_add_(0, partner[0].index_select(0, moving), rows_a.index_select(0, moving))
         kept = keep[0].nonzero().squeeze(1)
         rows = rows_in_order(num_tokens, order, x.device).index_select(0, kept)
-        x, size = split_size_column(weighted.index_select(0, rows).unsqueeze(0))
+        # the size rides as x's last column, so that one gather moves both; nothing else is
+        # carried on this path
+        tokens = kept_rows(Tokens(weighted, None, None, None, None, None), rows.unsqueeze(0))
+        x, size = split_size_column(tokens.x)
         merged = moving.shape[0]
         counts = torch.tensor([[merged], [num_tokens - kept.shape[0] - merged]])
-        return x, replace(state, size=size), LTMPRecord(merged=counts[0], pruned=counts[1])
+        state = tokens._replace(x=x, size=size).in_state(state)
+        return x, state, LTMPRecord(merged=counts[0], pruned=counts[1])
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: LTMPRecord, fused: bool

@@ -41,6 +41,16 @@ def importance_scores(
     return score / score.sum(dim=-1, keepdim=True)
 
 
+def per_image(choose: torch.Tensor, first: Tokens, second: Tokens) -> Tokens:
+    """Per image, the tokens of `first` where choose [B] is True, else those of `second` (both
+    of the same shapes)."""
+    chosen = (
+        None if a is None else torch.where(choose.view(-1, *[1] * (a.dim() - 1)), a, b)
+        for a, b in zip(first, second, strict=True)
+    )
+    return Tokens(*chosen)
+
+
 @dataclass(frozen=True)
 class PPTRecord(BlockRecord):
     """policy: [B] long, 1 where the image pruned, 0 where it pooled; score_variance: [B] the
@@ -153,15 +163,7 @@ class PPTConfig(MethodConfig[PPTRecord]):
             branches.append(kept_tokens(tokens, num_prefix, score, keep)[0])
         chosen = branches[0]
         if len(branches) == 2:  # per image: the pooled tokens where it pools, else the pruned
-
-            def per_image(
-                pooled: torch.Tensor | None, pruned: torch.Tensor | None
-            ) -> torch.Tensor | None:
-                if pooled is None:
-                    return None
-                return torch.where(pool.view(-1, *[1] * (pooled.dim() - 1)), pooled, pruned)
-
-            chosen = Tokens(*map(per_image, *branches))
+            chosen = per_image(pool, *branches)
         return chosen.x, chosen.in_state(state), record
 
     def overhead_macs(
