@@ -361,6 +361,8 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     else:
         config._attn_implementation = "sdpa"
         model = model_class(config)
+    # the model's name in threshold files: the same folder, however the path was typed
+    model.config._name_or_path = str(folder.resolve())
     vision = getattr(config, "vision_config", config)
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"

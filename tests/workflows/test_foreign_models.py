@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import tokenreduce
 from tests.conftest import make_image_folder, run_cli
 from tokenreduce import models
 from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.methods.learned import ThresholdParameters
 
 transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
 
@@ -141,3 +143,57 @@ def test_open_clip_tower_zero_shot_eval(tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(out.read_text())
     assert row["method"] == "tome" and row["gmacs_ratio"] < 1
+
+
+def test_thresholds_train_through_a_transformers_classifier(hf_dir):
+    """A wrapper (ViTForImageClassification) runs its base model's blocks: the thresholds the
+    training forward reads are the ones set as trainable, so the logits carry their gradient."""
+    model = models.load(f"hf:{hf_dir}").float()
+    tokenreduce.apply(model, "ltmp", tau=1.0)
+    engine = tokenreduce.patch.attached_engine(model)
+    layers = len(engine.config.reduce_layers(engine.dims))
+    parameters = ThresholdParameters(
+        {"merge_thresholds": [0.5] * layers, "prune_thresholds": [0.01] * layers}
+    )
+    engine.set_trainable(model, parameters)
+    assert {id(p) for p in parameters.parameters()} <= {id(p) for p in model.parameters()}
+    model.train()
+    logits = tokenreduce.patch.adapter_for(model).logits(model, torch.randn(2, 3, 32, 32))
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters.parameters())
+    tokenreduce.remove(model)
+    assert not any("tokenreduce" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize(
+    "model", ["hf", "open_clip"], ids=["transformers-classifier", "open_clip-tower"]
+)
+def test_cli_train_then_eval_on_a_foreign_model(model, hf_dir, tmp_path):
+    """`tokenreduce train` learns LTMP thresholds on a transformers classifier and on an
+    open_clip tower (zero-shot logits), and `eval` applies the file it wrote."""
+    if model == "open_clip":
+        pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+        spec = ["-m", "open_clip:ViT-B-32", "--weights", "random"]
+        classes = ["ankle_boot", "bag"]
+    else:
+        spec = ["-m", f"hf:{hf_dir}", "--weights", "pretrained"]
+        classes = ["class0", "class1", "class2"]
+    data = make_image_folder(tmp_path / "data", per_class=2, classes=classes)
+    out = tmp_path / "ltmp.safetensors"
+    trained = run_cli(
+        "train", str(data), *spec, "--method", "ltmp:tau=1.0", "--target", "0.6", "-b", "3",
+        "-j", "0", "--lr", "prune_thresholds=0.5", "--no-progress", "--out", str(out),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    log = json.loads(Path(f"{out}.json").read_text())
+    assert len(log["history"]) == 2 and log["gmacs_ratio"] < 1  # the thresholds moved
+    results = tmp_path / "eval.json"
+    evaluated = run_cli(
+        "eval", str(data), *spec, "--method", f"ltmp:thresholds={out}", "-j", "0",
+        "--no-progress", "--results-file", str(results),
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    (row,) = json.loads(results.read_text())
+    assert row["method"] == "ltmp" and row["gmacs_ratio"] == pytest.approx(
+        log["gmacs_ratio"], abs=1e-4
+    )

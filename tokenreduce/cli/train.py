@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> training.TrainResult:
     context = distributed.setup()
     model = shared.load_model(args)
     dataset = shared.image_folder(args, model, args.data)
+    shared.add_zero_shot(args, model, dataset.classes)
     if context.is_main:
         shared.logger.info(
             "train: %s on %s (%s), target %s of dense GMACs, %d process(es), %d threads",

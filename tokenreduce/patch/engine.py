@@ -76,21 +76,24 @@ class Engine:
     # ---- training: the trainable parameters a learned method's forward reads ----------------
     def set_trainable(self, model: nn.Module, parameters: nn.Module | None) -> None:
         """Make the learned method's forward read its thresholds from `parameters` (e.g.
-        `methods.learned.ThresholdParameters`), registered as a submodule of `model` so that
-        optimisers, DDP and state dicts see them; None removes them."""
+        `methods.learned.ThresholdParameters`); None removes them. They are registered as a
+        submodule of the module that runs the blocks (the model, or a wrapper's base model:
+        the innermost of `ModelAdapter.reduced_modules`), so that the model's optimisers, DDP
+        and state dict see them."""
         if parameters is not None and not self.config.learned:
             raise InvalidOptionError(
                 f"method {self.config.name!r} has no trainable thresholds; accepted: a method "
                 "with learned thresholds (ltmp, asvit)"
             )
-        if TRAINABLE_NAME in model._modules:
-            del model._modules[TRAINABLE_NAME]
+        host = self.adapter.reduced_modules(model)[-1]
+        host._modules.pop(TRAINABLE_NAME, None)
         if parameters is not None:
-            model.add_module(TRAINABLE_NAME, parameters)
+            host.add_module(TRAINABLE_NAME, parameters)
 
     def trainable_parameters(self, model: nn.Module) -> nn.Module | None:
-        """The parameters `set_trainable` registered on `model`, or None."""
-        return model._modules.get(TRAINABLE_NAME)
+        """The parameters `set_trainable` registered, or None; `model` is the model or the
+        module that runs the blocks."""
+        return self.adapter.reduced_modules(model)[-1]._modules.get(TRAINABLE_NAME)
 
     # ---- the forward ------------------------------------------------------------------------
     # ---- the engine ---------------------------------------------------------------------------
