@@ -18,6 +18,8 @@ from tokenreduce.ops.packing import gather_rows
 from tokenreduce.ops.selection import top_rows
 from tokenreduce.state import TokenState
 
+__all__ = ["Tokens", "carried", "kept_rows", "kept_tokens", "merged_tokens", "with_fused_token"]
+
 
 class Tokens(NamedTuple):
     """Tokens x [B, N, C] and the per-token fields of their `TokenState` (see there): size
@@ -33,8 +35,8 @@ class Tokens(NamedTuple):
 
     def in_state(self, state: TokenState) -> TokenState:
         """`state` with these tokens' fields."""
-        # mask None: steps run in inference forwards; a training forward keeps every token and
-        # changes only its mask (docs/methods.md §2.7)
+        # mask None: only a learned method's training forward has a key mask, and it keeps
+        # every token, changing the mask alone (docs/methods.md §2.7)
         return state.with_tokens(
             size=self.size,
             source=self.source,
