@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods.base import MethodConfig, make_config, method_names
@@ -14,7 +15,6 @@ from tokenreduce.patch import adapter_for, attached_engine
 from tokenreduce.patch.attach import attach, detach
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_pruned_rule
-from tokenreduce.state import ModelDims
 
 __all__ = ["apply", "describe", "last_info", "methods", "patch_features", "remove"]
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from tokenreduce.api import describe
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.info import ReductionInfo
-from tokenreduce.state import ModelDims
 
 __all__ = ["FlopsReport", "block_macs", "budget_fraction", "dense_gmacs", "gmacs", "network_macs"]
 

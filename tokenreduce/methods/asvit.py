@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     BlockRecord,
@@ -31,7 +32,10 @@ from tokenreduce.methods.learned import (
 )
 from tokenreduce.methods.steps import carried, kept_rows, with_fused_token
 from tokenreduce.ops.thresholds import threshold_mask
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["HEAD_WEIGHTS", "ASViTConfig", "ASViTRecord", "head_weighted_scores"]
+
 
 HEAD_WEIGHTS = ("out_norm", "uniform")
 

@@ -16,8 +16,29 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 
 from tokenreduce.batching import Batching
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = [
+    "ROPE_POSITIONS",
+    "BlockRecord",
+    "ConfigT",
+    "MethodConfig",
+    "RecordT",
+    "Strength",
+    "check_bool",
+    "check_keep_rate",
+    "check_layers_type",
+    "class_attention_macs",
+    "learned_method_names",
+    "make_config",
+    "matching_macs",
+    "method_names",
+    "register",
+    "resolve_layers",
+]
+
 
 RecordT = TypeVar("RecordT", bound="BlockRecord")
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig
@@ -21,7 +22,9 @@ from tokenreduce.ops import bipartite_soft_matching, dpc_knn, mean_position, mer
 from tokenreduce.ops.merging import matching_destinations
 from tokenreduce.ops.owners import follow
 from tokenreduce.ops.packing import gather_rows, index_range
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["BATConfig", "bat_counts", "resolve_count"]
 
 
 def resolve_count(value: int | float, total: int) -> int:

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.methods.base import (
     BlockRecord,
     MethodConfig,
@@ -23,7 +24,9 @@ from tokenreduce.methods.base import (
     resolve_layers,
 )
 from tokenreduce.methods.steps import carried, kept_tokens, with_fused_token
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["EViTConfig", "KeepRateConfig", "attentive_keep", "keep_count"]
 
 
 def keep_count(keep_rate: float, num_tokens: int, num_prefix: int) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tokenreduce.batching import Batching
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, MissingFileError
 from tokenreduce.methods.base import (
     BlockRecord,
@@ -30,7 +31,23 @@ from tokenreduce.methods.base import (
     resolve_layers,
 )
 from tokenreduce.ops.packing import Packing, pack_kept
-from tokenreduce.state import ModelDims
+
+__all__ = [
+    "MODEL_FACTS",
+    "THRESHOLD_FORMAT",
+    "LearnedConfig",
+    "LearnedRecord",
+    "Step",
+    "ThresholdParameters",
+    "ThresholdSource",
+    "ThresholdValues",
+    "check_threshold_values",
+    "describe_facts",
+    "model_facts",
+    "read_threshold_file",
+    "write_threshold_file",
+]
+
 
 THRESHOLD_FORMAT = "tokenreduce-thresholds/1"
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, Strength, matching_macs, register
 from tokenreduce.methods.learned import (
@@ -39,7 +40,9 @@ from tokenreduce.ops.merging import (
 from tokenreduce.ops.owners import follow, gather_destinations
 from tokenreduce.ops.packing import merge_into_slots
 from tokenreduce.ops.thresholds import threshold_mask
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["LTMPConfig", "LTMPRecord", "best_partners", "merge_into_partners"]
 
 
 def best_partners(

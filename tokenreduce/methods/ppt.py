@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     BlockRecord,
@@ -24,7 +25,9 @@ from tokenreduce.methods.base import (
 from tokenreduce.methods.steps import Tokens, carried, kept_tokens, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.ops.merging import max_merges
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["PPTConfig", "PPTRecord", "importance_scores", "per_image"]
 
 
 def importance_scores(

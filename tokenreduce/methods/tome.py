@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import (
     BlockRecord,
@@ -22,7 +23,9 @@ from tokenreduce.methods.base import (
 )
 from tokenreduce.methods.steps import carried, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["ToMeConfig", "parse_r"]
 
 
 def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]:

@@ -7,9 +7,12 @@ from typing import ClassVar
 
 import torch
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig, attentive_keep
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
+
+__all__ = ["TopKConfig"]
 
 
 @register

@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.patch.attention import AttentionCall
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
 
 __all__ = ["ModelAdapter", "check_block_types", "linear_macs"]
 

@@ -20,6 +20,7 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, project_output
@@ -36,7 +37,7 @@ from tokenreduce.patch.timm import (
     timm_grid_features,
     timm_pooled_features,
 )
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
 
 __all__ = ["EvaAdapter", "attention_forward"]
 

@@ -29,40 +29,16 @@ from transformers.models.dinov2_with_registers import modeling_dinov2_with_regis
 from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
 from tokenreduce.patch.base import ModelAdapter, linear_macs
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.pooling import check_patches_left, pooling_weights, weighted_mean
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = [
-    "ATTENTION_IMPLEMENTATIONS",
-    "CLIP_LIKE",
-    "DINOV2_LIKE",
-    "FAMILIES",
-    "HEAD_ATTRS",
-    "PATCH_MEAN_WRAPPERS",
-    "SUPPORTED",
-    "VIT_LIKE",
-    "WRAPPERS",
-    "HFAdapter",
-    "HFFamily",
-    "attention_spec",
-    "base_forward",
-    "base_model",
-    "check_output_options",
-    "embed",
-    "family_of",
-    "num_prefix_tokens",
-    "patch_mean_features",
-    "patch_mean_forward",
-    "patch_projection",
-    "served_class",
-    "siglip_pool",
-    "siglip_pool_facts",
-]
+__all__ = ["SUPPORTED", "HFAdapter", "base_model"]
 
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")

@@ -22,6 +22,7 @@ from open_clip.transformer import (
 )
 from torch import nn
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
@@ -33,7 +34,7 @@ from tokenreduce.patch.pooling import (
     pooling_weights,
     weighted_mean,
 )
-from tokenreduce.state import AttentionOutputs, ModelDims, TokenState
+from tokenreduce.state import AttentionOutputs, TokenState
 
 __all__ = ["OpenCLIPAdapter", "set_zero_shot_weights"]
 

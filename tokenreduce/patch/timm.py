@@ -15,6 +15,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import (
@@ -28,7 +29,7 @@ from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import check_plain_forward
 from tokenreduce.patch.grids import check_pruned_rule, grid_tokens
 from tokenreduce.patch.pooling import weighted_pool
-from tokenreduce.state import AttentionOutputs, ModelDims
+from tokenreduce.state import AttentionOutputs
 
 __all__ = ["TimmAdapter", "attention_forward"]
 
