@@ -141,8 +141,11 @@ def _check_timm(model: nn.Module) -> bool:
 def to_transformers(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
     """The timm ViT `model` as a transformers model with the same weights (eval mode).
 
-    A DINOv2-style ViT (class token, LayerScale) becomes a `Dinov2Model`; a distilled DeiT a
-    `DeiTForImageClassificationWithTeacher`. attn_implementation: "sdpa" or "eager".
+    A DINOv2-style ViT (class token, LayerScale) becomes a `Dinov2Model`, or with a classifier
+    on its class token (global_pool "token") a `Dinov2ForImageClassification` whose classifier
+    gives the same logits (it reads the class token and the patch mean: the mean's half of its
+    weight is zero); a distilled DeiT a `DeiTForImageClassificationWithTeacher`.
+    attn_implementation: "sdpa" or "eager".
     """
     transformers = _transformers()
     distilled = _check_timm(model)
@@ -170,10 +173,26 @@ def to_transformers(model: nn.Module, attn_implementation: str = "sdpa") -> nn.M
                 f"to_transformers: MLP width {hidden} is not a multiple of the embedding width "
                 f"{width} (transformers' Dinov2Config takes an integer mlp_ratio)"
             )
+        classifies = model.num_classes > 0
+        if classifies and (
+            model.global_pool != "token" or not isinstance(model.fc_norm, nn.Identity)
+        ):
+            raise UnsupportedModelError(
+                f"to_transformers: a classifier on global_pool={model.global_pool!r} has no "
+                "counterpart in transformers' Dinov2ForImageClassification; accepted: a "
+                "classifier on the class token (global_pool='token'), or none (num_classes=0)"
+            )
         config = transformers.Dinov2Config(
-            mlp_ratio=hidden // width, layerscale_value=1.0, **common
+            mlp_ratio=hidden // width,
+            layerscale_value=1.0,
+            num_labels=max(model.num_classes, 1),
+            **common,
         )
-        target = transformers.Dinov2Model(config)
+        target = (
+            transformers.Dinov2ForImageClassification(config)
+            if classifies
+            else transformers.Dinov2Model(config)
+        )
     config._attn_implementation = attn_implementation
     # the same model: threshold files trained for the timm model apply to it as they are
     config._name_or_path = describe(model).model_name
@@ -204,13 +223,19 @@ def to_transformers(model: nn.Module, attn_implementation: str = "sdpa") -> nn.M
             converted[f"{layout['layers']}.{i}.layer_scale2.lambda1"] = take(
                 f"blocks.{i}.ls2.gamma"
             )
+    if not distilled and model.num_classes > 0:
+        weight = take("head.weight")
+        converted = {f"dinov2.{key}": value for key, value in converted.items()}
+        converted["classifier.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+        converted["classifier.bias"] = take("head.bias")
     unused = sorted(set(state) - used)
     if unused:
         raise UnsupportedModelError(
             f"to_transformers: timm weights without a counterpart: {unused}"
         )
     result = target.load_state_dict(converted, strict=False)
-    missing = set(result.missing_keys) - {"embeddings.mask_token"}  # used in pre-training only
+    pretraining_only = {"embeddings.mask_token", "dinov2.embeddings.mask_token"}
+    missing = set(result.missing_keys) - pretraining_only
     if missing or result.unexpected_keys:
         raise UnsupportedModelError(
             f"to_transformers: weights without a counterpart: {sorted(missing)} "

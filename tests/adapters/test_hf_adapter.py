@@ -291,3 +291,34 @@ def test_to_transformers_refuses_what_has_no_counterpart():
     )
     with pytest.raises(UnsupportedModelError, match="no counterpart for: q/k norm"):
         convert.to_transformers(model)
+
+
+def test_a_class_token_classifier_converts_to_dinov2_for_image_classification():
+    """A DINOv2-style timm ViT with a head on its class token becomes a transformers
+    Dinov2ForImageClassification with the same logits bit for bit (float64), reduced alike; a
+    head on pooled patches has no counterpart and is refused in one line."""
+    import timm
+
+    from tokenreduce import convert
+    from tokenreduce.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=5, depth=4
+    )
+    timm_model = timm_model.double().eval()
+    hf_model = convert.to_transformers(timm_model, attn_implementation="eager")
+    assert type(hf_model).__name__ == "Dinov2ForImageClassification"
+    x = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    for method, options in [(None, {}), ("tome", {"r": 3}), ("ltmp", {"prune_thresholds": 0.05})]:
+        if method is not None:
+            tokenreduce.apply(timm_model, method, **options)
+            tokenreduce.apply(hf_model, method, **options)
+        with torch.no_grad():
+            assert torch.equal(timm_model(x), hf_model(pixel_values=x).logits), method
+    pooled = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=5,
+        global_pool="avg",
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="global_pool='avg'"):
+        convert.to_transformers(pooled)
