@@ -57,12 +57,12 @@ class BlockRecord:
     def stack(cls: type[RecordT], records: Sequence[BlockRecord]) -> RecordT:
         """One record with each field stacked over `records` (the reducing blocks) to [B, S]."""
         stacked: dict[str, torch.Tensor | None] = {}
-        for field in dataclasses.fields(cls):
-            values = [getattr(record, field.name) for record in records]
+        for name in cls.__dataclass_fields__:  # dataclasses.fields(cls) breaks torch.compile
+            values = [getattr(record, name) for record in records]
             present = [v is not None for v in values]
             if any(present) and not all(present):
-                raise RuntimeError(f"{cls.__name__}.{field.name} recorded at some blocks only")
-            stacked[field.name] = torch.stack(values, dim=1) if values and all(present) else None
+                raise RuntimeError(f"{cls.__name__}.{name} recorded at some blocks only")
+            stacked[name] = torch.stack(values, dim=1) if values and all(present) else None
         return cls(**stacked)
 
     def at(self: RecordT, slot: int) -> RecordT:

@@ -1,0 +1,111 @@
+"""The static path: every fixed-count method, and LTMP / AS-ViT with masked batching, run the
+whole reduced model without reading a device value on the host, and compile as one graph
+(`torch.compile(fullgraph=True)`), with the outputs and token counts of the eager forward. These
+are the properties a CUDA graph needs; they are checked here on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tokenreduce
+
+STATIC = [
+    ("tome", {"r": 4}),
+    ("evit", {}),
+    ("topk", {}),
+    ("ppt", {"r": 8}),
+    ("bat", {}),
+    ("ltmp", {"batching": "masked", "prune_thresholds": 0.02}),
+    ("asvit", {"batching": "masked", "thresholds": 0.8}),
+]
+MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
+
+HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"}
+"""Tensor methods that hand a device value to Python (on the CPU `tolist` reads memory without
+dispatching an operator, so these are caught where they are called)."""
+SYNCING_OPERATORS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave.Tensor",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.allclose",
+)
+"""Operators whose output shape or value needs the device's data on the host."""
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class SyncingOperators(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(SYNCING_OPERATORS):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(model: torch.nn.Module, images: torch.Tensor) -> list[str]:
+    """The host reads and syncing operators of one forward."""
+    with torch.no_grad(), HostReads() as reads, SyncingOperators() as operators:
+        model(images)
+    return reads.calls + operators.calls
+
+
+def small_model(family: str) -> tuple[torch.nn.Module, int]:
+    name, size = MODELS[family]
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=size, depth=4).eval(), size
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize(("method", "options"), STATIC, ids=[m for m, _ in STATIC])
+def test_the_static_path_reads_nothing_on_the_host(family, method, options):
+    model, size = small_model(family)
+    tokenreduce.apply(model, method, **options)
+    assert host_syncs(model, torch.randn(3, 3, size, size)) == []
+
+
+def test_the_sync_count_sees_the_ragged_path_read_its_counts():
+    """The counter is not blind: ragged batching reads each reducing block's counts."""
+    model, size = small_model("vit")
+    tokenreduce.apply(model, "ltmp", batching="ragged", prune_thresholds=0.02)
+    images = torch.randn(3, 3, size, size)
+    assert len(host_syncs(model, images)) == len(tokenreduce.last_info(model).steps)
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize(("method", "options"), STATIC, ids=[m for m, _ in STATIC])
+def test_the_whole_reduced_model_compiles_as_one_graph(family, method, options):
+    model, size = small_model(family)
+    tokenreduce.apply(model, method, **options)
+    images = torch.randn(2, 3, size, size)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        want = model(images)
+        want_counts = tokenreduce.last_info(model).tokens_per_block
+        got = compiled(images)
+        got_counts = tokenreduce.last_info(model).tokens_per_block
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_counts, want_counts)
+    assert (got_counts[:, -1] < got_counts[:, 0]).all() or method in ("ltmp", "asvit")
