@@ -2,7 +2,15 @@
 transformers, open_clip)."""
 
 from tokenreduce import flops
-from tokenreduce.api import apply, describe, last_info, methods, patch_features, remove
+from tokenreduce.api import (
+    apply,
+    compile,
+    describe,
+    last_info,
+    methods,
+    patch_features,
+    remove,
+)
 from tokenreduce.info import ReductionInfo
 from tokenreduce.methods import (
     BATConfig,
@@ -24,6 +32,7 @@ __all__ = [
     "ToMeConfig",
     "TopKConfig",
     "apply",
+    "compile",
     "describe",
     "flops",
     "last_info",

@@ -16,7 +16,7 @@ from tokenreduce.patch.attach import attach, detach
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_pruned_rule
 
-__all__ = ["apply", "describe", "last_info", "methods", "patch_features", "remove"]
+__all__ = ["apply", "compile", "describe", "last_info", "methods", "patch_features", "remove"]
 
 
 def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
@@ -51,6 +51,32 @@ def last_info(model: nn.Module) -> ReductionInfo:
             f"model {type(model).__name__} has no token reduction; call tokenreduce.apply first"
         )
     return engine.last_info()
+
+
+def compile(model: nn.Module, mode: str | None = "auto", backend: str = "inductor") -> nn.Module:
+    """The reduced model compiled as one graph: `torch.compile(model, fullgraph=True)`.
+
+    Only a static reduction compiles whole (every fixed-count method; LTMP and AS-ViT with
+    batching="masked"): one that reads per-image counts on the host is refused. mode: passed to
+    torch.compile; "auto" captures CUDA graphs on a CUDA model ("reduce-overhead") and uses the
+    default elsewhere. The first calls compile (once per input shape).
+    """
+    engine = attached_engine(model)
+    if engine is None:
+        raise InvalidOptionError(
+            f"model {type(model).__name__} has no token reduction; call tokenreduce.apply first "
+            "(or torch.compile the dense model)"
+        )
+    if not engine.static:
+        raise InvalidOptionError(
+            f"{engine.config.name}: batching={engine.batching.value!r} reads each image's token "
+            "count on the host, so the model cannot compile as one graph; accepted: "
+            "batching='masked' (static shapes), or torch.compile(model) with graph breaks"
+        )
+    if mode == "auto":
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        mode = "reduce-overhead" if on_cuda else None
+    return torch.compile(model, fullgraph=True, mode=mode, backend=backend)
 
 
 def describe(model: nn.Module) -> ModelDims:

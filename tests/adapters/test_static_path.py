@@ -109,3 +109,18 @@ def test_the_whole_reduced_model_compiles_as_one_graph(family, method, options):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_counts, want_counts)
     assert (got_counts[:, -1] < got_counts[:, 0]).all() or method in ("ltmp", "asvit")
+
+
+def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
+    model, size = small_model("vit")
+    images = torch.randn(2, 3, size, size)
+    with pytest.raises(ValueError, match="has no token reduction"):
+        tokenreduce.compile(model)
+    tokenreduce.apply(model, "ltmp", prune_thresholds=0.02)  # batching "auto": ragged
+    with pytest.raises(ValueError, match="batching='auto' reads each image's token count"):
+        tokenreduce.compile(model)
+    tokenreduce.apply(model, "tome", r=4)
+    torch._dynamo.reset()
+    compiled = tokenreduce.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)

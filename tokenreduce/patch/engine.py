@@ -62,6 +62,13 @@ class Engine:
         clone._local = threading.local()
         return clone
 
+    @property
+    def static(self) -> bool:
+        """Whether the forward keeps fixed shapes and reads nothing on the host (every
+        fixed-count method; a per-image method with masked batching), so that it compiles as one
+        graph and can be captured as a CUDA graph."""
+        return not self.config.per_image_counts or self.batching.static
+
     def should_check_patches_left(self) -> bool:
         """Whether a pooling of patch tokens only first asks the host that every image kept one
         (`check_patches_left`, one sync per forward, in training too): only a method with
