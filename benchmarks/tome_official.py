@@ -4,8 +4,10 @@ The official code (facebookresearch/ToMe, `tome/patch/timm.py` and `tome/merge.p
 dependency: clone it into a temporary folder and pass that folder. The dense model, the
 official ToMe model and ours share random weights and one random batch; they run in rounds
 whose order alternates (`tokenreduce.bench.round_robin`). Prints the ideal speedup (MAC
-ratio), each model's median time, speedup and share of the ideal, and the largest logit
-difference between the two ToMe models (stops above 1e-4).
+ratio), each model's median time, speedup and share of the ideal, the largest logit
+difference between the two ToMe models (stops above 1e-4), and the ATen operators each model
+dispatches per forward (views excluded): on a GPU below batch ~256 every operator costs a
+kernel launch, whatever its size.
 
 With --width W the model keeps its depth, patch grid and token counts but has W channels and
 one head: the matrix work vanishes and what remains is each implementation's own cost of
@@ -17,15 +19,38 @@ dispatching its operations (the floor no kernel tuning removes).
 """
 
 import argparse
+import collections
 import sys
 from pathlib import Path
 
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce
 from tokenreduce import flops
 from tokenreduce.bench import median_ms, round_robin
+
+VIEWS = {
+    "view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "permute", "expand", "slice",
+    "select", "t", "as_strided", "alias", "unbind", "split", "split_with_sizes", "chunk",
+    "unflatten", "detach", "narrow", "diagonal", "reshape", "flatten", "view_as",
+}  # fmt: skip
+"""Operators that only view their input (no kernel)."""
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it, by name, views excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -57,6 +82,11 @@ def main() -> None:
         ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
         dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
+        operators = {}
+        for name, model in forwards.items():
+            with OperatorCount() as count:
+                model(images)
+            operators[name] = sum(count.counts.values())
         times = round_robin(forwards, [images], args.rounds)
     median = median_ms(times)
     width = "" if args.width is None else f", width {args.width}"
@@ -66,7 +96,10 @@ def main() -> None:
     )
     for name, ms in median.items():
         speedup = median["dense"] / ms
-        print(f"  {name:9s} {ms:7.2f} ms  {speedup:.3f}x  ({speedup / ideal:.0%} of ideal)")
+        print(
+            f"  {name:9s} {ms:7.2f} ms  {speedup:.3f}x  ({speedup / ideal:.0%} of ideal)  "
+            f"{operators[name]} operators per forward"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenreduce.ops.packing import cached_index, gather_rows
+from tokenreduce.ops.packing import cached_index, gather_rows, row_offsets
 
 __all__ = [
     "Matching",
@@ -144,12 +144,11 @@ def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
         out.index_add_(0, m.dst_idx[0] + num_unmerged, rows_a.index_select(0, m.src_idx[0]))
         out = out.unsqueeze(0)
     else:
-        odd = torch.arange(1, tokens, 2, device=y.device).expand(batch, -1)
+        odd = odd_rows(tokens, y.device).expand(batch, -1)
         out = gather_rows(y, torch.cat([m.unm_idx * 2, odd], dim=1))
         moving = gather_rows(y, m.src_idx * 2)
         kept = out.shape[1]
-        offset = (torch.arange(batch, device=y.device) * kept).unsqueeze(1)
-        target = (m.dst_idx + (offset + num_unmerged)).view(-1)
+        target = (m.dst_idx + row_offsets(batch, kept, num_unmerged, y.device)).view(-1)
         out.view(batch * kept, channels).index_add_(0, target, moving.view(-1, channels))
     if m.order is not None:
         out = out[:, order_index(m.order, out.device)]
@@ -188,6 +187,12 @@ def interleave_destinations(
     destination[:, ::2] = destination_a
     destination[:, 1::2] = destination_b
     return destination
+
+
+@cached_index
+def odd_rows(tokens: int, device: torch.device) -> torch.Tensor:
+    """The odd positions 1, 3, ... below `tokens`: the B set's rows of a bipartite matching."""
+    return torch.arange(1, tokens, 2, device=device)
 
 
 @cached_index

@@ -21,6 +21,7 @@ __all__ = [
     "index_range",
     "merge_into_slots",
     "pack_kept",
+    "row_offsets",
 ]
 
 
@@ -47,6 +48,13 @@ def cached_index(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
 @cached_index
 def _range(length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(length, device=device)
+
+
+@cached_index
+def row_offsets(batch: int, stride: int, start: int, device: torch.device) -> torch.Tensor:
+    """[B, 1]: start + b * stride for each image b, the first row of each image's rows in a
+    flattened [B * stride, C] batch (plus start). Read only."""
+    return torch.arange(batch, device=device).unsqueeze(1) * stride + start
 
 
 def index_range(n: int, device: torch.device) -> torch.Tensor:
@@ -101,7 +109,7 @@ def gather_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     batch, tokens, channels = y.shape
     if batch == 1:
         return y[0].index_select(0, index[0]).unsqueeze(0)
-    offset = torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    offset = row_offsets(batch, tokens, 0, index.device)
     flat = y.reshape(batch * tokens, channels).index_select(0, (index + offset).view(-1))
     return flat.view(batch, index.shape[1], channels)
 

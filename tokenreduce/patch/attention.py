@@ -106,7 +106,9 @@ def attend(
     else:
         batch, heads, tokens, _ = q.shape
     dropout = spec.dropout
-    bias = None if call.bias is None else call.bias.to(q.dtype)
+    bias = call.bias
+    if bias is not None and bias.dtype != q.dtype:  # autocast: q in the lower precision
+        bias = bias.to(q.dtype)
     full = None
     cls_attn = None
     received = None
