@@ -17,6 +17,7 @@ from torch import nn
 import tokenreduce
 from tokenreduce.flops import FlopsReport
 from tokenreduce.options import MethodSpec, format_options
+from tokenreduce.patch import attached_engine
 from tokenreduce.runtime import precision_context, timed_forward
 
 __all__ = [
@@ -162,10 +163,16 @@ class BenchResult:
 def compile_for_timing(
     model: nn.Module, batches: Sequence[torch.Tensor], amp: bool, amp_dtype: torch.dtype
 ) -> tuple[nn.Module, float]:
-    """`torch.compile(model)` (inductor) and the seconds its first pass over the batches takes:
-    the compilation (a recompilation for every new token count of a per-image method), kept
-    out of the timed rounds."""
-    compiled = torch.compile(model)
+    """The model compiled (inductor) and the seconds its first pass over the batches takes: the
+    compilation, kept out of the timed rounds. The dense model and a static reduction compile as
+    one graph (`tokenreduce.compile`; CUDA graphs on a CUDA model); a reduction that reads
+    per-image counts on the host compiles with graph breaks, once more for every new count."""
+    engine = attached_engine(model)
+    if engine is None or engine.static:
+        mode = "reduce-overhead" if batches[0].device.type == "cuda" else None
+        compiled = torch.compile(model, fullgraph=True, mode=mode)
+    else:
+        compiled = torch.compile(model)
     start = time.perf_counter()
     with precision_context(batches[0].device.type, amp, amp_dtype):
         for x in batches:
