@@ -16,6 +16,8 @@ dispatching its operations (the floor no kernel tuning removes).
     git clone https://github.com/facebookresearch/ToMe /tmp/tome  # or any copy of it
     python benchmarks/tome_official.py /tmp/tome deit_small_patch16_224 13
     python benchmarks/tome_official.py /tmp/tome deit_small_patch16_224 13 --width 12
+    python benchmarks/tome_official.py /tmp/tome vit_base_patch16_224 13 --batch-size 256 \
+        --device cuda --amp  # on a GPU, bf16 autocast
 """
 
 import argparse
@@ -30,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tokenreduce
 from tokenreduce import flops
 from tokenreduce.bench import median_ms, round_robin
+from tokenreduce.runtime import precision_context
 
 VIEWS = {
     "view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "permute", "expand", "slice",
@@ -61,6 +64,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--width", type=int, default=None, help="channels (one head)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     args = parser.parse_args()
     sys.path.insert(0, str(args.checkout))
     import tome
@@ -74,12 +79,16 @@ def main() -> None:
     official.r = args.r
     ours = tokenreduce.apply(timm.create_model(args.model, **shape).eval(), "tome", r=args.r)
     ours.load_state_dict(dense.state_dict())
-    images = torch.randn(args.batch_size, 3, *dense.patch_embed.img_size)
-    with torch.inference_mode():
+    for model in (dense, official, ours):
+        model.to(args.device)
+    images = torch.randn(args.batch_size, 3, *dense.patch_embed.img_size, device=args.device)
+    device = torch.device(args.device).type
+    with torch.inference_mode():  # exactness in float32, whatever the timing's precision
         worst = (official(images) - ours(images)).abs().max().item()
         if worst > 1e-4:
             raise SystemExit(f"official and ours disagree: logits differ by {worst}")
         ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
+    with precision_context(device, args.amp, torch.bfloat16):
         dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
         operators = {}
@@ -91,7 +100,8 @@ def main() -> None:
     median = median_ms(times)
     width = "" if args.width is None else f", width {args.width}"
     print(
-        f"{args.model}{width} ToMe r={args.r}, batch {args.batch_size}: ideal {ideal:.2f}x; "
+        f"{args.model}{width} ToMe r={args.r}, batch {args.batch_size}, {args.device}"
+        f"{' bf16' if args.amp else ''}: ideal {ideal:.2f}x; "
         f"{args.rounds} rounds; logits max diff {worst:.1e}"
     )
     for name, ms in median.items():

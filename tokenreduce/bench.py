@@ -167,6 +167,9 @@ def compile_for_timing(
     compilation, kept out of the timed rounds. The dense model and a static reduction compile as
     one graph (`tokenreduce.compile`; CUDA graphs on a CUDA model); a reduction that reads
     per-image counts on the host compiles with graph breaks, once more for every new count."""
+    # a sweep compiles every method (and batch size) through the same forward code; past
+    # dynamo's default of 8 versions of one code, fullgraph=True would fail instead of falling back
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     engine = attached_engine(model)
     if engine is None or engine.static:
         mode = "reduce-overhead" if batches[0].device.type == "cuda" else None
