@@ -34,8 +34,7 @@ from tokenreduce.state import TokenState
 __all__ = ["Engine", "check_plain_forward"]
 
 TRAINABLE_NAME = "tokenreduce_thresholds"
-"""The submodule name under which `Engine.set_trainable` registers trainable parameters on the
-model (a submodule, so that optimisers, DDP and state dicts see them)."""
+"""The submodule name under which `Engine.set_trainable` registers trainable parameters."""
 
 
 class Engine:
@@ -103,7 +102,6 @@ class Engine:
         return self.adapter.reduced_modules(model)[-1]._modules.get(TRAINABLE_NAME)
 
     # ---- the forward ------------------------------------------------------------------------
-    # ---- the engine ---------------------------------------------------------------------------
     def block_forward(
         self,
         block: nn.Module,
@@ -165,7 +163,8 @@ class Engine:
 
         rotary: for a family with rotary position embeddings, its embedding of this input's
         unreduced grid (with a `grid_size` (rows, columns)); each token then carries its position
-        and `rotary(index, state, rotary)` gives the embedding per block. None otherwise.
+        and the adapter's `rotary(index, state, rotary, moved)` gives the embedding per block.
+        None otherwise.
         A learned method in training mode (`model.training`) runs its soft-mask forward: every
         token stays, a key mask removes them (docs/methods.md §2.7), and the kept fraction per
         block is recorded with its gradient for the budget loss.
