@@ -124,3 +124,24 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
     compiled = tokenreduce.compile(model, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "options"), STATIC[:5], ids=[m for m, _ in STATIC[:5]])
+def test_fused_and_explicit_attention_agree_in_float64(method, options):
+    """The fused kernel (with the size bias of proportional attention, the class-attention row
+    and key means as by-products) gives the explicit path's outputs and decisions."""
+    model, size = small_model("vit")
+    model = model.double()
+    tokenreduce.apply(model, method, **options)
+    images = torch.randn(3, 3, size, size, dtype=torch.float64)
+    outputs = {}
+    for fused in (True, False):
+        for block in model.blocks:
+            block.attn.fused_attn = fused
+        with torch.no_grad():
+            logits = model(images)
+        info = tokenreduce.last_info(model)
+        assert all(f == fused for f in info.fused_attention[1:]), info.fused_attention
+        outputs[fused] = logits, info.tokens_per_block
+    torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(outputs[True][1], outputs[False][1])
