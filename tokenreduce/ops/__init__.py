@@ -11,7 +11,7 @@ from tokenreduce.ops.merging import (
     merge_tokens,
     merge_wavg,
 )
-from tokenreduce.ops.selection import fuse_rows, gather_tokens, keep_rows, keep_top_tokens
+from tokenreduce.ops.selection import fuse_rows
 
 __all__ = [
     "Matching",
@@ -19,9 +19,6 @@ __all__ = [
     "class_attention_row",
     "dpc_knn",
     "fuse_rows",
-    "gather_tokens",
-    "keep_rows",
-    "keep_top_tokens",
     "mean_position",
     "merge_clusters",
     "merge_positions",
