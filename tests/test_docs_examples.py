@@ -24,6 +24,13 @@ def example(name: str) -> str:
     return found[0]
 
 
+def check_claims(*claims: str) -> None:
+    """The guide states each claim (whitespace-normalised) that the example's check verifies."""
+    text = " ".join(GUIDE.read_text().split())
+    for claim in claims:
+        assert claim in text, f"docs/architecture.md no longer says {claim!r}"
+
+
 def run(code: str, tmp_path: Path) -> None:
     script = tmp_path / "check.py"
     script.write_text(code)
@@ -40,13 +47,29 @@ def run(code: str, tmp_path: Path) -> None:
 
 
 def test_the_method_example_keeps_what_the_guide_says(tmp_path):
-    checks = textwrap.dedent(
+    check_claims(
+        "197 -> 139 / 98 / 69 tokens",
+        "keeps 139 / 98 / 69 tokens after blocks 3 / 6 / 9 and costs 2.997 GMACs (dense 4.599)",
+        "finds keep_rate 0.6984 (2.985 GMACs, 0.649 of dense",
+        "runs unchanged on a rotary Eva model (`eva02_tiny_patch14_224`)",
+    )
+    setup = textwrap.dedent(
         """
         import timm
         import tokenreduce
+        from tokenreduce import calibrate
 
         torch.manual_seed(0)
         model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+        images = torch.randn(1, 3, 224, 224)
+        """
+    )
+    checks = textwrap.dedent(
+        """
+        assert matched.config.keep_rate == 0.6984, matched
+        assert (round(matched.gmacs, 3), round(matched.ratio, 3)) == (2.985, 0.649), matched
+        assert tokenreduce.patch.attached_engine(model).config == matched.config
+
         tokenreduce.apply(model, "normprune", keep_rate=0.7)
         with torch.no_grad():
             model(torch.randn(2, 3, 224, 224))
@@ -65,7 +88,7 @@ def test_the_method_example_keeps_what_the_guide_says(tmp_path):
         assert counts[-1] < counts[0], counts  # the rotary model reduces and runs
         """
     )
-    run(example("method") + checks, tmp_path)
+    run(example("method") + setup + example("method-use") + checks, tmp_path)
 
 
 MYLIB = '''
@@ -142,6 +165,7 @@ class ViT(nn.Module):
 
 
 def test_the_adapter_example_runs_every_method_on_its_family(tmp_path):
+    check_claims("GMACs are within 0.3% of `FlopCounterMode`")
     (tmp_path / "mylib.py").write_text(MYLIB)
     checks = textwrap.dedent(
         """
@@ -167,6 +191,7 @@ def test_the_adapter_example_runs_every_method_on_its_family(tmp_path):
                     tokenreduce.apply(model, method, **options)
                     assert torch.equal(model(images), dense), (method, fused)
                     tokenreduce.remove(model)
+                    assert type(model) is ViT and torch.equal(model(images), dense), method
         for method in tokenreduce.methods():
             tokenreduce.apply(model, method)
             with torch.no_grad():
@@ -176,8 +201,13 @@ def test_the_adapter_example_runs_every_method_on_its_family(tmp_path):
             batched = model(images)
             alone = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
         torch.testing.assert_close(batched, alone, rtol=1e-9, atol=1e-9)
-        tokenreduce.apply(model, "tome", r=4)
-        with torch.no_grad():
+        tokenreduce.remove(model)
+        with torch.no_grad():  # grid_features: every original token, unreduced or reduced
+            features = model.forward_features(images)
+            tokenreduce.apply(model, "tome", r=0)
+            assert torch.equal(tokenreduce.patch_features(model, images), features)
+            tokenreduce.apply(model, "tome", r=4)
+            assert tokenreduce.patch_features(model, images).shape == features.shape
             reduced = model(images)
             buffer = io.BytesIO()
             torch.save(model, buffer)
