@@ -29,16 +29,21 @@ def precision_context(device: str, amp: bool, amp_dtype: torch.dtype) -> Iterato
 
 
 def timed_call(model: nn.Module, x: torch.Tensor) -> tuple[Any, float]:
-    """`model(x)` and its wall seconds, synchronising the GPU before and after when x is on
-    CUDA."""
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """`model(x)` and its seconds: wall time on a CPU; on CUDA the time between two CUDA events
+    recorded around the call on the current stream (the GPU's own clock, after the work queued
+    before the call has finished, so a launch-bound model is timed with its launches)."""
+    if x.device.type != "cuda":
+        start = time.perf_counter()
+        out = model(x)
+        return out, time.perf_counter() - start
+    torch.cuda.synchronize(x.device)
+    start_event = torch.cuda.Event(enable_timing=True)
+    end_event = torch.cuda.Event(enable_timing=True)
+    start_event.record()
     out = model(x)
-    if cuda:
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    end_event.record()
+    end_event.synchronize()
+    return out, start_event.elapsed_time(end_event) / 1e3
 
 
 def timed_forward(model: nn.Module, x: torch.Tensor) -> float:
