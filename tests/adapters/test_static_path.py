@@ -1,9 +1,12 @@
 """The static path: every fixed-count method, and LTMP / AS-ViT with masked batching, run the
 whole reduced model without reading a device value on the host, and compile as one graph
 (`torch.compile(fullgraph=True)`), with the outputs and token counts of the eager forward. These
-are the properties a CUDA graph needs; they are checked here on the CPU."""
+are the properties a CUDA graph needs; they are checked here on the CPU, on the CPU's attention
+path and on the GPU's (`gpu_path`: the choices attention makes on CUDA)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import timm
@@ -12,7 +15,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce
+from tokenreduce.patch.attention import gpu_path
 
+PATHS = {"cpu": contextlib.nullcontext, "gpu": gpu_path}
 STATIC = [
     ("tome", {"r": 4}),
     ("evit", {}),
@@ -77,12 +82,14 @@ def small_model(family: str) -> tuple[torch.nn.Module, int]:
     return timm.create_model(name, pretrained=False, img_size=size, depth=4).eval(), size
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize(("method", "options"), STATIC, ids=[m for m, _ in STATIC])
-def test_the_static_path_reads_nothing_on_the_host(family, method, options):
+def test_the_static_path_reads_nothing_on_the_host(family, method, options, path):
     model, size = small_model(family)
     tokenreduce.apply(model, method, **options)
-    assert host_syncs(model, torch.randn(3, 3, size, size)) == []
+    with PATHS[path]():
+        assert host_syncs(model, torch.randn(3, 3, size, size)) == []
 
 
 def test_the_sync_count_sees_the_ragged_path_read_its_counts():
@@ -93,15 +100,16 @@ def test_the_sync_count_sees_the_ragged_path_read_its_counts():
     assert len(host_syncs(model, images)) == len(tokenreduce.last_info(model).steps)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize(("method", "options"), STATIC, ids=[m for m, _ in STATIC])
-def test_the_whole_reduced_model_compiles_as_one_graph(family, method, options):
+def test_the_whole_reduced_model_compiles_as_one_graph(family, method, options, path):
     model, size = small_model(family)
     tokenreduce.apply(model, method, **options)
     images = torch.randn(2, 3, size, size)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
+    with torch.no_grad(), PATHS[path]():
         want = model(images)
         want_counts = tokenreduce.last_info(model).tokens_per_block
         got = compiled(images)
@@ -126,10 +134,23 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "options"), STATIC[:5], ids=[m for m, _ in STATIC[:5]])
-def test_fused_and_explicit_attention_agree_in_float64(method, options):
-    """The fused kernel (with the size bias of proportional attention, the class-attention row
-    and key means as by-products) gives the explicit path's outputs and decisions."""
+FUSED = [(method, options) for method, options in STATIC if method != "ltmp"]
+"""LTMP's importance, the attention each token receives, needs the matrix: it has no fused path."""
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("method", "options"), FUSED, ids=[m for m, _ in FUSED])
+def test_fused_and_explicit_attention_agree_in_float64(method, options, path, monkeypatch):
+    """The fused kernel (with the size bias of proportional attention or the padding of masked
+    batching, the class-attention row and key means as by-products) gives the explicit path's
+    outputs and decisions, on the CPU's path and on the GPU's (the bias as a head dimension)."""
+    column_calls = []
+    with_column = tokenreduce.patch.attention.fused_attention_with_key_bias
+    monkeypatch.setattr(
+        tokenreduce.patch.attention,
+        "fused_attention_with_key_bias",
+        lambda *args: column_calls.append(1) or with_column(*args),
+    )
     model, size = small_model("vit")
     model = model.double()
     tokenreduce.apply(model, method, **options)
@@ -138,10 +159,12 @@ def test_fused_and_explicit_attention_agree_in_float64(method, options):
     for fused in (True, False):
         for block in model.blocks:
             block.attn.fused_attn = fused
-        with torch.no_grad():
+        with torch.no_grad(), PATHS[path]():
             logits = model(images)
         info = tokenreduce.last_info(model)
         assert all(f == fused for f in info.fused_attention[1:]), info.fused_attention
         outputs[fused] = logits, info.tokens_per_block
     torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-12, atol=1e-12)
     assert torch.equal(outputs[True][1], outputs[False][1])
+    biased = method in ("tome", "ppt", "asvit")  # proportional attention, or masked padding
+    assert bool(column_calls) == (path == "gpu" and biased)

@@ -162,3 +162,25 @@ def test_attention_by_image_equals_the_batched_explicit_path():
         assert out.shape == (sum(counts), heads * dim)
         torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
         torch.testing.assert_close(received, want_received, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [4, 7, 8, 64])
+def test_a_key_bias_as_a_head_dimension_equals_the_masked_softmax(dim):
+    """softmax(scale q k^T + bias) v with the bias carried in an extra column of q and k, in
+    float64: proportional attention's log sizes, and padding keys (-inf) that get no weight."""
+    from tokenreduce.ops.attention import fused_attention_with_key_bias, size_bias
+
+    batch, heads, length = 3, 2, 9
+    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    size = torch.rand(batch, length, 1, dtype=torch.float64).mul(6).add(0.5)
+    size[1, 6:] = 0  # padding slots
+    bias = size_bias(size, torch.float64)
+    scale = dim**-0.5
+    want = ((q @ k.transpose(-2, -1)) * scale + bias).softmax(-1) @ v
+    got = fused_attention_with_key_bias(q, k, v, bias, scale)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    shifted = fused_attention_with_key_bias(q, k, v, bias + 3.0, scale)  # a shift of every key
+    torch.testing.assert_close(shifted, want, rtol=0, atol=1e-12)
+    unbiased = fused_attention_with_key_bias(q, k, v, torch.zeros_like(bias), scale)
+    assert (unbiased - want).abs().max() > 1e-3

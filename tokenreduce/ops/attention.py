@@ -10,6 +10,7 @@ __all__ = [
     "attention_by_image",
     "class_attention_row",
     "fused_attention_by_image",
+    "fused_attention_with_key_bias",
     "image_heads",
     "masked_softmax",
     "padding_bias",
@@ -47,6 +48,33 @@ def class_attention_row(
     if bias is not None:
         logits = logits + bias
     return logits.to(softmax_dtype(logits.dtype)).softmax(dim=-1)[:, :, 0]
+
+
+def fused_attention_with_key_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v through the fused kernel with no attention mask: the
+    per-key bias travels as one more head dimension, q' = [q, 1, ...], k' = [k, bias / scale,
+    0, ...], so that scale * q'.k' = scale * q.k + bias exactly; v is padded with zeros to the same
+    width (a multiple of 8, as the flash kernel requires) and the padding is cut from the output.
+
+    A mask makes the CUDA backend leave the flash kernel for a slower one; this keeps it. q, k, v:
+    [B, H, N, d]; bias: [B, 1, 1, N] (-inf removes a key). Returns [B, H, N, d].
+    """
+    batch, heads, tokens, dim = q.shape
+    extra = -(-(dim + 1) // 8) * 8 - dim
+    # q's extra columns are all 1 (one op); k's are [bias / scale, 0, ...], so only the first counts
+    key_columns = F.pad(bias.reshape(bias.shape[0], 1, tokens, 1) / scale, (0, extra - 1))
+    q = F.pad(q, (0, extra), value=1.0)
+    k = torch.cat([k, key_columns.expand(batch, heads, tokens, extra)], dim=-1)
+    v = F.pad(v, (0, extra))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    return out[..., :dim]
 
 
 def padding_bias(valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -2,10 +2,17 @@
 a family's attention module computes (`AttentionSpec`), and `attend`, which computes it as timm
 does and returns the by-products a method needs — fused where it can, explicit where a by-product
 needs the attention matrix, one image at a time on the CPU where that is faster.
+
+On CUDA `attend` takes the GPU path: no per-image loops, and a key bias (proportional
+attention, padding) carried into the fused kernel as an extra head dimension rather than as a
+mask, which would leave the flash kernel. `gpu_path()` makes it take the same choices on any
+device, so that the CPU tests check the code the GPU runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +24,7 @@ from tokenreduce.ops.attention import (
     attention_by_image,
     class_attention_row,
     fused_attention_by_image,
+    fused_attention_with_key_bias,
     masked_softmax,
     received_attention,
     softmax_dtype,
@@ -24,7 +32,28 @@ from tokenreduce.ops.attention import (
 from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.state import AttentionOutputs
 
-__all__ = ["AttentionCall", "AttentionSpec", "attend", "project_output", "split_heads"]
+__all__ = [
+    "AttentionCall",
+    "AttentionSpec",
+    "attend",
+    "gpu_path",
+    "project_output",
+    "split_heads",
+]
+
+_gpu_path_on_every_device = False
+
+
+@contextlib.contextmanager
+def gpu_path() -> Iterator[None]:
+    """Within it, attention takes the choices of the CUDA path on every device (no per-image
+    loops; the key bias as a head dimension of the fused kernel)."""
+    global _gpu_path_on_every_device
+    previous, _gpu_path_on_every_device = _gpu_path_on_every_device, True
+    try:
+        yield
+    finally:
+        _gpu_path_on_every_device = previous
 
 
 @dataclass(frozen=True)
@@ -94,7 +123,9 @@ def attend(
     path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
     runs one image at a time (`attention_by_image`: cache-resident, no work on padding). On a
     CPU the fused kernel also runs one image at a time on the flat rows of a ragged batch
-    (`fused_attention_by_image`).
+    (`fused_attention_by_image`). On the GPU path (CUDA, or within `gpu_path()`) neither loop
+    runs, and a key bias enters the fused kernel as a head dimension
+    (`fused_attention_with_key_bias`).
     metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
     the keys before rotation).
     Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
@@ -114,7 +145,8 @@ def attend(
     received = None
     explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
     fused = spec.fused and not explicit
-    several_on_cpu = batch > 1 and dropout == 0.0 and q.device.type == "cpu"
+    gpu = _gpu_path_on_every_device or q.device.type == "cuda"
+    several_on_cpu = batch > 1 and dropout == 0.0 and not gpu
     by_image = (
         explicit
         and several_on_cpu
@@ -144,9 +176,12 @@ def attend(
             spec.scale if "cls_attn" in call.needs else None,
         )
     elif fused:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
-        )
+        if gpu and bias is not None:
+            out = fused_attention_with_key_bias(q, k, v, bias, spec.scale, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.sdpa_scale
+            )
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, spec.scale, bias)
     elif by_image:
