@@ -21,39 +21,17 @@ dispatching its operations (the floor no kernel tuning removes).
 """
 
 import argparse
-import collections
 import sys
 from pathlib import Path
 
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce
 from tokenreduce import flops
 from tokenreduce.bench import median_ms, round_robin
+from tokenreduce.profiling import OperatorCount
 from tokenreduce.runtime import precision_context
-
-VIEWS = {
-    "view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "permute", "expand", "slice",
-    "select", "t", "as_strided", "alias", "unbind", "split", "split_with_sizes", "chunk",
-    "unflatten", "detach", "narrow", "diagonal", "reshape", "flatten", "view_as",
-}  # fmt: skip
-"""Operators that only view their input (no kernel)."""
-
-
-class OperatorCount(TorchDispatchMode):
-    """Counts the ATen operators dispatched inside it, by name, views excluded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in VIEWS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -89,13 +67,13 @@ def main() -> None:
             raise SystemExit(f"official and ours disagree: logits differ by {worst}")
         ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
     with precision_context(device, args.amp, torch.bfloat16):
-        dense(images)
         forwards = {"dense": dense, "official": official, "ours": ours}
         operators = {}
         for name, model in forwards.items():
             with OperatorCount() as count:
                 model(images)
             operators[name] = sum(count.counts.values())
+        round_robin(forwards, [images], 3)  # warm-up
         times = round_robin(forwards, [images], args.rounds)
     median = median_ms(times)
     width = "" if args.width is None else f", width {args.width}"

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 import tokenreduce
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import FlopsReport
 from tokenreduce.options import MethodSpec, format_options
 from tokenreduce.patch import attached_engine
 from tokenreduce.runtime import precision_context, timed_forward
 
 __all__ = [
+    "COMPILE_BACKENDS",
     "DEFAULT_METHODS",
     "NOISY_SPREAD",
     "BenchResult",
@@ -154,24 +156,50 @@ class BenchResult:
     device: str
     precision: str
     threads: int
-    compiled: bool
+    compiled: str
+    """The torch.compile backend the two models were timed with; "" when eager."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+COMPILE_BACKENDS = ("inductor", "cudagraphs")
+"""torch.compile backends `bench --compile` takes: inductor (generated kernels; CUDA graphs on
+CUDA) or cudagraphs (the eager kernels replayed as one CUDA graph: seconds to compile, where
+inductor takes tens of seconds per model and shape)."""
+
+
 def compile_for_timing(
-    model: nn.Module, batches: Sequence[torch.Tensor], amp: bool, amp_dtype: torch.dtype
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    amp: bool,
+    amp_dtype: torch.dtype,
+    backend: str = "inductor",
 ) -> tuple[nn.Module, float]:
-    """The model compiled (inductor) and the seconds its first pass over the batches takes: the
+    """The model compiled and the seconds its first pass over the batches takes: the
     compilation, kept out of the timed rounds. The dense model and a static reduction compile as
-    one graph (`tokenreduce.compile`; CUDA graphs on a CUDA model); a reduction that reads
-    per-image counts on the host compiles with graph breaks, once more for every new count."""
+    one graph (`tokenreduce.compile`; with inductor, CUDA graphs on a CUDA model); a reduction that
+    reads per-image counts on the host compiles with graph breaks, once more for every new count
+    (and cannot be one CUDA graph: the cudagraphs backend is refused for it)."""
+    if backend not in COMPILE_BACKENDS:
+        raise InvalidOptionError(
+            f"--compile: {backend!r} is not a backend here; accepted: "
+            + ", ".join(COMPILE_BACKENDS)
+        )
     # a sweep compiles every method (and batch size) through the same forward code; past
     # dynamo's default of 8 versions of one code, fullgraph=True would fail instead of falling back
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     engine = attached_engine(model)
-    if engine is None or engine.static:
+    static = engine is None or engine.static
+    if backend == "cudagraphs" and not (static and batches[0].device.type == "cuda"):
+        raise InvalidOptionError(
+            "--compile cudagraphs: needs a CUDA device and a static reduction (every fixed-count "
+            f"method; LTMP and AS-ViT with batching=masked); got {batches[0].device.type}"
+            + ("" if static else f" and {engine.config.name} with batching={engine.batching.value}")
+        )
+    if backend == "cudagraphs":
+        compiled = torch.compile(model, fullgraph=True, backend="cudagraphs")
+    elif static:
         mode = "reduce-overhead" if batches[0].device.type == "cuda" else None
         compiled = torch.compile(model, fullgraph=True, mode=mode)
     else:
@@ -284,15 +312,15 @@ def bench_model(
     amp_dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     images: torch.Tensor | None = None,
-    torch_compile: bool = False,
+    torch_compile: str | None = None,
 ) -> list[BenchResult]:
     """Benchmark each method against `model` (left unreduced) at each batch size.
 
     images: real preprocessed images to time on, split into consecutive batches (each timing
     iteration runs the next one; GMACs are their mean), instead of one random batch.
-    torch_compile: time `torch.compile`d dense and reduced models (each compiled by an untimed
-    pass over the batches before the warm-up rounds; GMACs come from the eager reduced model,
-    which computes the same token counts).
+    torch_compile: time dense and reduced models compiled with this backend (`COMPILE_BACKENDS`;
+    each compiled by an untimed pass over the batches before the warm-up rounds; GMACs come from
+    the eager reduced model, which computes the same token counts); None: eager.
     """
     model = model.to(device).eval()
     img_size = tokenreduce.describe(model).input_size
@@ -311,11 +339,13 @@ def bench_model(
             if torch_compile:
                 if batch_size not in compiled_dense:
                     compiled_dense[batch_size], seconds = compile_for_timing(
-                        model, batches, amp, amp_dtype
+                        model, batches, amp, amp_dtype, torch_compile
                     )
                     logger.info("  compiled for batch %d: dense %.0f s", batch_size, seconds)
                 timed_dense = compiled_dense[batch_size]
-                timed_reduced, seconds = compile_for_timing(reduced, batches, amp, amp_dtype)
+                timed_reduced, seconds = compile_for_timing(
+                    reduced, batches, amp, amp_dtype, torch_compile
+                )
                 logger.info("  compiled for batch %d: %s %.0f s", batch_size, name, seconds)
             timing = measure_speedup(
                 timed_dense, timed_reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
@@ -343,7 +373,7 @@ def bench_model(
                 device=device,
                 precision=precision,
                 threads=torch.get_num_threads(),
-                compiled=torch_compile,
+                compiled=torch_compile or "",
             )
             logger.info(
                 "  %s %s b=%d: %.2fx (fastest rounds %.2fx, ideal %.2fx)%s",

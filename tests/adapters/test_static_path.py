@@ -11,11 +11,10 @@ import contextlib
 import pytest
 import timm
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce
 from tokenreduce.patch.attention import gpu_path
+from tokenreduce.profiling import host_syncs
 
 PATHS = {"cpu": contextlib.nullcontext, "gpu": gpu_path}
 STATIC = [
@@ -28,53 +27,6 @@ STATIC = [
     ("asvit", {"batching": "masked", "thresholds": 0.8}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
-
-HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"}
-"""Tensor methods that hand a device value to Python (on the CPU `tolist` reads memory without
-dispatching an operator, so these are caught where they are called)."""
-SYNCING_OPERATORS = (
-    "aten._local_scalar_dense",
-    "aten.nonzero",
-    "aten.masked_select",
-    "aten.unique",
-    "aten._unique",
-    "aten.unique_consecutive",
-    "aten.repeat_interleave.Tensor",
-    "aten.is_nonzero",
-    "aten.equal",
-    "aten.allclose",
-)
-"""Operators whose output shape or value needs the device's data on the host."""
-
-
-class HostReads(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in HOST_READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-class SyncingOperators(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(SYNCING_OPERATORS):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs(model: torch.nn.Module, images: torch.Tensor) -> list[str]:
-    """The host reads and syncing operators of one forward."""
-    with torch.no_grad(), HostReads() as reads, SyncingOperators() as operators:
-        model(images)
-    return reads.calls + operators.calls
-
 
 def small_model(family: str) -> tuple[torch.nn.Module, int]:
     name, size = MODELS[family]
@@ -97,7 +49,7 @@ def test_the_sync_count_sees_the_ragged_path_read_its_counts():
     model, size = small_model("vit")
     tokenreduce.apply(model, "ltmp", batching="ragged", prune_thresholds=0.02)
     images = torch.randn(3, 3, size, size)
-    assert len(host_syncs(model, images)) == len(tokenreduce.last_info(model).steps)
+    assert len(host_syncs(model, images)) == len(tokenreduce.last_info(model).reduce_blocks)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -220,8 +220,36 @@ def test_bench_compile_times_compiled_models_with_the_eager_gmacs(tmp_path):
     with torch.inference_mode():
         model(torch.randn(1, 3, *tokenreduce.describe(model).input_size))
     eager = tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean
-    assert row["compiled"] is True and row["gmacs"] == round(eager, 4)
+    assert row["compiled"] == "inductor" and row["gmacs"] == round(eager, 4)
     assert row["measured_speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "method", "message"),
+    [
+        ("cpu", "tome:r=4", "needs --device cuda; got cpu"),
+        ("cuda", "ltmp:prune_thresholds=0.01", "--method ltmp:prune_thresholds=0.01 reads"),
+    ],
+)
+def test_bench_compile_cudagraphs_refuses_what_cannot_be_one_cuda_graph(device, method, message):
+    from tokenreduce.cli.bench import check_one_cuda_graph
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.options import parse_method
+
+    name, options = parse_method(method)
+    with pytest.raises(tokenreduce.errors.InvalidOptionError, match=message):
+        check_one_cuda_graph(device, [make_config(name, **options)], [method])
+    check_one_cuda_graph("cuda", [make_config("tome", r=4)], ["tome:r=4"])
+    check_one_cuda_graph("cuda", [make_config("ltmp", batching="masked")], ["ltmp"])
+
+
+def test_bench_compile_cudagraphs_on_the_cpu_is_one_line():
+    result = run_cli(
+        "bench", "-m", "test_vit", "--weights", "random", "--method", "tome:r=4",
+        "--compile", "cudagraphs", "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--compile cudagraphs: needs --device cuda; got cpu" in result.stderr
 
 
 def test_compare_without_data_has_no_accuracy_plot(tmp_path):

@@ -8,10 +8,11 @@ import torch
 
 from tokenreduce import bench, data
 from tokenreduce.cli import shared
-from tokenreduce.methods.base import make_config
+from tokenreduce.errors import InvalidOptionError
+from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.options import parse_method
 
-__all__ = ["COLUMNS", "add_parser", "run"]
+__all__ = ["COLUMNS", "add_parser", "check_one_cuda_graph", "run"]
 
 
 COLUMNS = (
@@ -64,10 +65,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="time torch.compile'd dense and reduced models (inductor; compiled before the "
-        "timed rounds, which can take minutes per model on a CPU); per-image methods compile "
-        "best with batching=masked (static shapes)",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=bench.COMPILE_BACKENDS,
+        help="time torch.compile'd dense and reduced models, compiled before the timed rounds: "
+        "inductor (the default; CUDA graphs on CUDA; minutes per model on a CPU) or cudagraphs "
+        "(CUDA only: the eager kernels as one CUDA graph, compiled in seconds); per-image "
+        "methods compile as one graph only with batching=masked (static shapes)",
     )
     parser.set_defaults(run=run)
 
@@ -79,7 +84,10 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_results_file(args)
     specs = args.method or bench.DEFAULT_METHODS
     methods = [parse_method(spec) for spec in specs]
-    shared.warn_untrained([make_config(name, **options) for name, options in methods], specs)
+    configs = [make_config(name, **options) for name, options in methods]
+    shared.warn_untrained(configs, specs)
+    if args.compile == "cudagraphs":
+        check_one_cuda_graph(args.device, configs, specs)
     model = shared.load_model(args)
     if args.batch_size is None:
         args.batch_size = [1, 8, 32] if args.data else [1, 32]
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         shared.weights_label(args),
         args.device,
         torch.get_num_threads(),
-        ", torch.compile" if args.compile else "",
+        f", torch.compile ({args.compile})" if args.compile else "",
     )
     results = bench.bench_model(
         model,
@@ -115,3 +123,17 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         [r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format
     )
     return results
+
+
+def check_one_cuda_graph(device: str, configs: list[MethodConfig], specs: list[str]) -> None:
+    """`--compile cudagraphs` captures each model as one CUDA graph: a CUDA device, and methods
+    whose forward keeps static shapes."""
+    if not device.startswith("cuda"):
+        raise InvalidOptionError(f"--compile cudagraphs: needs --device cuda; got {device}")
+    for config, spec in zip(configs, specs, strict=True):
+        if config.per_image_counts and not config.requested_batching().static:
+            raise InvalidOptionError(
+                f"--compile cudagraphs: --method {spec} reads per-image token counts on the "
+                "host and cannot be one CUDA graph; accepted: fixed-count methods, or "
+                "batching=masked for ltmp and asvit (or --compile inductor)"
+            )
