@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenreduce.ops.packing import cached_index
+
 __all__ = [
     "attention_by_image",
     "class_attention_row",
@@ -50,6 +52,14 @@ def class_attention_row(
     return logits.to(softmax_dtype(logits.dtype)).softmax(dim=-1)[:, :, 0]
 
 
+@cached_index
+def _query_columns(
+    extra: int, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """[extra], each 1 / (scale * extra): the columns `fused_attention_with_key_bias` adds to q."""
+    return torch.full((extra,), 1.0 / (scale * extra), dtype=dtype, device=device)
+
+
 def fused_attention_with_key_bias(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,19 +69,21 @@ def fused_attention_with_key_bias(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v through the fused kernel with no attention mask: the
-    per-key bias travels as one more head dimension, q' = [q, 1, ...], k' = [k, bias / scale,
-    0, ...], so that scale * q'.k' = scale * q.k + bias exactly; v is padded with zeros to the same
-    width (a multiple of 8, as the flash kernel requires) and the padding is cut from the output.
+    per-key bias travels as e more head dimensions (e pads d to a multiple of 8, as the flash
+    kernel requires), q' = [q, c, ..., c] and k' = [k, bias, ..., bias] with c = 1 / (scale * e),
+    so that scale * q'.k' = scale * q.k + bias (no column of q is 0, which would make a -inf bias
+    NaN); v is padded with zeros to the same width and the padding is cut from the output. Three
+    operators (two concatenations and a pad) besides the kernel.
 
     A mask makes the CUDA backend leave the flash kernel for a slower one; this keeps it. q, k, v:
     [B, H, N, d]; bias: [B, 1, 1, N] (-inf removes a key). Returns [B, H, N, d].
     """
     batch, heads, tokens, dim = q.shape
     extra = -(-(dim + 1) // 8) * 8 - dim
-    # q's extra columns are all 1 (one op); k's are [bias / scale, 0, ...], so only the first counts
-    key_columns = F.pad(bias.reshape(bias.shape[0], 1, tokens, 1) / scale, (0, extra - 1))
-    q = F.pad(q, (0, extra), value=1.0)
-    k = torch.cat([k, key_columns.expand(batch, heads, tokens, extra)], dim=-1)
+    columns = _query_columns(extra, scale, q.dtype, q.device)
+    q = torch.cat([q, columns.expand(batch, heads, tokens, extra)], dim=-1)
+    key_columns = bias.reshape(bias.shape[0], 1, tokens, 1).expand(batch, heads, tokens, extra)
+    k = torch.cat([k, key_columns], dim=-1)
     v = F.pad(v, (0, extra))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     return out[..., :dim]

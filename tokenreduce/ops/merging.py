@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenreduce.ops.packing import cached_index, gather_rows, row_offsets
+from tokenreduce.ops.packing import cached_index, row_offsets
 
 __all__ = [
     "Matching",
@@ -144,12 +144,18 @@ def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
         out.index_add_(0, m.dst_idx[0] + num_unmerged, rows_a.index_select(0, m.src_idx[0]))
         out = out.unsqueeze(0)
     else:
-        odd = odd_rows(tokens, y.device).expand(batch, -1)
-        out = gather_rows(y, torch.cat([m.unm_idx * 2, odd], dim=1))
-        moving = gather_rows(y, m.src_idx * 2)
-        kept = out.shape[1]
+        # rows of the flattened [B * N, C] batch: image b's A row i is b * N + 2 * i (offset and
+        # stride in one op), its B rows a cached constant
+        first_rows = row_offsets(batch, tokens, 0, y.device)
+        unmerged = torch.add(first_rows, m.unm_idx, alpha=2)
+        rows = torch.cat([unmerged, odd_rows_of_batch(batch, tokens, y.device)], dim=1)
+        flat = y.reshape(batch * tokens, channels)
+        out = flat.index_select(0, rows.view(-1))
+        moving = flat.index_select(0, torch.add(first_rows, m.src_idx, alpha=2).view(-1))
+        kept = rows.shape[1]
         target = (m.dst_idx + row_offsets(batch, kept, num_unmerged, y.device)).view(-1)
-        out.view(batch * kept, channels).index_add_(0, target, moving.view(-1, channels))
+        out.index_add_(0, target, moving)
+        out = out.view(batch, kept, channels)
     if m.order is not None:
         out = out[:, order_index(m.order, out.device)]
     return out
@@ -190,9 +196,10 @@ def interleave_destinations(
 
 
 @cached_index
-def odd_rows(tokens: int, device: torch.device) -> torch.Tensor:
-    """The odd positions 1, 3, ... below `tokens`: the B set's rows of a bipartite matching."""
-    return torch.arange(1, tokens, 2, device=device)
+def odd_rows_of_batch(batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+    """[B, N // 2]: b * N + 1, b * N + 3, ...: the B set's rows of a bipartite matching of each
+    image in a flattened [B * N, C] batch."""
+    return torch.arange(1, tokens, 2, device=device) + row_offsets(batch, tokens, 0, device)
 
 
 @cached_index
