@@ -17,9 +17,9 @@ import timm
 import torch
 
 import tokenreduce
-from tokenreduce.info import ReductionInfo
 from tokenreduce.options import format_options
 from tokenreduce.patch import attached_engine
+from tokenreduce.patch import attention as patch_attention
 from tokenreduce.patch.attention import gpu_path
 from tokenreduce.profiling import host_syncs, operators_per_forward
 
@@ -36,12 +36,19 @@ METHODS = [
 ]
 
 
-def attention_path(info: ReductionInfo, biased: bool) -> str:
-    """How the attention of the blocks after the first reduction ran on the GPU path."""
-    fused = info.fused_attention[-1]
-    if not fused:
+def attention_path(model: torch.nn.Module, images: torch.Tensor) -> str:
+    """How the attention of the blocks after the first reduction runs on the GPU path."""
+    calls = []
+    with_key_bias = patch_attention.fused_attention_with_key_bias
+    patch_attention.fused_attention_with_key_bias = lambda *a: calls.append(1) or with_key_bias(*a)
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        patch_attention.fused_attention_with_key_bias = with_key_bias
+    if not tokenreduce.last_info(model).fused_attention[-1]:
         return "explicit (needs the attention matrix)"
-    return "fused, key bias as a head dimension" if biased else "fused, no bias"
+    return "fused, key bias as head dimensions" if calls else "fused, no bias"
 
 
 def main() -> None:
@@ -63,20 +70,17 @@ def main() -> None:
     with gpu_path():
         for name, options in METHODS:
             model = tokenreduce.apply(copy.deepcopy(dense), name, **options)
+            operators_per_forward(model, images)  # builds the cached index constants
             operators = sum(operators_per_forward(model, images).values())
             info = tokenreduce.last_info(model)
             syncs = len(host_syncs(model, images))
             engine = attached_engine(model)
-            biased = getattr(engine.config, "prop_attn", False) or options.get("batching") in (
-                "masked",
-                "packed",
-            )
             torch._dynamo.reset()
             explained = torch._dynamo.explain(model)(images)
             reducing = max(len(info.reduce_blocks), 1)
             print(
                 f"| {name} {format_options(options)} | "
-                f"{engine.batching.value} | {attention_path(info, biased)} | {syncs} | "
+                f"{engine.batching.value} | {attention_path(model, images)} | {syncs} | "
                 f"{operators} | {(operators - dense_operators) / reducing:.0f} "
                 f"({reducing} blocks) | {explained.graph_count} "
                 f"({explained.graph_break_count}) |"
