@@ -10,12 +10,18 @@ transformers are in `tokenreduce.convert` (re-exported here).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
+import logging
 import os
+import pickle
 import socket
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenreduce.convert import from_transformers, to_transformers
-from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
+from tokenreduce.errors import (
+    InvalidOptionError,
+    InvalidTypeError,
+    MissingFileError,
+    UnsupportedModelError,
+)
 
 __all__ = [
     "OFFLINE_SOURCES",
@@ -37,6 +48,7 @@ __all__ = [
     "load",
     "load_head",
     "offline_sources",
+    "own_weights",
     "read_state_dict",
     "register_offline_source",
     "to_transformers",
@@ -53,28 +65,64 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch checkpoint (optionally under
-    'state_dict' / 'model'); errors name the file as `what` ("checkpoint", "head file")."""
+TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    IndexError,
+    KeyError,
+    struct.error,
+)
+"""What `torch.load(weights_only=True)` raises on a file that is not a torch file of tensors
+(each seen on corrupted and random files): not a pickle or one of other objects
+(UnpicklingError), a broken zip archive (RuntimeError), a truncated file (EOFError), an
+unreadable one (OSError), bad bytes (ValueError, UnicodeDecodeError), a pickle whose memo or
+stack references are broken (IndexError, KeyError, struct.error)."""
+
+
+def unpickling_reason(err: BaseException) -> str:
+    """The cause in torch.load's message: its weights-only error carries it after a paragraph
+    of advice (to load untrusted pickles) that does not apply to a state dict."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        return text.split(marker, 1)[1].strip().splitlines()[0]
+    return f"{type(err).__name__} {first_line(err)}"
+
+
+def check_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path, checked to be an existing file (errors name it as `what`)."""
     path = Path(path)
     if path.is_dir():
         raise InvalidOptionError(f"{what} {path} is a folder; accepted: a .safetensors/.pth file")
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
+    return path
+
+
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch checkpoint (optionally under
+    'state_dict' / 'model'); errors name the file as `what` ("checkpoint", "head file")."""
+    path = check_file(path, what)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
-        except Exception as err:
+        except (SafetensorError, OSError) as err:
             raise InvalidOptionError(
                 f"{what} {path} is not a readable safetensors file: {first_line(err)}"
             ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except TORCH_LOAD_ERRORS as err:
         raise InvalidOptionError(
-            f"{what} {path} is not a torch checkpoint (.pth) or safetensors file: {first_line(err)}"
+            f"{what} {path} is not a torch checkpoint of tensors (torch.load: "
+            f"{unpickling_reason(err)}); accepted: a .safetensors file, or a .pth file of "
+            "tensors (torch.save(model.state_dict()))"
         ) from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -84,15 +132,46 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     return state
 
 
+MODEL_NAMES = (
+    "a timm model name (its hub weights need network), an offline model {offline}, hf:PATH (a "
+    "local transformers folder written by save_pretrained) or open_clip:ARCH (weights from a "
+    "local --checkpoint FILE)"
+)
+"""What `load` accepts as a model name (formatted with the offline models' names)."""
+
+
+def _examples(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (", ..." if len(keys) > limit else "")
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
+    """How a state dict differs from a model's, in one line: counts of missing, unexpected and
+    reshaped keys with a few examples each (torch's own message lists every key)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [
+        f"{k} {tuple(given[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in given and isinstance(given[k], torch.Tensor) and given[k].shape != expected[k].shape
+    ]
+    return _count_keys({"missing": missing, "unexpected": unexpected, "of another shape": reshaped})
+
+
+def _count_keys(kinds: dict[str, list[str]]) -> str:
+    """'keys: 3 missing (a, b, c), 1 unexpected (d)' for the kinds that have keys; "" if none."""
+    parts = [f"{len(keys)} {kind} ({_examples(keys)})" for kind, keys in kinds.items() if keys]
+    return f"keys: {', '.join(parts)}" if parts else ""
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        details = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:  # checked before torch's load, whose message lists every key
         raise InvalidOptionError(
-            f"{what} does not fit model {name} (a classifier of another size needs "
-            f"--num-classes / num_classes): {details}"
-        ) from err
+            f"{what} does not fit model {name}: {mismatch}; accepted: a state dict of {name} "
+            "(a classifier of another size needs --num-classes / num_classes)"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def load_head(model: nn.Module, path: str | Path) -> None:
@@ -208,7 +287,8 @@ def resize_pos_embed(
 
 def _offline_state(name: str, source: OfflineSource) -> dict[str, torch.Tensor]:
     """The converted state dict, from the cache when one exists for this exact source file."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save
 
     path = source.locate()
     sha = _sha256(path)
@@ -216,14 +296,16 @@ def _offline_state(name: str, source: OfflineSource) -> dict[str, torch.Tensor]:
     if cached.is_file():
         try:
             return load_file(cached)
-        except Exception as err:
+        except (SafetensorError, OSError) as err:
             raise InvalidOptionError(
-                f"cached weights {cached} are unreadable ({err}); delete the file to convert again"
+                f"cached weights {cached} are unreadable ({first_line(err)}); delete the file to "
+                "convert again"
             ) from err
     state = source.convert(path)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.tmp")
-    save_file(state, partial, metadata={"source": str(path), "source_sha256": sha})
+    # bytes written by Python get the umask's permissions (safetensors' save_file makes 0600)
+    partial.write_bytes(save(state, metadata={"source": str(path), "source_sha256": sha}))
     partial.replace(cached)
     return state
 
@@ -257,7 +339,17 @@ def load(
                 f"{option}={value!r} is not accepted; accepted: an int >= {low}, or None"
             )
     family, _, target = name.partition(":")
-    if target and family in FOREIGN_LOADERS:
+    if family in FOREIGN_LOADERS:
+        if not target.strip():
+            raise InvalidOptionError(
+                f"model {name!r} names no {'folder' if family == 'hf' else 'architecture'}; "
+                f"accepted: {family}:{'PATH' if family == 'hf' else 'ARCH'} ("
+                + (
+                    "a folder written by save_pretrained)"
+                    if family == "hf"
+                    else "an architecture of open_clip.list_models(), e.g. open_clip:ViT-B-32)"
+                )
+            )
         given = {"img_size": img_size, "num_classes": num_classes, "head": head, **kwargs}
         refused = sorted(k for k, v in given.items() if v is not None)
         if refused:
@@ -273,6 +365,8 @@ def load(
         kwargs["num_classes"] = num_classes
     source = offline_sources().get(name)
     arch = source.architecture if source else name
+    if source is None:
+        check_timm_name(name)
     if source:
         kwargs.setdefault("num_classes", 0)
         kwargs["pretrained_cfg_overlay"] = source.pretrained_cfg | kwargs.get(
@@ -292,13 +386,6 @@ def load(
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except TypeError as err:  # a keyword timm's model does not take
         raise InvalidTypeError(f"model {name!r} does not take the options {kwargs}: {err}") from err
-    except RuntimeError as err:
-        if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
-            raise InvalidOptionError(
-                f"model={name!r} is not a timm model name (with an optional timm pretrained tag) "
-                f"or an offline model {sorted(offline_sources())}: {err}"
-            ) from err
-        raise
     if checkpoint is not None:
         _load_strict(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}", name)
     elif source is not None and pretrained:
@@ -313,6 +400,52 @@ def load(
     return model.eval()
 
 
+TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
+"""Prefixes timm resolves itself (a hub repository, a local timm folder)."""
+
+
+def check_timm_name(name: str) -> None:
+    """A name timm can build: a registered architecture with a known pretrained tag, or a name
+    with a timm source prefix. Checked before the hub is asked for weights, so that a wrong name
+    is not blamed on an unreachable hub; a hub id or a path points to `hf:PATH`."""
+    if name.startswith(TIMM_SOURCES):
+        return
+    offline = sorted(offline_sources())
+    if any(sep in name for sep in ("/", "\\")):
+        if (Path(name) / "config.json").is_file():
+            raise InvalidOptionError(
+                f"model={name!r} is a transformers folder; accepted: hf:{name} (CLI: -m hf:{name})"
+            )
+        raise InvalidOptionError(
+            f"model={name!r} looks like a Hugging Face hub id or a path; nothing is downloaded by "
+            "hub id: save the model with save_pretrained where the hub is reachable and give its "
+            f"folder as hf:PATH; accepted: {MODEL_NAMES.format(offline=offline)}"
+        )
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, [*timm.list_models(), *offline], n=3)
+        raise InvalidOptionError(
+            f"model={name!r} is not a model name"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; accepted: {MODEL_NAMES.format(offline=offline)}"
+        )
+    if tag and not timm.list_pretrained(name):
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        raise InvalidOptionError(
+            f"model={name!r}: {tag!r} is not a pretrained tag of timm's {arch}; accepted: "
+            f"{arch} or {arch}.TAG with TAG one of {tags}"
+        )
+
+
+def own_weights(name: str, checkpoint: str | Path | None) -> bool:
+    """Whether model `name` comes with weights of its own, offline: a checkpoint file, an
+    offline source, or an `hf:PATH` folder holding weight files (the CLI's `--weights auto`)."""
+    family, _, target = name.partition(":")
+    if checkpoint is not None or name in offline_sources():
+        return True
+    return family == "hf" and any((Path(target) / f).is_file() for f in HF_WEIGHT_FILES)
+
+
 def _preprocessing(size: int, mean: Any, std: Any, interpolation: str) -> dict[str, Any]:
     """A timm-style pretrained_cfg describing a foreign model's preprocessing, so that the
     workflows' evaluation transform (`data.eval_transform`) resizes and normalises as it expects."""
@@ -325,42 +458,154 @@ def _preprocessing(size: int, mean: Any, std: Any, interpolation: str) -> dict[s
     }
 
 
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weight files transformers' save_pretrained writes (single or sharded)."""
+
+HF_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    EOFError,
+    pickle.UnpicklingError,
+    RuntimeError,
+)
+"""What transformers raises for a folder's unreadable file: a missing or corrupt file (OSError,
+EOFError, UnpicklingError), a config it cannot build (ValueError), a weight it cannot convert
+(RuntimeError); safetensors' own error is added when transformers is imported."""
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """A library logger's records below ERROR dropped for the block: what they say (a load
+    report listing every key, a random-initialisation notice) is reported in one line instead."""
+    log = logging.getLogger(logger)
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    log.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        log.removeFilter(errors_only)
+
+
+def _hf_config(name: str, folder: Path) -> Any:
+    """The transformers config of `folder` (its config.json checked to be JSON first)."""
+    import transformers
+
+    path = folder / "config.json"
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidOptionError(
+            f"model {name!r}: {path} is not valid JSON ({first_line(err)}); accepted: the "
+            "config.json save_pretrained writes"
+        ) from err
+    if not isinstance(settings, dict) or "model_type" not in settings:
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has no 'model_type'; accepted: the config.json "
+            "save_pretrained writes"
+        )
+    try:
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise InvalidOptionError(
+            f"model {name!r}: transformers cannot read {path} (model_type "
+            f"{settings['model_type']!r}): {first_line(err)}"
+        ) from err
+
+
+def _hf_class(name: str, path: Path, config: Any) -> type[nn.Module]:
+    """The served transformers class that config.json's `architectures` names."""
+    import transformers
+
+    from tokenreduce.patch.hf import SERVED_CLASSES
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    served = ", ".join(c.__name__ for c in SERVED_CLASSES)
+    if not isinstance(model_class, type) or not issubclass(model_class, SERVED_CLASSES):
+        named = f"names {architecture}" if architecture else "names no class in 'architectures'"
+        raise UnsupportedModelError(
+            f"model {name!r}: {path / 'config.json'} {named} (model_type "
+            f"{config.model_type!r}), not a vision model tokenreduce serves; supported: "
+            f"{served} (hf:PATH), or timm and open_clip models"
+        )
+    return model_class
+
+
 def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
     """A Hugging Face transformers vision model from a local directory (config.json, weights
     and optionally preprocessor_config.json), its class from the config's `architectures`, with
     sdpa attention; `pretrained=False` gives random weights from the config. No download."""
-    try:
-        import transformers
-    except ImportError as err:
+    if importlib.util.find_spec("transformers") is None:
         raise MissingFileError(
             "model 'hf:PATH' needs the 'hf' extra: pip install 'tokenreduce[hf]'"
-        ) from err
-    folder = Path(path)
+        )
+    from safetensors import SafetensorError
+
+    name, folder = f"hf:{path}", Path(path)
+    accepted = (
+        "accepted: hf:PATH, a local folder written by save_pretrained (nothing is downloaded)"
+    )
+    if folder.is_file():
+        raise InvalidOptionError(f"model {name!r}: {folder} is a file; {accepted}")
+    if not folder.is_dir():
+        raise MissingFileError(f"model {name!r}: folder {folder} not found; {accepted}")
     if not (folder / "config.json").is_file():
         raise MissingFileError(
-            f"model 'hf:{path}': no config.json in {folder}; accepted: a folder written by "
+            f"model {name!r}: no config.json in {folder}; accepted: a folder written by "
             "save_pretrained (config.json and model.safetensors)"
         )
     if checkpoint is not None:
         raise InvalidOptionError(
-            f"model 'hf:{path}' with --checkpoint {checkpoint}: the folder holds the weights; "
+            f"model {name!r} with --checkpoint {checkpoint}: the folder holds the weights; "
             "accepted: one of the two"
         )
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, architecture or "", None)
-    if model_class is None:
+    config = _hf_config(name, folder)
+    model_class = _hf_class(name, folder, config)
+    if pretrained and not own_weights(name, None):
+        raise MissingFileError(
+            f"model {name!r}: no weights in {folder} (none of {', '.join(HF_WEIGHT_FILES)}); "
+            "accepted: a folder written by save_pretrained, or random weights from its config "
+            "(--weights random, pretrained=False)"
+        )
+    try:
+        if pretrained:
+            with _quiet("transformers.modeling_utils"):
+                model, info = model_class.from_pretrained(
+                    folder,
+                    attn_implementation="sdpa",
+                    local_files_only=True,
+                    dtype=torch.float32,
+                    ignore_mismatched_sizes=True,  # reported below, in one line
+                    output_loading_info=True,
+                )
+        else:
+            config._attn_implementation = "sdpa"
+            model, info = model_class(config), {}
+    except (*HF_READ_ERRORS, SafetensorError) as err:
         raise InvalidOptionError(
-            f"model 'hf:{path}': config.json names no transformers class in 'architectures' "
-            f"({architecture!r})"
+            f"model {name!r}: the {'weights' if pretrained else 'config'} in {folder} cannot be "
+            f"read as {model_class.__name__}: {first_line(err)}"
+        ) from err
+    mismatch = _count_keys(
+        {
+            "missing": sorted(info.get("missing_keys", [])),
+            "of another shape": sorted(key for key, *_ in info.get("mismatched_keys", [])),
+        }
+    )
+    if mismatch:  # transformers would leave these weights random
+        raise InvalidOptionError(
+            f"model {name!r}: the weights in {folder} do not fit its config.json's "
+            f"{model_class.__name__}: {mismatch}; accepted: the weights save_pretrained wrote "
+            "with this config"
         )
-    if pretrained:
-        model = model_class.from_pretrained(
-            folder, attn_implementation="sdpa", local_files_only=True, dtype=torch.float32
-        )
-    else:
-        config._attn_implementation = "sdpa"
-        model = model_class(config)
     # the model's name in threshold files: the same folder, however the path was typed
     model.config._name_or_path = str(folder.resolve())
     vision = getattr(config, "vision_config", config)
@@ -368,7 +613,13 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
-        settings = json.loads(processor.read_text())
+        try:
+            settings = json.loads(processor.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidOptionError(
+                f"model {name!r}: {processor} is not valid JSON ({first_line(err)}); accepted: "
+                "the preprocessor_config.json an image processor's save_pretrained writes, or none"
+            ) from err
         mean = settings.get("image_mean", mean)
         std = settings.get("image_std", std)
         interpolation = {2: "bilinear", 3: "bicubic"}.get(settings.get("resample"), interpolation)
@@ -376,29 +627,86 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     return model
 
 
+OPEN_CLIP_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    RuntimeError,
+    KeyError,
+    AttributeError,
+    StopIteration,
+)
+"""What open_clip's `load_checkpoint` raises on a file that is missing, unreadable, not a state
+dict (AttributeError), empty (StopIteration) or of another model (KeyError: no logit_scale;
+RuntimeError: torch's strict load)."""
+
+
+def open_clip_tower(arch: str) -> str:
+    """The class of open_clip architecture `arch`'s image tower, read from its config (no model
+    built): VisionTransformer, ModifiedResNet, or TimmModel (a timm trunk, named)."""
+    import open_clip
+
+    vision = open_clip.get_model_config(arch)["vision_cfg"]
+    if vision.get("timm_model_name"):
+        return f"TimmModel (timm {vision['timm_model_name']})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "ModifiedResNet"
+    return "VisionTransformer"
+
+
 def create_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
     """The whole open_clip model of architecture `arch` (eval mode), with the weights of a local
     `checkpoint` file (open_clip's state dict of the whole model), or random weights with
-    `pretrained=False`. No download."""
+    `pretrained=False`. No download. Only architectures with a VisionTransformer image tower."""
     try:
         import open_clip
     except ImportError as err:
         raise MissingFileError(
             "model 'open_clip:ARCH' needs the 'openclip' extra: pip install 'tokenreduce[openclip]'"
         ) from err
-    if arch not in open_clip.list_models():
+    name, names = f"open_clip:{arch}", open_clip.list_models()
+    vits = [n for n in names if open_clip_tower(n) == "VisionTransformer"]
+    examples = ", ".join(n for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14") if n in vits)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3)
         raise InvalidOptionError(
-            f"model 'open_clip:{arch}': not an open_clip architecture; accepted: one of "
-            "open_clip.list_models(), e.g. ViT-B-32"
+            f"model {name!r}: not an open_clip architecture"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; accepted: one of open_clip.list_models() with a ViT image tower, e.g. "
+            f"{examples}"
+        )
+    tower = open_clip_tower(arch)
+    if tower != "VisionTransformer":
+        raise UnsupportedModelError(
+            f"model {name!r}: its image tower is {tower}, not open_clip's VisionTransformer; "
+            f"supported: the {len(vits)} open_clip architectures with a ViT tower, e.g. "
+            f"{examples}"
         )
     if pretrained and checkpoint is None:
         raise MissingFileError(
-            f"model 'open_clip:{arch}' needs its weights as a local file (--checkpoint FILE, "
+            f"model {name!r} needs its weights as a local file (--checkpoint FILE, "
             "checkpoint=...; nothing is downloaded), or random weights (--weights random)"
         )
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise MissingFileError(f"checkpoint file not found: {checkpoint}")
-    return open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None).eval()
+    if checkpoint is None:
+        return open_clip.create_model(arch, pretrained=None).eval()
+    check_file(checkpoint, "checkpoint")
+    from safetensors import SafetensorError
+
+    try:  # open_clip's loader: it converts older and third-party layouts
+        return open_clip.create_model(arch, pretrained=str(checkpoint)).eval()
+    except (*OPEN_CLIP_LOAD_ERRORS, SafetensorError) as err:
+        # diagnosed from the file: read_state_dict names an unreadable one; a readable one that
+        # fits the model was refused for another reason, which is not the user's: re-raised
+        state = read_state_dict(checkpoint)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        with _quiet(""):  # open_clip's "initialized randomly" on the root logger would mislead
+            mismatch = describe_mismatch(open_clip.create_model(arch).state_dict(), state)
+        if not mismatch:
+            raise
+        raise InvalidOptionError(
+            f"checkpoint {checkpoint} does not fit model {name!r}: {mismatch}; accepted: "
+            f"open_clip's state dict of the whole {arch} model"
+        ) from err
 
 
 def load_open_clip(arch: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:

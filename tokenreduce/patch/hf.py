@@ -38,7 +38,7 @@ from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.pooling import check_patches_left, pooling_weights, weighted_mean
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["SUPPORTED", "HFAdapter", "base_model"]
+__all__ = ["SERVED_CLASSES", "SUPPORTED", "HFAdapter", "base_model"]
 
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -129,15 +129,18 @@ PATCH_MEAN_WRAPPERS = (
 )
 """Wrappers whose classifier reads the class token and the mean of the patch tokens."""
 
+SERVED_CLASSES: tuple[type[nn.Module], ...] = (*FAMILIES, *WRAPPERS)
+"""Every transformers class served (`models.load("hf:PATH")` refuses others before loading)."""
+
 SUPPORTED = (
-    "Hugging Face transformers " + ", ".join(c.__name__ for c in [*FAMILIES, *WRAPPERS])
+    "Hugging Face transformers " + ", ".join(c.__name__ for c in SERVED_CLASSES)
     + f" (attention implementation {' or '.join(ATTENTION_IMPLEMENTATIONS)})"
 )  # fmt: skip
 
 
 def served_class(model: nn.Module) -> type[nn.Module] | None:
     """The served class the model is an instance of (a reducing subclass counts as its base)."""
-    return next((cls for cls in (*FAMILIES, *WRAPPERS) if isinstance(model, cls)), None)
+    return next((cls for cls in SERVED_CLASSES if isinstance(model, cls)), None)
 
 
 def base_model(model: nn.Module) -> nn.Module:
