@@ -155,11 +155,16 @@ def test_dinov2_patch_mean_is_size_weighted(name):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
 
 
-def test_dinov2_patch_mean_refuses_images_that_kept_no_patch_token():
+@pytest.mark.parametrize("batching", ["ragged", "masked"])
+def test_dinov2_patch_mean_keeps_a_patch_token_per_image(batching):
+    """Thresholds that prune every patch token leave each image its best one (docs/methods.md
+    §1.6), so the patch mean is never over nothing."""
     model = build("Dinov2ForImageClassification", "sdpa", num_labels=5)
-    tokenreduce.apply(model, "ltmp", prune_thresholds=1.0)
-    with torch.no_grad(), pytest.raises(InvalidOptionError, match=r"\[0, 1, 2\].*patch-mean"):
-        model(pixel_values=pixels())
+    tokenreduce.apply(model, "ltmp", prune_thresholds=1.0, batching=batching)
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=pixels()).logits).all()
+    prefix = tokenreduce.describe(model).num_prefix
+    assert (tokenreduce.last_info(model).tokens_per_block == prefix + 1).all()
 
 
 def test_outputs_a_reduced_model_cannot_give_are_refused():

@@ -45,8 +45,8 @@ def test_asvit_threshold_is_strict_and_keeps_the_prefix():
     assert asvit_step(0.25)[0] == [0.0, 1.0, 2.0, 3.0, 4.0]  # all above: nothing pruned
     assert asvit_step(2.0)[0] == [0.0, 3.0]  # all below: the best token (min_keep=1) stays
     kept, state = asvit_step(2.0, min_keep=0)
-    assert kept == [0.0]  # all below, min_keep=0: only the prefix token stays
-    assert state.size.flatten().tolist() == [1.0]
+    assert kept == [0.0, 3.0]  # min_keep=0 too: no image loses its last patch token
+    assert state.size.flatten().tolist() == [1.0, 1.0]
 
 
 def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
@@ -68,8 +68,10 @@ def test_ltmp_merge_threshold_is_strict_and_prune_keeps_the_prefix():
     tokens, sizes, record = step(0.999, 0.0)
     assert tokens == [0.0, 4.0, 1.5, 3.0] and sizes == [1.0, 1.0, 2.0, 1.0]
     assert record.merged.tolist() == [1]
-    tokens, _, record = step(1.0, 0.25)  # every importance is exactly 0.25: only prefix stays
-    assert tokens == [0.0] and record.pruned.tolist() == [4]
+    # every importance is exactly 0.25, none above: the prefix and the best patch token stay
+    # (ties: the first in output order), so that no image loses its last patch token
+    tokens, _, record = step(1.0, 0.25)
+    assert tokens == [0.0, 2.0] and record.pruned.tolist() == [3]
 
 
 # ---- per-image batching ------------------------------------------------------------------------

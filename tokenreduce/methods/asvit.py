@@ -19,6 +19,7 @@ from tokenreduce.methods.base import (
     BlockRecord,
     Strength,
     check_bool,
+    clamped,
     class_attention_macs,
     register,
 )
@@ -77,7 +78,8 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
     mean-1 head-weighted class-attention score is above that layer's threshold.
 
     thresholds: one number for every layer, one per layer, a tensor, or a file from
-    `tokenreduce train`; 0 keeps every token. min_keep: the best tokens always kept. fuse: add
+    `tokenreduce train`; 0 keeps every token. min_keep: the best tokens always kept (at least
+    one: no image loses its last patch token; 0 is taken as 1, with a warning). fuse: add
     one token, the class-attention-weighted sum of the pruned ones as EViT (inference only).
     head_weight: "out_norm" (each head's share of the class token's update) or "uniform".
     """
@@ -131,6 +133,16 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
     def identity_values(self) -> dict[str, float]:
         return {"thresholds": 0.0}
 
+    def clamped_options(self, dims: ModelDims) -> list[str]:
+        messages = super().clamped_options(dims)
+        if self.min_keep == 0:
+            why = "would let an image lose every patch token, and every image keeps one"
+            messages.append(clamped(self.name, "min_keep", 0, why, 1))
+        elif self.min_keep > dims.num_patches:
+            why = f"is more than the {dims.num_patches} patch tokens this model holds"
+            messages.append(clamped(self.name, "min_keep", self.min_keep, why, dims.num_patches))
+        return messages
+
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Step
     ) -> tuple[torch.Tensor, TokenState, ASViTRecord]:
@@ -145,10 +157,10 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
         cls_attn = attn.cls_attn[:, :, prefix:]
         score = head_weighted_scores(cls_attn, attn.values[:, :, prefix:], active, self.head_weight)
         keep = threshold_mask(score, step["thresholds"], self.tau, soft)
-        if self.min_keep:
-            best = score.topk(min(self.min_keep, score.shape[1]), dim=-1).indices
-            forced = torch.zeros_like(active).scatter(1, best, True) & active
-            keep = keep.masked_fill(forced, 1) if soft else keep | forced
+        # at least the best token stays, so that no image loses its last patch token
+        best = score.topk(min(max(self.min_keep, 1), score.shape[1]), dim=-1).indices
+        forced = torch.zeros_like(active).scatter(1, best, True) & active
+        keep = keep.masked_fill(forced, 1) if soft else keep | forced
         if soft:
             if self.fuse:
                 raise InvalidOptionError(
@@ -186,7 +198,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
             tokens = with_fused_token(tokens, tokens, prefix, dropped, weight)
             keep_all = torch.cat([keep_all, dropped.sum(dim=1, keepdim=True) > 0], dim=1)
             rank = torch.cat([rank, rank.new_full((rank.shape[0], 1), -torch.inf)], dim=1)
-        packing, overflow = self.pack(keep_all, rank, state.batching)
+        packing, overflow = self.pack(keep_all, rank, prefix, state.batching)
         record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
         tokens = kept_rows(tokens, packing.index, packing.valid)
         return tokens.x, tokens.in_state(state), record

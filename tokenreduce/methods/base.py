@@ -30,6 +30,7 @@ __all__ = [
     "check_bool",
     "check_keep_rate",
     "check_layers_type",
+    "clamped",
     "class_attention_macs",
     "learned_method_names",
     "make_config",
@@ -173,6 +174,12 @@ class MethodConfig(Generic[RecordT]):
                 "with a class token, or method 'tome'."
             )
 
+    def clamped_options(self, dims: ModelDims) -> list[str]:
+        """One line per option value this model cannot honour as given (`clamped`): the value is
+        clamped to what the model allows, and the engine logs the line as a warning once per
+        `apply` (docs/methods.md §3, "Values a method cannot honour"). None by default."""
+        return []
+
     def schedule(self, dims: ModelDims) -> list[Any | None]:
         """Per block: the argument of its reduction step, or None when the block does not reduce.
 
@@ -242,6 +249,12 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
 def check_bool(method: str, option: str, value: object) -> None:
     if not isinstance(value, bool):
         raise InvalidOptionError(f"{method}: option {option}={value!r} must be True or False")
+
+
+def clamped(method: str, option: str, given: object, why: str, effective: object) -> str:
+    """The warning for an option value clamped to what the model allows: the value, why it
+    cannot be honoured, and the value used instead."""
+    return f"{method}: option {option}={given!r} {why}; using {option}={effective!r} instead"
 
 
 def check_keep_rate(method: str, value: object) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.methods.base import BlockRecord, class_attention_macs, register
+from tokenreduce.methods.base import BlockRecord, clamped, class_attention_macs, register
 from tokenreduce.methods.evit import KeepRateConfig
 from tokenreduce.methods.steps import Tokens, carried, kept_rows, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching, dpc_knn, mean_position, merge_clusters
@@ -101,6 +101,33 @@ class BATConfig(KeepRateConfig):
             raise InvalidOptionError(
                 f"bat: option neighbours={neighbours!r} is not accepted; accepted: an int >= 1"
             )
+
+    def clamped_options(self, dims: ModelDims) -> list[str]:
+        """Counts beyond what the first reducing block (all N0 tokens) splits them into: more
+        clusters than inattentive tokens R, no cluster for R > 0, more attentive matches than
+        K // 2, more neighbours than R - 1. Later blocks, holding fewer tokens, clip them further
+        as `bat_counts` and DPC-kNN define."""
+        keep, rest, _, _ = bat_counts(
+            dims.num_tokens, dims.num_prefix, self.keep_rate, self.clusters, self.attentive_matches
+        )
+        split = f"(keep_rate={self.keep_rate} splits this model's tokens into {keep} attentive"
+        split += f" and {rest} inattentive ones)"
+        messages = []
+        clusters = self.clusters
+        if rest and isinstance(clusters, int) and clusters > rest:
+            why = f"asks more clusters than there are inattentive tokens {split}"
+            messages.append(clamped(self.name, "clusters", clusters, why, rest))
+        if rest and clusters == 0:
+            why = f"leaves no cluster for the inattentive tokens {split}"
+            messages.append(clamped(self.name, "clusters", clusters, why, 1))
+        matches = self.attentive_matches
+        if isinstance(matches, int) and matches > keep // 2:
+            why = f"asks more merges than the attentive tokens allow (at most half) {split}"
+            messages.append(clamped(self.name, "attentive_matches", matches, why, keep // 2))
+        if rest >= 2 and self.neighbours > rest - 1:
+            why = f"asks more neighbours than the other inattentive tokens {split}"
+            messages.append(clamped(self.name, "neighbours", self.neighbours, why, rest - 1))
+        return messages
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: float

@@ -28,6 +28,7 @@ from tokenreduce.methods.base import (
     RecordT,
     check_bool,
     check_layers_type,
+    clamped,
     resolve_layers,
 )
 from tokenreduce.ops.packing import Packing, pack_kept
@@ -118,8 +119,18 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        files = sorted(entry.name for entry in path.glob("*.safetensors"))
+        held = f" (it holds {', '.join(files)})" if files else ""
+        raise InvalidOptionError(
+            f"threshold file {str(path)!r} is a folder{held}; accepted: the path of a threshold "
+            "file (.safetensors) written by tokenreduce train"
+        )
     if not path.is_file():
-        raise MissingFileError(f"threshold file {str(path)!r} does not exist")
+        raise MissingFileError(
+            f"threshold file {str(path)!r} does not exist; accepted: the path of a threshold "
+            "file (.safetensors) written by tokenreduce train"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -285,14 +296,17 @@ class LearnedConfig(MethodConfig[RecordT]):
                 updates["layers"] = tuple(layers)
             return updates
         if isinstance(source, torch.Tensor):
-            rows = source.reshape(len(self.kinds), -1) if source.dim() == 2 else None
-            if len(self.kinds) == 1 and source.dim() == 1:
+            # exact shapes only: a reshape would silently interleave a transposed tensor
+            kinds = len(self.kinds)
+            rows = source if source.dim() == 2 and source.shape[0] == kinds else None
+            if kinds == 1 and source.dim() == 1:
                 rows = source[None]
-            if rows is None or rows.shape[0] != len(self.kinds):
+            if rows is None:
+                shapes = f"[{kinds}, S]" + (" or [S]" if kinds == 1 else "")
                 raise InvalidOptionError(
                     f"{self.name}: option thresholds is a tensor of shape {tuple(source.shape)}; "
-                    f"accepted: [{len(self.kinds)}, S] rows {list(self.kinds)} (S reducing "
-                    "layers), or a file path"
+                    f"accepted: {shapes} (rows {list(self.kinds)}, S = one per reducing layer, "
+                    "never reshaped), or a threshold file"
                 )
             return {
                 kind: check_threshold_values(self.name, "thresholds", row)
@@ -410,15 +424,36 @@ class LearnedConfig(MethodConfig[RecordT]):
     def with_vectors(self, vectors: dict[str, Sequence[float]]) -> LearnedConfig:
         return replace(self, **{kind: tuple(float(v) for v in vectors[kind]) for kind in vectors})
 
+    def max_tokens_for(self, num_prefix: int) -> int | None:
+        """The cap `max_tokens` as applied: at least the prefix and one patch token, which every
+        image keeps (docs/methods.md §1.6)."""
+        return None if self.max_tokens is None else max(self.max_tokens, num_prefix + 1)
+
+    def clamped_options(self, dims: ModelDims) -> list[str]:
+        cap = self.max_tokens
+        if cap is None:
+            return []
+        if cap <= dims.num_prefix:
+            why = (
+                f"leaves no room for a patch token after the model's {dims.num_prefix} prefix "
+                "token(s), and every image keeps one"
+            )
+            return [clamped(self.name, "max_tokens", cap, why, dims.num_prefix + 1)]
+        if cap > dims.num_tokens:
+            why = f"is more than the {dims.num_tokens} tokens this model holds, so it caps nothing"
+            return [clamped(self.name, "max_tokens", cap, why, dims.num_tokens)]
+        return []
+
     def pack(
-        self, keep: torch.Tensor, score: torch.Tensor, batching: Batching
+        self, keep: torch.Tensor, score: torch.Tensor, num_prefix: int, batching: Batching
     ) -> tuple[Packing, torch.Tensor | None]:
         """Compact kept tokens [B, N] per image as the engine's `batching` lays them out; also
-        the overflow [B] to record (None without `max_tokens`)."""
+        the overflow [B] to record (None without `max_tokens`). The cap drops the lowest
+        `score`s, so an image's prefix (score inf) and its best patch token stay."""
         length = None
         if batching.static:
             length = keep.shape[1]
             if self.max_tokens is not None:
-                length = min(length, self.max_tokens)
+                length = min(length, self.max_tokens_for(num_prefix))
         packing = pack_kept(keep, length, score)
         return packing, packing.overflow if self.max_tokens is not None else None

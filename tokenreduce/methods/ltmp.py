@@ -39,6 +39,7 @@ from tokenreduce.ops.merging import (
 )
 from tokenreduce.ops.owners import follow, gather_destinations
 from tokenreduce.ops.packing import merge_into_slots
+from tokenreduce.ops.selection import keep_best_
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, TokenState
 
@@ -94,7 +95,6 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
     name: ClassVar[str] = "ltmp"
     merges: ClassVar[bool] = True
     record_type: ClassVar[type[BlockRecord]] = LTMPRecord
-    requires_class_token: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"received", "key_mean"})
     kinds: ClassVar[tuple[str, ...]] = ("merge_thresholds", "prune_thresholds")
     train_init: ClassVar[dict[str, float]] = {"merge_thresholds": 0.9, "prune_thresholds": 0.0}
@@ -148,10 +148,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
     ) -> tuple[torch.Tensor, TokenState, LTMPRecord]:
         prefix = state.num_prefix
         soft = state.mask is not None
-        if x.shape[1] <= prefix:  # every patch token pruned already: nothing left to reduce
+        if x.shape[1] == 1:  # one patch token and no prefix: it stays, with no B token to merge
             zero = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            if soft:
-                return x, state, LTMPRecord()
             overflow = None if self.max_tokens is None else zero
             return x, state, LTMPRecord(overflow=overflow, merged=zero, pruned=zero)
         valid = None if soft else state.valid
@@ -209,6 +207,11 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             mask_a = state.mask[:, ::2]
             mask_a = torch.where(mask_a != 0, 1.0 - merge, mask_a)  # merged away: 0
             mask = reorder(torch.cat([mask_a, state.mask[:, 1::2]], dim=1))
+            # the best active patch token stays (no image pools over nothing); added detached,
+            # so every mask keeps its value and gradient where a patch token stays anyway
+            best = importance.masked_fill(mask.detach() == 0, -math.inf)[:, prefix:].argmax(dim=1)
+            forced = torch.zeros_like(prune).scatter(1, best.unsqueeze(1) + prefix, 1.0)
+            prune = prune + (forced * (1.0 - prune)).detach()
             mask = torch.where(mask != 0, prune, mask)
             x = weighted[..., :-1] / weighted[..., -1:]
             # every token stays, so no padding; and a training forward builds no patch grids
@@ -224,9 +227,10 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
 
         keep = prune  # importance -inf (merged away, padding) is never above a finite threshold
         if self.one_image_on_cpu(x, state):
-            return self.reduce_one_image(x, state, merge, partner, keep, order)
+            return self.reduce_one_image(x, state, merge, partner, keep, importance, order)
+        keep_best_(keep, importance, prefix)  # the best patch token stays (docs/methods.md §1.6)
         batch, num_tokens = x.shape[:2]
-        packing, overflow = self.pack(keep, importance, state.batching)
+        packing, overflow = self.pack(keep, importance, prefix, state.batching)
         # each input token's flat output slot (`nowhere`: gone): its own, and for a merged A
         # token its partner's, which its rows are added into
         length = packing.index.shape[1]
@@ -291,11 +295,13 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         merge: torch.Tensor,
         partner: torch.Tensor,
         keep: torch.Tensor,
+        importance: torch.Tensor,
         order: tuple[int, ...] | None,
     ) -> tuple[torch.Tensor, TokenState, LTMPRecord]:
         """The merge and prune of `reduce` for one image on the CPU, untraced and not masked:
         the merged A rows are added into their partners' B rows in place, then the kept rows
-        are gathered. x: [1, N, C]; merge, partner: [1, N_A]; keep: [1, N] in output order.
+        are gathered. x: [1, N, C]; merge, partner: [1, N_A]; keep, importance: [1, N] in
+        output order.
 
         The same values bit for bit as the batched slot maps (each B row: its own row, then the
         A rows merged into it in row order), in about half as many operations, which at batch 1
@@ -306,6 +312,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         moving = merge[0].nonzero().squeeze(1)
         rows_b.index_add_(0, partner[0].index_select(0, moving), rows_a.index_select(0, moving))
         kept = keep[0].nonzero().squeeze(1)
+        if kept.shape[0] == state.num_prefix:  # no patch token kept: the best one stays
+            kept = keep_best_(keep, importance, state.num_prefix)[0].nonzero().squeeze(1)
         rows = rows_in_order(num_tokens, order, x.device).index_select(0, kept)
         # the size rides as x's last column, so that one gather moves both; nothing else is
         # carried on this path

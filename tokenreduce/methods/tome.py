@@ -18,14 +18,16 @@ from tokenreduce.methods.base import (
     MethodConfig,
     Strength,
     check_bool,
+    clamped,
     matching_macs,
     register,
 )
 from tokenreduce.methods.steps import carried, merged_tokens
 from tokenreduce.ops import bipartite_soft_matching
+from tokenreduce.ops.merging import max_merges
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["ToMeConfig", "parse_r"]
+__all__ = ["ToMeConfig", "effective_merges", "parse_r"]
 
 
 def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]:
@@ -41,6 +43,17 @@ def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]
         hi = 2 * r[0] - lo
         return [int(lo + (hi - lo) * i / max(depth - 1, 1)) for i in range(depth)]
     return list(r) + [0] * (depth - len(r))
+
+
+def effective_merges(per_step: Sequence[int], num_tokens: int, num_prefix: int) -> list[int]:
+    """The merges each reducing step makes, per_step[i] clipped to what the tokens left allow
+    (`max_merges`), from num_tokens entering the first step."""
+    made = []
+    for r in per_step:
+        r = min(r, max_merges(num_tokens, num_prefix))
+        made.append(r)
+        num_tokens -= r
+    return made
 
 
 def _check_r(r: object) -> None:
@@ -97,6 +110,20 @@ class ToMeConfig(MethodConfig[BlockRecord]):
                 f"tome: option r has {len(self.r)} per-block values but the model has "
                 f"{dims.depth} blocks; accepted: at most {dims.depth} values"
             )
+
+    def clamped_options(self, dims: ModelDims) -> list[str]:
+        per_block = parse_r(dims.depth, self.r)
+        bound = max_merges(dims.num_tokens, dims.num_prefix)
+        if max(per_block) <= bound:
+            return []
+        return [
+            clamped(
+                self.name, "r", self.r,
+                f"asks more merges than one block can make on this model (at most {bound} of "
+                f"its {dims.num_tokens} tokens)",
+                effective_merges(per_block, dims.num_tokens, dims.num_prefix),
+            )
+        ]  # fmt: skip
 
     def schedule(self, dims: ModelDims) -> list[int | None]:
         return [r if r > 0 else None for r in parse_r(dims.depth, self.r)]

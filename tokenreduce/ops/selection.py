@@ -8,6 +8,7 @@ from tokenreduce.ops.packing import index_range
 
 __all__ = [
     "fuse_rows",
+    "keep_best_",
     "prefix_and_rows",
     "top_rows",
 ]
@@ -34,3 +35,15 @@ def fuse_rows(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One token per image: the rows of y [B, M, C] summed with weight [B, M] (zero at the rows
     not fused; EViT: raw class attention, used as given). Returns [B, 1, C]."""
     return weight.to(y.dtype).unsqueeze(1) @ y
+
+
+def keep_best_(keep: torch.Tensor, score: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Set, in place, each image's highest-`score` non-prefix token in keep [B, N] (bool), so
+    that no image loses its last patch token (docs/methods.md §1.6); returns keep.
+
+    score [B, N]: -inf where a token cannot be kept (padding, merged away). Where keep is
+    `score > threshold` and an image keeps some non-prefix token, its best one is kept already:
+    nothing changes. Two operations, no host sync (the static path compiles with it)."""
+    best = score[:, num_prefix:].argmax(dim=1, keepdim=True)
+    keep[:, num_prefix:].scatter_(1, best, True)
+    return keep

@@ -13,6 +13,7 @@ what the method asks for, and carried in the token state to every block and meth
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,6 +34,8 @@ from tokenreduce.state import TokenState
 
 __all__ = ["Engine", "check_plain_forward"]
 
+logger = logging.getLogger(__name__)
+
 TRAINABLE_NAME = "tokenreduce_thresholds"
 """The submodule name under which `Engine.set_trainable` registers trainable parameters."""
 
@@ -51,6 +54,8 @@ class Engine:
         self.adapter = adapter_class(model)
         self.dims = self.adapter.dims
         config.validate(self.dims)
+        for message in config.clamped_options(self.dims):  # once per apply
+            logger.warning(message)
         self.config = config
         self.steps = tuple(config.schedule(self.dims))
         self.batching = config.requested_batching()
@@ -69,10 +74,11 @@ class Engine:
         return not self.config.per_image_counts or self.batching.static
 
     def should_check_patches_left(self) -> bool:
-        """Whether a pooling of patch tokens only first asks the host that every image kept one
-        (`check_patches_left`, one sync per forward, in training too): only a method with
-        per-image counts can remove them all (LTMP, AS-ViT); masked batching, which never syncs,
-        and compiled forwards skip it (there such an image pools to NaN)."""
+        """Whether a pooling of patch tokens only first checks on the host that every image kept
+        one (`check_patches_left`, a check of our own invariant that cannot fire: LTMP and
+        AS-ViT keep each image's best patch token by construction, docs/methods.md §1.6). Only
+        where the forward syncs anyway (a method with per-image counts, not masked, not
+        compiled)."""
         return (
             self.config.per_image_counts
             and not self.batching.static

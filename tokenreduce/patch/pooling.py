@@ -1,5 +1,6 @@
 """Pooling over reduced tokens: each token weighs as the patches it holds, padding and masked
-tokens weigh nothing, and a pooling of patch tokens only refuses an image that kept none.
+tokens weigh nothing. No method leaves an image without a patch token (docs/methods.md §1.6),
+so a pooling of patch tokens always has one to pool.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenreduce.errors import InvalidOptionError
 from tokenreduce.ops.attention import padding_bias, size_bias
 from tokenreduce.state import TokenState
 
@@ -48,16 +48,17 @@ def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_patches_left(weight: torch.Tensor, method: str, pooling: str) -> None:
-    """InvalidOptionError when an image kept no patch token for a pooling that reads only patch
-    tokens (an average over nothing is NaN, a max -inf). weight: [B, N, 1] those tokens'
+    """RuntimeError (a bug of ours, not a user error) when an image kept no patch token for a
+    pooling that reads only patch tokens (an average over nothing is NaN, a max -inf): the
+    methods with per-image counts keep each image's best patch token by construction
+    (docs/methods.md §1.6), so this cannot fire. weight: [B, N, 1] those tokens'
     `pooling_weights`. One host sync: `Engine.should_check_patches_left` says when to ask."""
     empty = (weight.detach().sum(dim=(1, 2)) <= 0).nonzero().flatten().tolist()
     if empty:
-        raise InvalidOptionError(
-            f"{method}: image(s) {empty} of the batch kept no patch token, and the model's "
-            f"{pooling} pooling reads patch tokens only, so it has nothing to pool; accepted: "
-            "method options that keep at least one patch token per image (lower prune "
-            "thresholds), or a model that pools its class token"
+        raise RuntimeError(
+            f"{method}: image(s) {empty} of the batch kept no patch token for the model's "
+            f"{pooling} pooling, although every method keeps one (docs/methods.md §1.6): a bug "
+            "of tokenreduce"
         )
 
 
