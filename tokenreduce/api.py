@@ -14,7 +14,7 @@ from tokenreduce.methods.base import MethodConfig, make_config, method_names
 from tokenreduce.patch import adapter_for, attached_engine
 from tokenreduce.patch.attach import attach, detach
 from tokenreduce.patch.engine import Engine
-from tokenreduce.patch.grids import check_pruned_rule
+from tokenreduce.patch.grids import check_images, check_pruned_rule
 
 __all__ = ["apply", "compile", "describe", "last_info", "methods", "patch_features", "remove"]
 
@@ -95,7 +95,9 @@ def patch_features(model: nn.Module, images: torch.Tensor, pruned: str = "exit")
     a token still holds (pruned="nearest"). docs/methods.md §1.8.
     """
     check_pruned_rule(pruned)
-    return adapter_for(model).grid_features(model, images, pruned)
+    adapter = adapter_for(model)
+    check_images(model, images)
+    return adapter.grid_features(model, images, pruned)
 
 
 def methods() -> list[str]:

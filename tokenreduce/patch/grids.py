@@ -1,20 +1,23 @@
-"""Patch grids: a block's output put back on the original token grid (docs/methods.md §1.8), and
-the grid positions of an unreduced sequence.
+"""Patch grids: a block's output put back on the original token grid (docs/methods.md §1.8), the
+grid positions of an unreduced sequence, and the checks of what a grid request is given (images,
+block indices, the `pruned` rule), made before any work.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from tokenreduce.errors import InvalidOptionError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.ops.owners import fill_from_nearest
 
 __all__ = [
     "PRUNED_RULES",
     "PatchGrid",
+    "check_images",
+    "check_indices",
     "check_pruned_rule",
     "grid_positions",
     "grid_tokens",
@@ -44,6 +47,91 @@ def check_pruned_rule(pruned: object) -> None:
         raise InvalidOptionError(
             f"pruned={pruned!r} is not accepted; accepted: {' or '.join(map(repr, PRUNED_RULES))}"
         )
+
+
+def _patch_embedding(model: nn.Module) -> nn.Conv2d | None:
+    """The model's first 2-d convolution: the patch embedding of every supported family."""
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The one image size a model takes, where a module of it declares a strict size that it
+    does not adapt (timm's PatchEmbed: `strict_img_size` without `dynamic_img_size`)."""
+    for module in model.modules():
+        strict = getattr(module, "strict_img_size", False) is True
+        if strict and not getattr(module, "dynamic_img_size", False):
+            size = getattr(module, "img_size", None)
+            return tuple(size) if isinstance(size, (tuple, list)) else None
+    return None
+
+
+def check_images(model: nn.Module, images: object) -> None:
+    """InvalidTypeError / InvalidOptionError in one line unless `images` is what the model takes:
+    a tensor [B, C, H, W] with B >= 1, the model's channel count C, a floating dtype (the
+    model's, outside autocast), on the model's device, and its image size where it takes one
+    size only."""
+    conv = _patch_embedding(model)
+    channels = 3 if conv is None else conv.in_channels
+    accepted = f"accepted: a floating-point tensor [B, {channels}, H, W] with B >= 1"
+    if not isinstance(images, torch.Tensor):
+        raise InvalidTypeError(
+            f"images of type {type(images).__name__} are not accepted; {accepted} "
+            "(torch.as_tensor turns an array or nested list into one)"
+        )
+    shape = tuple(images.shape)
+    if images.dim() != 4 or shape[0] == 0 or shape[1] != channels:
+        hint = " (one image: images[None])" if images.dim() == 3 else ""
+        raise InvalidOptionError(f"images of shape {shape} are not accepted; {accepted}{hint}")
+    if not images.is_floating_point():
+        raise InvalidOptionError(
+            f"images of dtype {images.dtype} are not accepted; {accepted} (pixel values after "
+            "the model's normalisation, e.g. images.float())"
+        )
+    if conv is not None:
+        weight = conv.weight
+        if images.device != weight.device:
+            raise InvalidOptionError(
+                f"images on {images.device} are not accepted by a model on {weight.device}; "
+                f"accepted: images on {weight.device} (images.to(device))"
+            )
+        autocast = torch.is_autocast_enabled(images.device.type)
+        if images.dtype != weight.dtype and not autocast:
+            raise InvalidOptionError(
+                f"images of dtype {images.dtype} are not accepted by a model in {weight.dtype}; "
+                f"accepted: images.to({weight.dtype}), or torch.autocast"
+            )
+    size = _fixed_input_size(model)
+    if size is not None and shape[2:] != size:
+        raise InvalidOptionError(
+            f"images of size {shape[2]}x{shape[3]} are not accepted by this model, which takes "
+            f"{size[0]}x{size[1]} only; accepted: [B, {channels}, {size[0]}, {size[1]}] (or a "
+            "model built for another size or with dynamic_img_size=True)"
+        )
+
+
+def check_indices(indices: Any, depth: int) -> int | list[int] | None:
+    """The `indices` of `forward_intermediates` as timm takes them, or InvalidOptionError in one
+    line: None (every block), an int n in 1..depth (the last n blocks), or a non-empty sequence
+    (list, tuple, 1-d integer array or tensor) of block indices in -depth..depth-1."""
+    accepted = (
+        f"accepted: None, an int in 1..{depth} (the last n blocks), or a non-empty list of "
+        f"block indices in {-depth}..{depth - 1}"
+    )
+    if indices is None:
+        return None
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= depth:
+            raise InvalidOptionError(f"indices={indices!r} is not accepted; {accepted}")
+        return indices
+    values = indices
+    if isinstance(indices, torch.Tensor) or type(indices).__module__ == "numpy":
+        values = indices.tolist()  # integer 1-d: ints; floats, bools or nesting fail below
+    is_list = isinstance(values, (list, tuple)) and len(values) > 0
+    if is_list and all(
+        isinstance(i, int) and not isinstance(i, bool) and -depth <= i < depth for i in values
+    ):
+        return list(values)
+    raise InvalidOptionError(f"indices={indices!r} is not accepted; {accepted}")
 
 
 def grid_tokens(

@@ -27,7 +27,7 @@ from tokenreduce.patch.attention import (
 )
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import check_plain_forward
-from tokenreduce.patch.grids import check_pruned_rule, grid_tokens
+from tokenreduce.patch.grids import check_images, check_indices, check_pruned_rule, grid_tokens
 from tokenreduce.patch.pooling import weighted_pool
 from tokenreduce.state import AttentionOutputs
 
@@ -146,7 +146,10 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
             raise InvalidOptionError(
                 f"output_fmt={output_fmt!r} is not accepted; accepted: 'NCHW' or 'NLC'"
             )
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        check_images(self, x)
+        take, max_index = feature_take_indices(
+            len(self.blocks), check_indices(indices, len(self.blocks))
+        )
         batch, _, height, width = x.shape
         tokens, rotary = embed(self, x)
         last = max_index if stop_early else None

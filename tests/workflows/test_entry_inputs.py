@@ -1,0 +1,106 @@
+"""Inputs checked at the entry points before any work: one line naming the value and what is
+accepted, never a traceback from inside an adapter (images and indices of `patch_features` and
+`forward_intermediates`, threshold files and tensors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokenreduce
+from tests.conftest import tiny_vit
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
+
+
+@pytest.fixture(scope="module")
+def reduced() -> torch.nn.Module:
+    return tokenreduce.apply(tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4), "tome", r=2)
+
+
+def images(batch: int = 2, size: int = 64) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(batch, 3, size, size)
+
+
+BAD_IMAGES = [
+    (lambda: images()[0], InvalidOptionError, r"shape \(3, 64, 64\).*\[B, 3, H, W\].*\[None\]"),
+    (lambda: images().tolist(), InvalidTypeError, r"type list .*torch.as_tensor"),
+    (lambda: images().numpy(), InvalidTypeError, r"type ndarray .*\[B, 3, H, W\]"),
+    (lambda: (images() * 50).long(), InvalidOptionError, r"dtype torch.int64 .*floating"),
+    (lambda: images()[:, :1], InvalidOptionError, r"shape \(2, 1, 64, 64\).*\[B, 3, H, W\]"),
+    (lambda: images()[:0], InvalidOptionError, r"shape \(0, 3, 64, 64\).*B >= 1"),
+    (lambda: images(size=32), InvalidOptionError, r"size 32x32 .*takes 64x64 only"),
+    (lambda: images().double(), InvalidOptionError, r"dtype torch.float64 .*in torch.float32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "error", "match"), BAD_IMAGES)
+@pytest.mark.parametrize("entry", ["patch_features", "forward_intermediates", "unreduced"])
+def test_bad_images_are_refused_in_one_line(reduced, entry, make, error, match):
+    with torch.no_grad(), pytest.raises(error, match=match) as caught:
+        if entry == "patch_features":
+            tokenreduce.patch_features(reduced, make())
+        elif entry == "forward_intermediates":
+            reduced.forward_intermediates(make())
+        else:
+            tokenreduce.patch_features(tiny_vit("vit_tiny_patch16_224", img_size=64), make())
+    assert "\n" not in str(caught.value)
+    assert caught.traceback[-1].path.name == "grids.py"  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "indices", [[], 1.5, [1.0], "1", True, 0, 5, [4], [-5], np.array([1.0]), torch.ones(1, 1)]
+)
+def test_bad_indices_are_refused_in_one_line(reduced, indices):
+    match = r"indices=.* is not accepted; accepted: None, an int in 1..4 .* in -4..3"
+    with torch.no_grad(), pytest.raises(InvalidOptionError, match=match):
+        reduced.forward_intermediates(images(), indices=indices)
+
+
+@pytest.mark.parametrize(
+    ("indices", "blocks"),
+    [(None, 4), (2, 2), ([1, -1], 2), ((0,), 1), (np.array([1, 3]), 2), (torch.tensor([2]), 1)],
+)
+def test_accepted_indices_give_their_blocks(reduced, indices, blocks):
+    with torch.no_grad():
+        grids = reduced.forward_intermediates(images(), indices=indices, intermediates_only=True)
+    assert len(grids) == blocks and grids[0].shape == (2, 192, 4, 4)
+
+
+# ---- threshold files and tensors ------------------------------------------------------------
+def test_a_folder_given_as_threshold_file_is_named_a_folder(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidOptionError, match=r"is a folder \(it holds a.safetensors\); acc"):
+        tokenreduce.apply(tiny_vit(), "ltmp", thresholds=tmp_path)
+    with pytest.raises(InvalidOptionError, match=r"is a folder; accepted: the path of a thre"):
+        tokenreduce.apply(tiny_vit(), "asvit", thresholds=str(tmp_path / "empty"))
+    with pytest.raises(MissingFileError, match=r"does not exist; accepted: the path of a thre"):
+        tokenreduce.apply(tiny_vit(), "asvit", thresholds=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [("ltmp", (4, 2)), ("ltmp", (8,)), ("ltmp", (1, 8)), ("ltmp", (2, 2, 2)), ("ltmp", (3, 4)),
+     ("asvit", (3, 1)), ("asvit", (2, 3)), ("asvit", (1, 1, 3)), ("asvit", ())],
+)  # fmt: skip
+def test_threshold_tensors_of_other_shapes_are_refused_not_reshaped(method, shape):
+    """A transposed [S, 2] LTMP tensor used to be interleaved into [2, S]."""
+    accepted = {"ltmp": r"\[2, S\] \(rows", "asvit": r"\[1, S\] or \[S\] \(rows"}[method]
+    with pytest.raises(InvalidOptionError, match=rf"shape {tuple(shape)!r}".replace("(", r"\(")
+                       .replace(")", r"\)") + rf"; accepted: {accepted}"):  # fmt: skip
+        tokenreduce.apply(tiny_vit(), method, thresholds=torch.full(shape, 0.5))
+
+
+def test_threshold_tensors_of_the_accepted_shapes_apply():
+    ltmp = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.0, 0.01, 0.02, 0.03]])
+    model = tokenreduce.apply(tiny_vit(depth=4), "ltmp", thresholds=ltmp)
+    config = tokenreduce.patch.attached_engine(model).config
+    assert config.merge_thresholds == pytest.approx((0.9, 0.8, 0.7, 0.6))
+    assert config.prune_thresholds == pytest.approx((0.0, 0.01, 0.02, 0.03))
+    for thresholds in (torch.tensor([0.5, 0.6, 0.7]), torch.tensor([[0.5, 0.6, 0.7]])):
+        model = tokenreduce.apply(tiny_vit(), "asvit", thresholds=thresholds)
+        assert tokenreduce.patch.attached_engine(model).config.thresholds == pytest.approx(
+            (0.5, 0.6, 0.7)
+        )
