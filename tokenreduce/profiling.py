@@ -21,6 +21,7 @@ __all__ = [
     "HostSyncs",
     "OperatorCount",
     "host_syncs",
+    "is_syncing",
     "operators_per_forward",
 ]
 
@@ -40,19 +41,30 @@ HOST_READ_METHODS = frozenset(
 """Tensor methods that hand a device value to Python (on the CPU `tolist` reads memory without
 dispatching an operator, so these are caught where they are called)."""
 
-SYNCING_OPERATORS = (
-    "aten._local_scalar_dense",
-    "aten.nonzero",
-    "aten.masked_select",
-    "aten.unique",
-    "aten._unique",
-    "aten.unique_consecutive",
-    "aten.repeat_interleave.Tensor",
-    "aten.is_nonzero",
-    "aten.equal",
-    "aten.allclose",
+SYNCING_OPERATORS = frozenset(
+    {
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten.repeat_interleave.Tensor",
+        "aten.is_nonzero",
+        "aten.equal",
+        "aten.allclose",
+    }
 )
-"""Operators whose output shape or value needs the device's data on the host."""
+"""Operators (or single overloads) whose output shape or value needs the device's data on the
+host. `nonzero_static`, given its size, needs none."""
+
+
+def is_syncing(func: Any) -> bool:
+    """Whether an ATen operator overload (`aten.nonzero.default`) is one of `SYNCING_OPERATORS`."""
+    name = str(func)
+    return name in SYNCING_OPERATORS or name.rsplit(".", 1)[0] in SYNCING_OPERATORS
 
 
 class OperatorCount(TorchDispatchMode):
@@ -86,7 +98,7 @@ class _SyncingOperatorCalls(TorchDispatchMode):
         self.calls = calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(SYNCING_OPERATORS):
+        if is_syncing(func):
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 

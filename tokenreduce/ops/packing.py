@@ -154,24 +154,19 @@ class RaggedLayout:
 
     Per-token work (norms, linear layers, MLP) runs on the flat rows, so each image pays for its
     own tokens only; `pad` rebuilds the padded [B, T, C] view for what needs image boundaries
-    (attention, a method's decisions, pooling). Building the layout reads the row count from the
-    device once.
+    (attention, a method's decisions, pooling). Building the layout reads each image's count from
+    the device once, unless the caller knows them.
 
-    valid: [B, T] bool, the real slots of the padded batch.
+    valid: [B, T] bool, the real slots of the padded batch. counts: the real slots of each image,
+    when already read on the host.
     """
 
-    def __init__(self, valid: torch.Tensor) -> None:
+    def __init__(self, valid: torch.Tensor, counts: list[int] | None = None) -> None:
         self.batch, self.length = valid.shape
         self.valid = valid
-        self.index = valid.reshape(-1).nonzero().squeeze(1)
-        self._counts: list[int] | None = None
-
-    @property
-    def counts(self) -> list[int]:
-        """Real tokens per image (read from the device once, when first asked)."""
-        if self._counts is None:
-            self._counts = self.valid.sum(dim=1).tolist()
-        return self._counts
+        self.counts = valid.sum(dim=1).tolist() if counts is None else counts
+        # the number of real rows is known: no second read for the index
+        self.index = torch.nonzero_static(valid.reshape(-1), size=sum(self.counts)).squeeze(1)
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         """[M, C] real rows -> [B, T, C] with zeros at padding slots."""
