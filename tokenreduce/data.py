@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,20 @@ def check_folder(root: object, transform: object, num_samples: object) -> Path:
     return root
 
 
+logger = logging.getLogger(__name__)
+
+
+def subset(samples: list, num_samples: int | None, root: Path) -> list:
+    """`evenly_spaced(samples, num_samples)`, saying in one line when the folder `root` has
+    fewer images than asked for (then all of them are used)."""
+    if num_samples is not None and num_samples > len(samples):
+        count = len(samples)
+        logger.warning(
+            "%d images asked for, %s has %d: using all %d", num_samples, root, count, count
+        )
+    return evenly_spaced(samples, num_samples)
+
+
 def evenly_spaced(samples: list, num_samples: int | None) -> list:
     """`num_samples` items evenly spaced over `samples` (all of them when None or more)."""
     if num_samples is None or num_samples >= len(samples):
@@ -174,7 +189,7 @@ class ImageFiles(Dataset):
             raise InvalidOptionError(
                 f"folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}) in it or below it"
             )
-        self.samples = evenly_spaced([(path, 0) for path in files], num_samples)
+        self.samples = subset([(path, 0) for path in files], num_samples, root)
         self.transform = transform
         self._shape: tuple[int, ...] | None = None
 
@@ -239,6 +254,6 @@ class ImageFolder(ImageFiles):
                 "folders"
             )
         # evenly spaced over the sorted list, so that every class is represented
-        self.samples = evenly_spaced(self.samples, num_samples)
+        self.samples = subset(self.samples, num_samples, root)
         self.transform = transform
         self._shape = None

@@ -3,12 +3,14 @@
 
 Each command module has `add_parser(commands)`, which registers its sub-parser with
 `run(args)` as the default `run`. A user error (`tokenreduce.errors.TokenReduceError`) becomes
-one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+one line on stderr and exit status 2; anything else is a bug and keeps its traceback. An unknown
+flag is refused as argparse does (exit status 2), naming the flags it may have meant.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,10 +18,18 @@ from collections.abc import Sequence
 from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, train, viz
 from tokenreduce.errors import TokenReduceError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "RENAMED_FLAGS", "build_parser", "flag_hints", "main"]
 
 
 COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz)
+
+RENAMED_FLAGS = {
+    "--random-weights": "--weights random",
+    "--random": "--weights random",
+    "--pretrained": "--weights pretrained",
+    "--no-pretrained": "--weights random",
+}
+"""Flags users bring from other tools or older versions, and what this command line takes."""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -51,8 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_hints(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """The unknown arguments, each flag followed by the flag(s) of `parser` it may have meant."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-"):
+            hints.append(arg)
+        elif flag in RENAMED_FLAGS:
+            hints.append(f"{arg} (use {RENAMED_FLAGS[flag]})")
+        else:
+            close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+            hints.append(f"{arg} (did you mean {' or '.join(close)}?)" if close else arg)
+    return ", ".join(hints)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices[args.command]
+        command.error(f"unrecognized arguments: {flag_hints(unknown, command)}")
     log = logging.getLogger("tokenreduce")
     if _PROGRESS not in log.handlers:  # progress lines of our own modules only
         log.addHandler(_PROGRESS)

@@ -4,6 +4,7 @@ folder of images: agreement (CC, KL, SIM, MAE), GMACs and measured speed per met
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -17,7 +18,8 @@ __all__ = ["COLUMNS", "DEFAULT_METHOD", "add_parser", "run"]
 
 
 COLUMNS = (
-    "method options backbone_gmacs_ratio gmacs_ratio ideal_speedup measured_speedup cc kl sim mae"
+    "method options backbone_gmacs_ratio gmacs_ratio ideal_speedup measured_speedup dense_spread "
+    "noisy cc kl sim mae"
 )
 """The table's columns on stdout (the results file has every field)."""
 DEFAULT_METHOD = "tome:r=13"
@@ -93,4 +95,11 @@ def run(args: argparse.Namespace) -> SaliencyResult:
     )
     rows = [row.as_dict() for row in result.rows]
     shared.print_results(rows, COLUMNS, args.results_file, args.results_format)
+    total = result.num_images + len(result.unreadable)
+    if math.ceil(total / args.batch_size) < 2:  # spread over timed batches: one spreads 0
+        print(
+            f"speed: 1 timed batch of {total} images, too few to measure its spread "
+            "(dense_spread 0 says nothing); for a noise check, a --batch-size below the number "
+            "of images"
+        )
     return result
