@@ -32,7 +32,7 @@ def test_bad_options(method, options, pattern):
         tokenreduce.apply(tiny_vit(), method, **options)
 
 
-@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat"])
+@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat", "asvit"])
 def test_class_attention_methods_need_a_class_token(method):
     model = tiny_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match=f"method '{method}'.*class token"):
