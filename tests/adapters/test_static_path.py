@@ -28,6 +28,7 @@ STATIC = [
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
+
 def small_model(family: str) -> tuple[torch.nn.Module, int]:
     name, size = MODELS[family]
     torch.manual_seed(0)
