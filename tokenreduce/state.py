@@ -6,6 +6,7 @@ reads and returns them. A state lives only inside one forward call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -41,6 +42,9 @@ class TokenState:
         (zeros for tokens still held); with `owner`, once a block has reduced.
     batching: how images that keep different counts share the batch, the engine's policy for
         this forward (`tokenreduce.batching.Batching`); methods with per-image counts pack by it.
+    counts: each image's real tokens (the True slots of `valid`) where the packing that made
+        `valid` read them on the host, so that the ragged layout needs no second read; None
+        otherwise. Set with `valid` by `with_tokens`, so it never outlives it.
     """
 
     num_prefix: int
@@ -53,6 +57,7 @@ class TokenState:
     owner: torch.Tensor | None = None
     exited: torch.Tensor | None = None
     batching: Batching = Batching.AUTO
+    counts: tuple[int, ...] | None = None
     _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -83,12 +88,20 @@ class TokenState:
         mask: torch.Tensor | None,
         position: torch.Tensor | None,
         owner: torch.Tensor | None,
+        counts: Sequence[int] | None = None,
     ) -> TokenState:
         """The state of a reduction's output tokens. Every per-token field is a required keyword,
         so that a method cannot forget one; each is None where the forward does not carry it (see
-        the fields above)."""
+        the fields above). counts: `valid`'s per-image counts, when read on the host."""
         return replace(
-            self, size=size, source=source, valid=valid, mask=mask, position=position, owner=owner
+            self,
+            size=size,
+            source=source,
+            valid=valid,
+            mask=mask,
+            position=position,
+            owner=owner,
+            counts=None if counts is None else tuple(counts),
         )
 
     @property

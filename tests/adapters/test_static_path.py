@@ -13,6 +13,8 @@ import timm
 import torch
 
 import tokenreduce
+from tests.conftest import peaky_vit
+from tests.methods.test_learned import VARIABLE
 from tokenreduce.patch.attention import gpu_path
 from tokenreduce.profiling import host_syncs
 
@@ -45,12 +47,23 @@ def test_the_static_path_reads_nothing_on_the_host(family, method, options, path
         assert host_syncs(model, torch.randn(3, 3, size, size)) == []
 
 
-def test_the_sync_count_sees_the_ragged_path_read_its_counts():
-    """The counter is not blind: ragged batching reads each reducing block's counts."""
-    model, size = small_model("vit")
-    tokenreduce.apply(model, "ltmp", batching="ragged", prune_thresholds=0.02)
-    images = torch.randn(3, 3, size, size)
-    assert len(host_syncs(model, images)) == len(tokenreduce.last_info(model).reduce_blocks)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("batching", ["ragged", "packed"])
+@pytest.mark.parametrize("method", ["ltmp", "asvit"])
+def test_ragged_and_packed_read_once_per_reducing_block(method, batching, path):
+    """Images that keep different counts: each reducing block reads them once (they size the
+    padded batch, and the ragged layout's rows), and nothing else is read. The counter is not
+    blind: these are the reads a path whose shapes follow the counts cannot avoid."""
+    model = peaky_vit(dtype=torch.float32)
+    options = VARIABLE[method]
+    tokenreduce.apply(model, method, batching=batching, **options)
+    images = torch.randn(5, 3, 64, 64)
+    with PATHS[path]():
+        syncs = host_syncs(model, images)
+    info = tokenreduce.last_info(model)
+    counts = info.tokens_per_block[:, list(info.reduce_blocks)]
+    assert (counts != counts[:1]).any(), counts  # images of different counts: padding
+    assert syncs == ["tolist"] * len(info.reduce_blocks)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -97,13 +97,17 @@ def test_fused_token_sums_the_dropped_and_holds_none_of_them():
 def test_the_state_takes_every_per_token_field():
     x, state = five_tokens()
     per_token = {f.name for f in dataclasses.fields(TokenState)} - {
-        "num_prefix", "position_rule", "exited", "batching", "_key_biases"
+        "num_prefix", "position_rule", "exited", "batching", "counts", "_key_biases"
     }  # fmt: skip
-    keywords = inspect.signature(TokenState.with_tokens).parameters
-    assert set(keywords) - {"self"} == per_token
-    assert all(
-        p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in list(keywords.values())[1:]
-    )
+    keywords = dict(inspect.signature(TokenState.with_tokens).parameters)
+    del keywords["self"]
+    # the host counts of `valid` are optional, and reset by every call that does not give them
+    assert keywords.pop("counts").default is None
+    assert set(keywords) == per_token
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in keywords.values())
+    counted = dataclasses.replace(state, counts=(5, 5))
+    fields = dict(size=None, source=None, valid=None, mask=None, position=None, owner=None)
+    assert counted.with_tokens(**fields).counts is None
     assert set(Tokens._fields) == per_token - {"mask"} | {"x"}
     with pytest.raises(TypeError):
         state.with_tokens(size=state.size, source=None, position=None, owner=None, valid=None)

@@ -201,7 +201,7 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
         packing, overflow = self.pack(keep_all, rank, prefix, state.batching)
         record = ASViTRecord(overflow=overflow, fused=keep_all[:, -1] if self.fuse else None)
         tokens = kept_rows(tokens, packing.index, packing.valid)
-        return tokens.x, tokens.in_state(state), record
+        return tokens.x, tokens.in_state(state, packing.counts), record
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: ASViTRecord, fused: bool

@@ -272,6 +272,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             mask=None,
             position=position,
             owner=owner,
+            counts=packing.counts,
         )
         return x, state, record
 

@@ -7,6 +7,7 @@ no field can be left behind; a method hands its final `Tokens` to the state with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,8 +34,9 @@ class Tokens(NamedTuple):
     position: torch.Tensor | None
     owner: torch.Tensor | None
 
-    def in_state(self, state: TokenState) -> TokenState:
-        """`state` with these tokens' fields."""
+    def in_state(self, state: TokenState, counts: Sequence[int] | None = None) -> TokenState:
+        """`state` with these tokens' fields (counts: `valid`'s per-image counts, when read on
+        the host)."""
         # mask None: only a learned method's training forward has a key mask, and it keeps
         # every token, changing the mask alone (docs/methods.md §2.7)
         return state.with_tokens(
@@ -44,6 +46,7 @@ class Tokens(NamedTuple):
             mask=None,
             position=self.position,
             owner=self.owner,
+            counts=counts,
         )
 
 

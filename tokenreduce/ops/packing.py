@@ -68,12 +68,15 @@ class Packing(NamedTuple):
 
     index: [B, T] positions into the input sequence; valid: [B, T] bool, or None when every slot
     is real (every image kept the same number of tokens: no padding at all); overflow: [B] kept
-    tokens dropped because the image kept more than T, None without a static T (nothing is).
+    tokens dropped because the image kept more than T, None without a static T (nothing is);
+    counts: each image's real slots, where the packing read them on the host (with `valid`,
+    without a static T), else None.
     """
 
     index: torch.Tensor
     valid: torch.Tensor | None
     overflow: torch.Tensor | None
+    counts: list[int] | None = None
 
 
 def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None = None) -> Packing:
@@ -101,7 +104,9 @@ def pack_kept(keep: torch.Tensor, length: int | None, score: torch.Tensor | None
     order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :length]
     count = keep.sum(dim=1) if static else kept
     valid = None if uniform else torch.arange(length, device=keep.device) < count[:, None]
-    return Packing(order, valid, kept - count if static else None)
+    if static:
+        return Packing(order, valid, kept - count)
+    return Packing(order, valid, None, None if uniform else counts)
 
 
 def gather_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

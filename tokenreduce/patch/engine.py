@@ -147,7 +147,7 @@ class Engine:
                 state = replace(state, exited=exited)
             layout = None
             if self.batching.ragged and state.valid is not None:
-                layout = RaggedLayout(state.valid)
+                layout = RaggedLayout(state.valid, state.counts)
                 x = layout.unpad(x)
         return self.adapter.mlp_half(block, x), state, record, byproducts.fused, layout
 
