@@ -73,18 +73,6 @@ class Engine:
         graph and can be captured as a CUDA graph."""
         return not self.config.per_image_counts or self.batching.static
 
-    def should_check_patches_left(self) -> bool:
-        """Whether a pooling of patch tokens only first checks on the host that every image kept
-        one (`check_patches_left`, a check of our own invariant that cannot fire: LTMP and
-        AS-ViT keep each image's best patch token by construction, docs/methods.md §1.6). Only
-        where the forward syncs anyway (a method with per-image counts, not masked, not
-        compiled)."""
-        return (
-            self.config.per_image_counts
-            and not self.batching.static
-            and not torch.compiler.is_compiling()
-        )
-
     # ---- training: the trainable parameters a learned method's forward reads ----------------
     def set_trainable(self, model: nn.Module, parameters: nn.Module | None) -> None:
         """Make the learned method's forward read its thresholds from `parameters` (e.g.

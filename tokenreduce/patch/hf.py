@@ -35,7 +35,7 @@ from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
 from tokenreduce.patch.base import ModelAdapter, linear_macs
 from tokenreduce.patch.engine import Engine
-from tokenreduce.patch.pooling import check_patches_left, pooling_weights, weighted_mean
+from tokenreduce.patch.pooling import pooling_weights, weighted_mean
 from tokenreduce.state import AttentionOutputs, TokenState
 
 __all__ = ["SERVED_CLASSES", "SUPPORTED", "HFAdapter", "base_model"]
@@ -430,8 +430,6 @@ def patch_mean_features(model: nn.Module, sequence: torch.Tensor) -> torch.Tenso
         mean = patches.mean(dim=1)
     else:
         weight = pooling_weights(state, sequence)[:, prefix:]
-        if engine.should_check_patches_left():
-            check_patches_left(weight, engine.config.name, "patch-mean")
         mean = weighted_mean(patches, weight)
     return torch.cat([sequence[:, 0], mean], dim=1)
 

@@ -29,7 +29,6 @@ from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, sp
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.pooling import (
-    check_patches_left,
     pooling_key_bias,
     pooling_weights,
     weighted_mean,
@@ -246,8 +245,6 @@ def size_aware_pool(
     if model.pool_type != "avg":
         return model._pool(x)
     weight = weight[:, 1:]
-    if engine.should_check_patches_left():
-        check_patches_left(weight, engine.config.name, "avg")
     if model.final_ln_after_pool:
         return model.ln_post(weighted_mean(x[:, 1:], weight)), x[:, 1:]
     x = model.ln_post(x)

@@ -12,7 +12,6 @@ from tokenreduce.ops.attention import padding_bias, size_bias
 from tokenreduce.state import TokenState
 
 __all__ = [
-    "check_patches_left",
     "pooling_key_bias",
     "pooling_weights",
     "weighted_mean",
@@ -47,21 +46,6 @@ def weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x * weight).sum(dim=1) / weight.sum(dim=1)
 
 
-def check_patches_left(weight: torch.Tensor, method: str, pooling: str) -> None:
-    """RuntimeError (a bug of ours, not a user error) when an image kept no patch token for a
-    pooling that reads only patch tokens (an average over nothing is NaN, a max -inf): the
-    methods with per-image counts keep each image's best patch token by construction
-    (docs/methods.md §1.6), so this cannot fire. weight: [B, N, 1] those tokens'
-    `pooling_weights`. One host sync: `Engine.should_check_patches_left` says when to ask."""
-    empty = (weight.detach().sum(dim=(1, 2)) <= 0).nonzero().flatten().tolist()
-    if empty:
-        raise RuntimeError(
-            f"{method}: image(s) {empty} of the batch kept no patch token for the model's "
-            f"{pooling} pooling, although every method keeps one (docs/methods.md §1.6): a bug "
-            "of tokenreduce"
-        )
-
-
 def weighted_pool(
     x: torch.Tensor,
     state: TokenState | None,
@@ -70,7 +54,6 @@ def weighted_pool(
     include_prefix: bool,
     attn_pool: nn.Module | None,
     prop_attn: bool,
-    check_for: str | None = None,
 ) -> torch.Tensor | None:
     """Pooling that accounts for token sizes, padding and training masks, or None when the
     family's own pooling is exact (nothing was reduced, or a pooling that sizes do not change).
@@ -78,8 +61,8 @@ def weighted_pool(
     x: final tokens [B, N, C]. attn_pool: an attention-pooling module taking `attn_mask` (timm's
     AttentionPoolLatent); it gets log(size) as key bias with proportional attention, and -inf at
     padding. Otherwise "avg" is the size-weighted mean, "max" the max over real tokens and
-    "avgmax" the mean of the two. check_for: the method's name where a pooling of patch tokens
-    only must first check that every image kept one (`check_patches_left`), else None.
+    "avgmax" the mean of the two. A pooling of patch tokens only always has one to pool: the
+    methods with per-image counts keep each image's best patch token (docs/methods.md §1.6).
     """
     if state is None or (state.size is None and state.mask is None):
         return None
@@ -91,8 +74,6 @@ def weighted_pool(
     weight = pooling_weights(state, x)
     if not include_prefix:
         x, size, weight = x[:, num_prefix:], size[:, num_prefix:], weight[:, num_prefix:]
-        if check_for is not None:
-            check_patches_left(weight, check_for, pool_type if attn_pool is None else "attention")
     if attn_pool is not None:
         return attn_pool(x, attn_mask=pooling_key_bias(state, size, weight, prop_attn, x.dtype))
 

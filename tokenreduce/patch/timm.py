@@ -91,7 +91,6 @@ def size_aware_pool(
             include_prefix(self),
             self.attn_pool,
             engine.config.uses_prop_attn,
-            engine.config.name if engine.should_check_patches_left() else None,
         )
         return model_class.pool(self, x, pool_type) if pooled is None else pooled
 
