@@ -26,7 +26,7 @@ from tokenreduce.options import describe_options
 from tokenreduce.patch import adapter_for
 from tokenreduce.runtime import precision_context, progress_bar
 
-__all__ = ["EvalResult", "MethodAccuracy", "evaluate"]
+__all__ = ["CLASSIFIER_HINTS", "EvalResult", "MethodAccuracy", "classifier_hint", "evaluate"]
 
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,24 @@ def _topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return top[:, 0] == labels, (top == labels[:, None]).any(dim=-1)
 
 
+CLASSIFIER_HINTS = {
+    "transformers": "accepted: a folder saved from a ...ForImageClassification model with as many "
+    "labels as the dataset's classes (hf:PATH)",
+    "open_clip": "accepted: zero-shot classifier weights for the dataset's classes (the "
+    "command line sets them from the class names; in Python "
+    "tokenreduce.patch.openclip.set_zero_shot_weights)",
+}
+"""How each family gets a classifier, where --num-classes and --head (timm only) do not apply."""
+
+
+def classifier_hint(family: str) -> str:
+    """How a model of `family` gets a classifier of the dataset's size."""
+    return CLASSIFIER_HINTS.get(
+        family,
+        "give it one with --num-classes and --checkpoint, or a head file with --head",
+    )
+
+
 def evaluate(
     model: nn.Module,
     configs: Sequence[MethodConfig],
@@ -102,13 +120,13 @@ def evaluate(
     num_classes = adapter_for(model).num_classes(model)
     if not num_classes:
         raise InvalidOptionError(
-            f"model {model_name} has no classifier (num_classes=0); give it one with "
-            "--num-classes and --checkpoint, or a head file with --head"
+            f"model {model_name} has no classifier (num_classes=0); "
+            + classifier_hint(tokenreduce.describe(model).family)
         )
     if num_classes < len(dataset.classes):
         raise InvalidOptionError(
             f"the dataset has {len(dataset.classes)} classes but model {model_name} predicts "
-            f"{num_classes}; set --num-classes and load a matching head"
+            f"{num_classes}; " + classifier_hint(tokenreduce.describe(model).family)
         )
     reduced = [tokenreduce.apply(copy.deepcopy(model), c) for c in configs]
     context = distributed.setup(next(model.parameters()).device.type)

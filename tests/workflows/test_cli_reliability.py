@@ -12,7 +12,8 @@ import stat
 import pytest
 import torch
 
-from tests.conftest import make_image_folder
+import tokenreduce
+from tests.conftest import make_image_folder, tiny_vit
 from tokenreduce import models
 from tokenreduce.cli import build_parser, flag_hints, main, shared
 from tokenreduce.errors import InvalidOptionError
@@ -127,3 +128,14 @@ def test_cached_offline_weights_get_the_umask_permissions(tmp_path, monkeypatch)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
     (cached,) = (tmp_path / "cache").iterdir()
     assert stat.S_IMODE(cached.stat().st_mode) == default_mode()
+
+
+def test_a_threshold_file_written_from_python_gets_the_permissions_of_every_output(tmp_path):
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    model = tiny_vit(img_size=64)
+    config = make_config("ltmp", prune_thresholds=0.01)
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
+    assert stat.S_IMODE(path.stat().st_mode) == default_mode()
+    tokenreduce.apply(model, "ltmp", thresholds=str(path))  # and it loads

@@ -197,3 +197,20 @@ def test_cli_train_then_eval_on_a_foreign_model(model, hf_dir, tmp_path):
     assert row["method"] == "ltmp" and row["gmacs_ratio"] == pytest.approx(
         log["gmacs_ratio"], abs=1e-4
     )
+
+
+def test_a_classifier_of_the_wrong_size_is_explained_per_family(hf_dir, tmp_path):
+    """A transformers classifier or an open_clip tower is not pointed to --head / --num-classes,
+    which apply to timm models only."""
+    from tokenreduce.data import ImageFolder, eval_transform
+    from tokenreduce.evaluate import evaluate
+
+    folder = make_image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=1)
+    model = models.load(f"hf:{hf_dir}")
+    dataset = ImageFolder(folder, eval_transform(model)[0])
+    with pytest.raises(InvalidOptionError, match=r"4 classes.*predicts 3; accepted: a folder"):
+        evaluate(model, [], dataset, "hf")
+    pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    tower = models.load("open_clip:ViT-B-32", pretrained=False)
+    with pytest.raises(InvalidOptionError, match="no classifier.*set_zero_shot_weights"):
+        evaluate(tower, [], ImageFolder(folder, eval_transform(tower)[0]), "open_clip")

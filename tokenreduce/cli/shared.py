@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,6 @@ __all__ = [
     "readable_images",
     "real_weights",
     "replaced_by_matching",
-    "umask_permissions",
     "warn_untrained",
     "weights_label",
 ]
@@ -227,14 +225,6 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             f"of its patch size {patch[0]}"
         )
     return model
-
-
-def umask_permissions(path: str | Path) -> None:
-    """Give a file the permissions every other output gets (0666 less the umask): safetensors'
-    save_file, which writes threshold files, creates its files readable by their owner only."""
-    umask = os.umask(0)  # read by setting it, then restored at once
-    os.umask(umask)
-    Path(path).chmod(0o666 & ~umask)
 
 
 def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]) -> None:

@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> training.TrainResult:
         **options,
     )
     if context.is_main:
-        shared.umask_permissions(result.path)
         thresholds = {
             kind: [round(v, 5) for v in values]
             for kind, values in result.config.threshold_vectors(tokenreduce.describe(model)).items()

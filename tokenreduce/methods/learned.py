@@ -170,8 +170,10 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
 def write_threshold_file(
     path: str | Path, config: LearnedConfig, dims: ModelDims, metadata: dict[str, Any]
 ) -> Path:
-    """Save the config's thresholds with the method, its options and `metadata` (JSON values)."""
-    from safetensors.torch import save_file
+    """Save the config's thresholds with the method, its options and `metadata` (JSON values).
+    The file gets the permissions of any other output (safetensors' save_file would create it
+    readable by its owner only)."""
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +192,7 @@ def write_threshold_file(
         "model_facts": json.dumps(model_facts(dims)),
         **{key: json.dumps(value) for key, value in metadata.items()},
     }
-    save_file(tensors, str(path), metadata=header)
+    path.write_bytes(save(tensors, metadata=header))
     return path
 
 
