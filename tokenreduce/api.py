@@ -96,7 +96,7 @@ def patch_features(model: nn.Module, images: torch.Tensor, pruned: str = "exit")
     """
     check_pruned_rule(pruned)
     adapter = adapter_for(model)
-    check_images(model, images)
+    check_images(model, images, adapter.fixed_input_size(model))
     return adapter.grid_features(model, images, pruned)
 
 

@@ -104,3 +104,22 @@ def test_threshold_tensors_of_the_accepted_shapes_apply():
         assert tokenreduce.patch.attached_engine(model).config.thresholds == pytest.approx(
             (0.5, 0.6, 0.7)
         )
+
+
+def test_foreign_models_name_the_one_size_they_take():
+    """transformers and open_clip towers take their configured size only: refused in one line
+    before any work, not deep inside the library."""
+    transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    hf = tokenreduce.apply(transformers.ViTModel(config).eval(), "tome", r=2)
+    with pytest.raises(InvalidOptionError, match=r"size 48x48 .*takes 32x32 only"):
+        tokenreduce.patch_features(hf, images(size=48))
+    assert tokenreduce.patch_features(hf, images(size=32)).shape == (2, 17, 32)
+    open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    tower = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    tokenreduce.apply(tower, "tome", r=2)
+    with pytest.raises(InvalidOptionError, match=r"size 64x64 .*takes 224x224 only"):
+        tokenreduce.patch_features(tower, images(size=64))

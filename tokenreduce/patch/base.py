@@ -82,6 +82,12 @@ class ModelAdapter(ABC):
         return getattr(model, "num_classes", 0)
 
     @classmethod
+    def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
+        """The one image size (H, W) the model takes, or None where it takes others too (input
+        checks name it before any work)."""
+        return None
+
+    @classmethod
     def logits(cls, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Class logits [B, K] of images (for accuracy); a family whose models return something
         else overrides this, or refuses models without a classifier."""

@@ -25,6 +25,7 @@ from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, project_output
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.grids import strict_patch_embed_size
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
 from tokenreduce.patch.timm import (
     attention_pool_facts,
@@ -77,6 +78,10 @@ class EvaAdapter(ModelAdapter):
                 f"{type(model).__name__} with patch dropout (patch_drop_rate > 0) is not "
                 "supported; accepted: patch_drop_rate=0"
             )
+
+    @classmethod
+    def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
+        return strict_patch_embed_size(model)
 
     @classmethod
     def describe(cls, model: nn.Module) -> ModelDims:

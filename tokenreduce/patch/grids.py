@@ -21,6 +21,7 @@ __all__ = [
     "check_pruned_rule",
     "grid_positions",
     "grid_tokens",
+    "strict_patch_embed_size",
 ]
 
 
@@ -54,9 +55,9 @@ def _patch_embedding(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+def strict_patch_embed_size(model: nn.Module) -> tuple[int, int] | None:
     """The one image size a model takes, where a module of it declares a strict size that it
-    does not adapt (timm's PatchEmbed: `strict_img_size` without `dynamic_img_size`)."""
+    does not adapt (timm's PatchEmbed: `strict_img_size` without `dynamic_img_size`), else None."""
     for module in model.modules():
         strict = getattr(module, "strict_img_size", False) is True
         if strict and not getattr(module, "dynamic_img_size", False):
@@ -65,11 +66,11 @@ def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_images(model: nn.Module, images: object) -> None:
+def check_images(model: nn.Module, images: object, size: tuple[int, int] | None) -> None:
     """InvalidTypeError / InvalidOptionError in one line unless `images` is what the model takes:
     a tensor [B, C, H, W] with B >= 1, the model's channel count C, a floating dtype (the
-    model's, outside autocast), on the model's device, and its image size where it takes one
-    size only."""
+    model's, outside autocast), on the model's device, and of `size` (H, W) where the model
+    takes that size only (`ModelAdapter.fixed_input_size`; None: any)."""
     conv = _patch_embedding(model)
     channels = 3 if conv is None else conv.in_channels
     accepted = f"accepted: a floating-point tensor [B, {channels}, H, W] with B >= 1"
@@ -100,12 +101,11 @@ def check_images(model: nn.Module, images: object) -> None:
                 f"images of dtype {images.dtype} are not accepted by a model in {weight.dtype}; "
                 f"accepted: images.to({weight.dtype}), or torch.autocast"
             )
-    size = _fixed_input_size(model)
-    if size is not None and shape[2:] != size:
+    if size is not None and shape[2:] != tuple(size):
         raise InvalidOptionError(
             f"images of size {shape[2]}x{shape[3]} are not accepted by this model, which takes "
-            f"{size[0]}x{size[1]} only; accepted: [B, {channels}, {size[0]}, {size[1]}] (or a "
-            "model built for another size or with dynamic_img_size=True)"
+            f"{size[0]}x{size[1]} only; accepted: [B, {channels}, {size[0]}, {size[1]}] (resize "
+            "the images, or use a model built for their size)"
         )
 
 

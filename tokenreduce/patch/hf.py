@@ -261,6 +261,14 @@ class HFAdapter(ModelAdapter):
         return operator.attrgetter(family_of(base).layers)(base)
 
     @classmethod
+    def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
+        # a family whose forward takes interpolate_pos_encoding keeps its size unless a call asks
+        # (DINOv2 always interpolates)
+        if "interpolate_pos_encoding" not in family_of(base_model(model)).embed_options:
+            return None
+        return cls.describe(model).input_size
+
+    @classmethod
     def describe(cls, model: nn.Module) -> ModelDims:
         cls.check_supported(model)
         base = base_model(model)

@@ -89,6 +89,10 @@ class OpenCLIPAdapter(ModelAdapter):
             )
 
     @classmethod
+    def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
+        return tuple(model.image_size)
+
+    @classmethod
     def describe(cls, model: nn.Module) -> ModelDims:
         cls.check_supported(model)
         block = model.transformer.resblocks[0]

@@ -27,7 +27,13 @@ from tokenreduce.patch.attention import (
 )
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import check_plain_forward
-from tokenreduce.patch.grids import check_images, check_indices, check_pruned_rule, grid_tokens
+from tokenreduce.patch.grids import (
+    check_images,
+    check_indices,
+    check_pruned_rule,
+    grid_tokens,
+    strict_patch_embed_size,
+)
 from tokenreduce.patch.pooling import weighted_pool
 from tokenreduce.state import AttentionOutputs
 
@@ -145,7 +151,7 @@ def reducing_forward_intermediates(embed: Embed) -> Callable:
             raise InvalidOptionError(
                 f"output_fmt={output_fmt!r} is not accepted; accepted: 'NCHW' or 'NLC'"
             )
-        check_images(self, x)
+        check_images(self, x, strict_patch_embed_size(self))
         take, max_index = feature_take_indices(
             len(self.blocks), check_indices(indices, len(self.blocks))
         )
@@ -217,6 +223,10 @@ class TimmAdapter(ModelAdapter):
         cls.check_family(model)
         check_block_types(type(model).__name__, model.blocks, {Block: (Attention,)}, cls.SUPPORTED)
         check_patch_embed(model)
+
+    @classmethod
+    def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
+        return strict_patch_embed_size(model)
 
     @classmethod
     def describe(cls, model: nn.Module) -> ModelDims:
