@@ -494,18 +494,22 @@ def _quiet(logger: str) -> Iterator[None]:
         log.removeFilter(errors_only)
 
 
+def _read_json(name: str, path: Path, accepted: str) -> Any:
+    """The JSON in `path`, or InvalidOptionError naming it, why and what is `accepted`."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidOptionError(
+            f"model {name!r}: {path} is not valid JSON ({first_line(err)}); accepted: {accepted}"
+        ) from err
+
+
 def _hf_config(name: str, folder: Path) -> Any:
     """The transformers config of `folder` (its config.json checked to be JSON first)."""
     import transformers
 
     path = folder / "config.json"
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidOptionError(
-            f"model {name!r}: {path} is not valid JSON ({first_line(err)}); accepted: the "
-            "config.json save_pretrained writes"
-        ) from err
+    settings = _read_json(name, path, "the config.json save_pretrained writes")
     if not isinstance(settings, dict) or "model_type" not in settings:
         raise InvalidOptionError(
             f"model {name!r}: {path} has no 'model_type'; accepted: the config.json "
@@ -613,13 +617,11 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
-        try:
-            settings = json.loads(processor.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidOptionError(
-                f"model {name!r}: {processor} is not valid JSON ({first_line(err)}); accepted: "
-                "the preprocessor_config.json an image processor's save_pretrained writes, or none"
-            ) from err
+        settings = _read_json(
+            name,
+            processor,
+            "the preprocessor_config.json an image processor's save_pretrained writes, or none",
+        )
         mean = settings.get("image_mean", mean)
         std = settings.get("image_std", std)
         interpolation = {2: "bilinear", 3: "bicubic"}.get(settings.get("resample"), interpolation)

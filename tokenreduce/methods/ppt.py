@@ -17,14 +17,13 @@ from tokenreduce.methods.base import (
     Strength,
     check_bool,
     check_layers_type,
-    clamped,
     class_attention_macs,
     matching_macs,
     register,
     resolve_layers,
 )
 from tokenreduce.methods.steps import Tokens, carried, kept_tokens, merged_tokens
-from tokenreduce.methods.tome import effective_merges
+from tokenreduce.methods.tome import clamped_r
 from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.ops.merging import max_merges
 from tokenreduce.state import AttentionOutputs, TokenState
@@ -137,17 +136,7 @@ class PPTConfig(MethodConfig[PPTRecord]):
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
         rs = self._layer_r(dims)[1]
-        bound = max_merges(dims.num_tokens, dims.num_prefix)
-        if max(rs) <= bound:
-            return []
-        return [
-            clamped(
-                self.name, "r", self.r,
-                f"asks more tokens than one layer can remove on this model (at most {bound} of "
-                f"its {dims.num_tokens} tokens)",
-                effective_merges(rs, dims.num_tokens, dims.num_prefix),
-            )
-        ]  # fmt: skip
+        return clamped_r(self.name, self.r, rs, dims, "tokens than one layer can remove")
 
     def schedule(self, dims: ModelDims) -> list[int | None]:
         layers, rs = self._layer_r(dims)

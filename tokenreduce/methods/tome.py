@@ -27,7 +27,7 @@ from tokenreduce.ops import bipartite_soft_matching
 from tokenreduce.ops.merging import max_merges
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["ToMeConfig", "effective_merges", "parse_r"]
+__all__ = ["ToMeConfig", "clamped_r", "effective_merges", "parse_r"]
 
 
 def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]:
@@ -54,6 +54,24 @@ def effective_merges(per_step: Sequence[int], num_tokens: int, num_prefix: int) 
         made.append(r)
         num_tokens -= r
     return made
+
+
+def clamped_r(
+    method: str, r: object, per_step: Sequence[int], dims: ModelDims, asks: str
+) -> list[str]:
+    """The `clamped` warning for option r when a step asks more than the model's tokens allow
+    (`max_merges` of all its tokens), with the merges each step makes instead; [] otherwise.
+    asks: what r asks more of, e.g. "merges than one block can make"."""
+    bound = max_merges(dims.num_tokens, dims.num_prefix)
+    if max(per_step) <= bound:
+        return []
+    return [
+        clamped(
+            method, "r", r,
+            f"asks more {asks} on this model (at most {bound} of its {dims.num_tokens} tokens)",
+            effective_merges(per_step, dims.num_tokens, dims.num_prefix),
+        )
+    ]  # fmt: skip
 
 
 def _check_r(r: object) -> None:
@@ -113,17 +131,7 @@ class ToMeConfig(MethodConfig[BlockRecord]):
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
         per_block = parse_r(dims.depth, self.r)
-        bound = max_merges(dims.num_tokens, dims.num_prefix)
-        if max(per_block) <= bound:
-            return []
-        return [
-            clamped(
-                self.name, "r", self.r,
-                f"asks more merges than one block can make on this model (at most {bound} of "
-                f"its {dims.num_tokens} tokens)",
-                effective_merges(per_block, dims.num_tokens, dims.num_prefix),
-            )
-        ]  # fmt: skip
+        return clamped_r(self.name, self.r, per_block, dims, "merges than one block can make")
 
     def schedule(self, dims: ModelDims) -> list[int | None]:
         return [r if r > 0 else None for r in parse_r(dims.depth, self.r)]
