@@ -61,6 +61,22 @@ def compile(model: nn.Module, mode: str | None = "auto", backend: str = "inducto
     torch.compile; "auto" captures CUDA graphs on a CUDA model ("reduce-overhead") and uses the
     default elsewhere. The first calls compile (once per input shape).
     """
+    if not (callable(backend) or backend in torch._dynamo.list_backends(exclude_tags=())):
+        raise InvalidOptionError(
+            f"compile: backend={backend!r} is not a torch.compile backend; accepted: "
+            f"{', '.join(torch._dynamo.list_backends())}, or a callable"
+        )
+    if backend == "inductor":
+        modes = ["auto", None, *torch._inductor.list_mode_options()]
+        if mode not in modes:
+            raise InvalidOptionError(
+                f"compile: mode={mode!r} is not accepted; accepted: {', '.join(map(repr, modes))}"
+            )
+    elif mode not in ("auto", None):
+        raise InvalidOptionError(
+            f"compile: mode={mode!r} applies to the inductor backend only; accepted with "
+            f"backend={backend!r}: None"
+        )
     engine = attached_engine(model)
     if engine is None:
         raise InvalidOptionError(
@@ -75,7 +91,7 @@ def compile(model: nn.Module, mode: str | None = "auto", backend: str = "inducto
         )
     if mode == "auto":
         on_cuda = any(p.is_cuda for p in model.parameters())
-        mode = "reduce-overhead" if on_cuda else None
+        mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
     return torch.compile(model, fullgraph=True, mode=mode, backend=backend)
 
 

@@ -94,8 +94,15 @@ class Timing:
         return (max(self.dense) - min(self.dense)) / statistics.median(self.dense)
 
     @property
+    def spread_measured(self) -> bool:
+        """Whether the dense model ran more than once, so that its spread shows the noise."""
+        return len(self.dense) > 1
+
+    @property
     def noisy(self) -> bool:
-        return self.dense_spread > NOISY_SPREAD
+        """Not to be trusted: the dense model's rounds spread more than `NOISY_SPREAD`, or it
+        ran once, so that the noise is not measured."""
+        return not self.spread_measured or self.dense_spread > NOISY_SPREAD
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,8 @@ def noise_note(timing: Timing) -> str:
     """A caveat to print beside a noisy speedup, else ""."""
     if not timing.noisy:
         return ""
+    if not timing.spread_measured:
+        return "  NOISY: one timed round, so the machine's noise is not measured (time 3 or more)"
     return (
         f"  NOISY: the dense model's own rounds spread {timing.dense_spread:.0%} "
         "(another process is using the CPU?)"

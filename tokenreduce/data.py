@@ -124,6 +124,11 @@ def read_class_map(path: str | Path) -> list[str]:
         raise InvalidOptionError(f"class map file {path} could not be read: {err}") from err
     if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
         raise InvalidOptionError(f"class map file {path} must list class names in label order")
+    if not loaded:
+        raise InvalidOptionError(
+            f"class map file {path} lists no classes; accepted: one class name per line (.txt), "
+            "or a .json list of names or {name: index}"
+        )
     repeated = sorted({name for name in loaded if loaded.count(name) > 1})
     if repeated:
         raise InvalidOptionError(f"class map file {path} names {repeated} more than once")

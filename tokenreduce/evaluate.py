@@ -128,6 +128,15 @@ def evaluate(
             f"the dataset has {len(dataset.classes)} classes but model {model_name} predicts "
             f"{num_classes}; " + classifier_hint(tokenreduce.describe(model).family)
         )
+    if num_classes > len(dataset.classes):  # a subset of the model's classes can be meant
+        logger.warning(
+            "model %s predicts %d classes and the dataset has %d: label k is the k-th class of "
+            "the class map (or of the sorted folders), and a prediction of any other class "
+            "counts as wrong; check that they match",
+            model_name,
+            num_classes,
+            len(dataset.classes),
+        )
     reduced = [tokenreduce.apply(copy.deepcopy(model), c) for c in configs]
     context = distributed.setup(next(model.parameters()).device.type)
     part = Subset(dataset, distributed.shard(len(dataset), context)) if context.active else dataset

@@ -331,6 +331,11 @@ def load(
     """
     if not isinstance(name, str) or not name:
         raise InvalidTypeError(f"name must be a model name (str), got {name!r}")
+    for option, path in (("checkpoint", checkpoint), ("head", head)):
+        if path is not None and not isinstance(path, (str, Path)):
+            raise InvalidTypeError(
+                f"{option}={path!r} is not accepted; accepted: a file path (str or Path), or None"
+            )
     for option, value, low in (("img_size", img_size, 1), ("num_classes", num_classes, 0)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < low

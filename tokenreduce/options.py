@@ -34,7 +34,12 @@ def parse_method(spec: str) -> MethodSpec:
     """
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
-    for item in filter(None, _split_top_level(rest)):
+    for item in _split_top_level(rest) if rest.strip() else []:
+        if not item.strip():
+            raise InvalidOptionError(
+                f"method {spec!r} has an empty option between commas; accepted: "
+                "NAME[:key=value,...]"
+            )
         key, sep, value = item.partition("=")
         if not sep:
             raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")

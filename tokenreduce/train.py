@@ -33,7 +33,7 @@ from tokenreduce.patch import ModelAdapter, adapter_for, attached_engine
 from tokenreduce.report import check_output_file
 from tokenreduce.runtime import progress_bar
 
-__all__ = ["Logits", "TrainResult", "train_thresholds"]
+__all__ = ["Logits", "TrainResult", "check_settings", "train_thresholds"]
 
 
 logger = logging.getLogger(__name__)
@@ -74,13 +74,36 @@ class Logits(nn.Module):
         return self.adapter_class.logits(self.model, images)
 
 
-def _check_number(option: str, value: object, low: float, high: float | None) -> None:
+def _check_number(
+    option: str, value: object, low: float, high: float | None, low_open: bool = False
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise InvalidOptionError(
-            f"train: option {option}={value!r} is not accepted; accepted: {bound}"
-        )
+    if not ok or value < low or (low_open and value == low) or (high is not None and value > high):
+        opening = "(" if low_open else "["
+        bound = f"{opening}{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise InvalidOptionError(f"{option}={value!r} is not accepted; accepted: {bound}")
+
+
+def check_settings(
+    flags: Mapping[str, str] | None = None,
+    *,
+    target_ratio: object,
+    reg_scale: object,
+    label_smoothing: object,
+    backbone_lr: object = None,
+) -> None:
+    """The numeric training settings in range, or InvalidOptionError in one line naming the
+    setting as `flags` calls it (the command line's flags; default "train: option NAME"), so
+    that the command line can check them before it loads anything."""
+
+    def name(option: str) -> str:
+        return flags[option] if flags else f"train: option {option}"
+
+    _check_number(name("target_ratio"), target_ratio, 0.0, 1.0, low_open=True)
+    _check_number(name("reg_scale"), reg_scale, 0.0, None)
+    _check_number(name("label_smoothing"), label_smoothing, 0.0, 1.0)
+    if backbone_lr is not None:
+        _check_number(name("backbone_lr"), backbone_lr, 0.0, None)
 
 
 def _learning_rates(config: LearnedConfig, lr: Mapping[str, float] | None) -> dict[str, float]:
@@ -93,7 +116,7 @@ def _learning_rates(config: LearnedConfig, lr: Mapping[str, float] | None) -> di
                 f"train: learning rate for {kind!r} is not accepted; method {config.name!r} "
                 f"learns {sorted(rates)}"
             )
-        _check_number(f"lr[{kind}]", value, 0.0, None)
+        _check_number(f"train: lr[{kind}]", value, 0.0, None)
         rates[kind] = float(value)
     return rates
 
@@ -131,9 +154,12 @@ def train_thresholds(
             f"train: method {config.name!r} has no learned thresholds; accepted: "
             f"{learned_method_names()}"
         )
-    _check_number("target_ratio", target_ratio, 0.0, 1.0)
-    if target_ratio == 0:
-        raise InvalidOptionError("train: option target_ratio=0 is not accepted; accepted: (0, 1]")
+    check_settings(
+        target_ratio=target_ratio,
+        reg_scale=reg_scale,
+        label_smoothing=label_smoothing,
+        backbone_lr=backbone_lr,
+    )
     for option, value, low in (
         ("workers", workers, 0),
         ("gmacs_images", gmacs_images, 1),
@@ -162,10 +188,6 @@ def train_thresholds(
             "train: option backbone_lr is given but finetune=False (the backbone stays frozen); "
             "accepted: backbone_lr with finetune=True"
         )
-    _check_number("reg_scale", reg_scale, 0.0, None)
-    _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-    if backbone_lr is not None:
-        _check_number("backbone_lr", backbone_lr, 0.0, None)
     adapter_class = adapter_for(model)
     num_classes = adapter_class.num_classes(model)
     if num_classes < len(dataset.classes):

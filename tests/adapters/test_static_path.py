@@ -94,6 +94,13 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
     with pytest.raises(ValueError, match="batching='auto' reads each image's token count"):
         tokenreduce.compile(model)
     tokenreduce.apply(model, "tome", r=4)
+    for bad, match in (
+        ({"mode": "bogus"}, "mode='bogus' is not accepted; accepted: 'auto', None"),
+        ({"backend": "nope"}, "backend='nope' is not a torch.compile backend; accepted: "),
+        ({"backend": "eager", "mode": "max-autotune"}, "applies to the inductor backend only"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tokenreduce.compile(model, **bad)
     torch._dynamo.reset()
     compiled = tokenreduce.compile(model, backend="eager")
     with torch.no_grad():

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import tokenreduce
 from tests.conftest import make_image_folder, peaky_vit, tiny_vit
 from tokenreduce import data, flops, train
-from tokenreduce.bench import Timing
+from tokenreduce.bench import Timing, noise_note
 from tokenreduce.cli import build_parser, main
 from tokenreduce.cli.shared import print_results
 from tokenreduce.data import ImageFolder
@@ -78,7 +78,7 @@ CLI_CASES = [
     (
         ["train", "{data}", *TINY, "--method", "asvit", "--target", "0.5"]
         + ["--out", "{dir}/t.safetensors", "--backbone-lr", "-1", "--finetune", "-j", "0"],
-        "backbone_lr=-1.0",
+        "--backbone-lr=-1.0 is not accepted; accepted: >= 0",
     ),
     (["eval", "{missing}", *TINY], "dataset folder not found"),
     (["eval", "{data}", *TINY, "--gmacs-ratio", "0.01", "-j", "0"], "cannot be reached by tome"),
@@ -116,8 +116,19 @@ CLI_CASES = [
     (
         ["train", "{data}", *TINY, "--method", "asvit", "--target", "0"]
         + ["--out", "{dir}/t.safetensors"],
-        "target_ratio=0 is not accepted",
+        "--target=0.0 is not accepted; accepted: (0, 1]",
     ),
+    (
+        ["train", "{data}", *TINY, "--method", "asvit", "--target", "1.5"]
+        + ["--out", "{dir}/t.safetensors"],
+        "--target=1.5 is not accepted; accepted: (0, 1]",
+    ),
+    (
+        ["train", "{data}", *TINY, "--method", "ltmp", "--target", "0.5"]
+        + ["--out", "{dir}/t.safetensors", "--lr", "merge_thresholds=-1"],
+        "--lr 'merge_thresholds=-1' is not accepted; accepted: KIND=NUMBER with a number >= 0",
+    ),
+    (["bench", *TINY, "--method", "tome:r=1,,"], "has an empty option between commas"),
     (
         ["eval", "{data}", *TINY, "--method", "ltmp:thresholds={learned}", "-j", "0"],
         "was trained for vit_small_patch14_dinov2.imgfocus (depth 12, width 384, 257 tokens)",
@@ -280,6 +291,8 @@ def test_a_noisy_timing_is_flagged(capsys):
     rows = [{"method": "a", "noisy": quiet.noisy}, {"method": "b", "noisy": busy.noisy}]
     print_results(rows, "method noisy", None, "csv")
     assert "NOISY: 1 of 2 timings" in capsys.readouterr().out
+    once = Timing(dense=[1.0], reduced=[0.5])  # no spread to judge the machine by
+    assert once.noisy and "one timed round" in noise_note(once)
 
 
 def test_api_checks_arguments_before_work(tmp_path):
@@ -316,3 +329,29 @@ def test_user_errors_share_one_base():
     for error in (InvalidOptionError, InvalidTypeError):
         assert issubclass(error, TokenReduceError)
     assert issubclass(InvalidOptionError, ValueError) and issubclass(InvalidTypeError, TypeError)
+
+
+def test_a_checkpoint_or_head_that_is_not_a_path_is_one_line():
+    from tokenreduce import models
+
+    for option in ("checkpoint", "head"):
+        with pytest.raises(InvalidTypeError, match=f"{option}=123 is not accepted; accepted: a"):
+            models.load("vit_tiny_patch16_224", pretrained=False, **{option: 123})
+
+
+def test_an_empty_class_map_says_it_lists_no_classes(tmp_path):
+    empty = tmp_path / "classes.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(InvalidOptionError, match="classes.txt lists no classes"):
+        data.read_class_map(empty)
+
+
+def test_a_model_with_more_classes_than_the_dataset_is_named_in_a_warning(tmp_path, caplog):
+    from tokenreduce.evaluate import evaluate
+
+    folder = make_image_folder(tmp_path / "data", per_class=1)
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, num_classes=5)
+    dataset = ImageFolder(folder, data.eval_transform(model)[0])
+    with caplog.at_level(logging.WARNING, logger="tokenreduce"):
+        evaluate(model, [], dataset, "tiny", progress=False)
+    assert "predicts 5 classes and the dataset has 2" in caplog.text

@@ -123,3 +123,17 @@ def test_foreign_models_name_the_one_size_they_take():
     tokenreduce.apply(tower, "tome", r=2)
     with pytest.raises(InvalidOptionError, match=r"size 64x64 .*takes 224x224 only"):
         tokenreduce.patch_features(tower, images(size=64))
+
+
+def test_a_threshold_file_that_does_not_fit_is_named_as_the_cause(tmp_path):
+    """Layers and thresholds that came from a file are blamed on the file, not on options the
+    user never set."""
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    deep = tiny_vit("vit_tiny_patch16_224", img_size=64)
+    config = make_config("ltmp", prune_thresholds=0.01)
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(deep), {})
+    shallow = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    with pytest.raises(InvalidOptionError, match=r"with threshold file .*t\.safetensors.*depth 12"):
+        tokenreduce.apply(shallow, "ltmp", thresholds=str(path), transfer=True)

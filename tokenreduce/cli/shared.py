@@ -458,8 +458,9 @@ def print_results(
     noisy = [row for row in rows if row.get("noisy")]
     if noisy:
         print(
-            f"NOISY: {len(noisy)} of {len(rows)} timings had the dense model's own rounds spread "
-            f"more than {NOISY_SPREAD:.0%}; the machine was busy — re-run them on a quiet machine"
+            f"NOISY: {len(noisy)} of {len(rows)} timings are not to be trusted: the dense "
+            f"model's own rounds spread more than {NOISY_SPREAD:.0%} (a busy machine), or it ran "
+            "once (no spread to judge by) — re-run them with more rounds on a quiet machine"
         )
     if path:
         write_results(rows, path, fmt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -60,8 +61,10 @@ def learning_rates(items: list[str]) -> dict[str, float]:
             rates[kind] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise InvalidOptionError(f"--lr {item!r} is not accepted; accepted: KIND=NUMBER")
+        if not sep or not math.isfinite(rates[kind]) or rates[kind] < 0:
+            raise InvalidOptionError(
+                f"--lr {item!r} is not accepted; accepted: KIND=NUMBER with a number >= 0"
+            )
     return rates
 
 
@@ -73,6 +76,19 @@ def run(args: argparse.Namespace) -> training.TrainResult:
         )
     rates = learning_rates(args.lr)
     shared.check_needs(args, [("backbone_lr", "finetune")])
+    shared.check_at_least(args, {"epochs": 1})
+    training.check_settings(
+        {
+            "target_ratio": "--target",
+            "reg_scale": "--reg-scale",
+            "label_smoothing": "--label-smoothing",
+            "backbone_lr": "--backbone-lr",
+        },
+        target_ratio=args.target,
+        reg_scale=args.reg_scale,
+        label_smoothing=args.label_smoothing,
+        backbone_lr=args.backbone_lr,
+    )
     report.check_output_file("--out", args.out)
     if Path(args.out).suffix != ".safetensors":
         raise InvalidOptionError(f"--out={args.out} is not accepted; accepted: a .safetensors path")

@@ -355,8 +355,20 @@ class LearnedConfig(MethodConfig[RecordT]):
 
     def validate(self, dims: ModelDims) -> None:
         self.check_trained_for(dims)
-        super().validate(dims)
-        self.threshold_vectors(dims)
+        try:
+            super().validate(dims)
+            self.threshold_vectors(dims)
+        except InvalidOptionError as err:
+            if self.trained_for is None:
+                raise
+            # the layers and thresholds came from the file: say so, or the message blames
+            # options the user never set
+            recorded = json.loads(self.trained_for)
+            raise InvalidOptionError(
+                f"{self.name}: with threshold file {recorded['file']!r} (trained for "
+                f"{describe_facts(recorded)}; this model: {describe_facts(model_facts(dims))}): "
+                f"{err}"
+            ) from err
 
     def check_trained_for(self, dims: ModelDims) -> None:
         """A threshold file's recorded model facts against this model (first: a file for
