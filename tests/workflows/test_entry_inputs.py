@@ -137,3 +137,25 @@ def test_a_threshold_file_that_does_not_fit_is_named_as_the_cause(tmp_path):
     shallow = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
     with pytest.raises(InvalidOptionError, match=r"with threshold file .*t\.safetensors.*depth 12"):
         tokenreduce.apply(shallow, "ltmp", thresholds=str(path), transfer=True)
+
+
+def test_the_reduced_forward_checks_its_images(reduced):
+    """model(x) of a reduced model is an entry point too: bad images are one line before any
+    work, for timm and transformers models alike."""
+    for bad, error, match in (
+        (torch.randn(3, 64, 64), InvalidOptionError, "one image: images"),
+        (np.zeros((1, 3, 64, 64), np.float32), InvalidTypeError, "of type ndarray"),
+        (images(size=32), InvalidOptionError, "takes 64x64 only"),
+    ):
+        with pytest.raises(error, match=match):
+            reduced(bad)
+    transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=3,
+    )  # fmt: skip
+    hf = tokenreduce.apply(transformers.ViTForImageClassification(config).eval(), "tome", r=2)
+    with pytest.raises(InvalidOptionError, match="takes 32x32 only"):
+        hf(pixel_values=images(size=48))
+    with torch.no_grad():  # the size check follows the call's own interpolation option
+        assert hf(pixel_values=images(size=48), interpolate_pos_encoding=True).logits.shape == (2, 3)

@@ -35,6 +35,7 @@ from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
 from tokenreduce.patch.base import ModelAdapter, linear_macs
 from tokenreduce.patch.engine import Engine
+from tokenreduce.patch.grids import check_images
 from tokenreduce.patch.pooling import pooling_weights, weighted_mean
 from tokenreduce.state import AttentionOutputs, TokenState
 
@@ -401,6 +402,8 @@ def base_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, **kw
     return_dict = check_output_options(self, options)
     engine = engine_of(self)
     family = family_of(self)
+    interpolated = options.get("interpolate_pos_encoding")
+    check_images(self, pixel_values, None if interpolated else HFAdapter.fixed_input_size(self))
     tokens = embed(self, pixel_values, options)
     if options:
         raise InvalidOptionError(

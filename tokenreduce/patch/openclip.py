@@ -28,6 +28,7 @@ from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import Engine
+from tokenreduce.patch.grids import check_images
 from tokenreduce.patch.pooling import (
     pooling_key_bias,
     pooling_weights,
@@ -189,6 +190,7 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
         def forward(self: VisionTransformer, x: torch.Tensor) -> Any:
+            check_images(self, x, tuple(self.image_size))
             engine = engine_of(self)
             x = engine.run_blocks(self, self._embeds(x))
             pooled, tokens = size_aware_pool(self, x, engine.final_state(), engine)
