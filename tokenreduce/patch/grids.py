@@ -66,21 +66,24 @@ def strict_patch_embed_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_images(model: nn.Module, images: object, size: tuple[int, int] | None) -> None:
+def check_images(
+    model: nn.Module, images: object, size: tuple[int, int] | None, min_batch: int = 1
+) -> None:
     """InvalidTypeError / InvalidOptionError in one line unless `images` is what the model takes:
     a tensor [B, C, H, W] with B >= 1, the model's channel count C, a floating dtype (the
     model's, outside autocast), on the model's device, and of `size` (H, W) where the model
-    takes that size only (`ModelAdapter.fixed_input_size`; None: any)."""
+    takes that size only (`ModelAdapter.fixed_input_size`; None: any). min_batch: 0 where an
+    empty batch is a valid call (a model's forward returns an empty output, as the dense one)."""
     conv = _patch_embedding(model)
     channels = 3 if conv is None else conv.in_channels
-    accepted = f"accepted: a floating-point tensor [B, {channels}, H, W] with B >= 1"
+    accepted = f"accepted: a floating-point tensor [B, {channels}, H, W] with B >= {min_batch}"
     if not isinstance(images, torch.Tensor):
         raise InvalidTypeError(
             f"images of type {type(images).__name__} are not accepted; {accepted} "
             "(torch.as_tensor turns an array or nested list into one)"
         )
     shape = tuple(images.shape)
-    if images.dim() != 4 or shape[0] == 0 or shape[1] != channels:
+    if images.dim() != 4 or shape[0] < min_batch or shape[1] != channels:
         hint = " (one image: images[None])" if images.dim() == 3 else ""
         raise InvalidOptionError(f"images of shape {shape} are not accepted; {accepted}{hint}")
     if not images.is_floating_point():

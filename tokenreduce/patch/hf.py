@@ -403,7 +403,8 @@ def base_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, **kw
     engine = engine_of(self)
     family = family_of(self)
     interpolated = options.get("interpolate_pos_encoding")
-    check_images(self, pixel_values, None if interpolated else HFAdapter.fixed_input_size(self))
+    size = None if interpolated else HFAdapter.fixed_input_size(self)
+    check_images(self, pixel_values, size, min_batch=0)
     tokens = embed(self, pixel_values, options)
     if options:
         raise InvalidOptionError(

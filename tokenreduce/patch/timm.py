@@ -119,7 +119,7 @@ def reducing_forward_features(embed: Embed) -> Callable:
         is_causal: bool = False,
     ) -> torch.Tensor:
         check_plain_forward(self, attn_mask, is_causal)
-        check_images(self, x, strict_patch_embed_size(self))
+        check_images(self, x, strict_patch_embed_size(self), min_batch=0)
         tokens, rotary = embed(self, x)
         return self.norm(engine_of(self).run_blocks(self, tokens, rotary))
 
