@@ -106,6 +106,36 @@ def test_threshold_tensors_of_the_accepted_shapes_apply():
         )
 
 
+def test_a_threshold_tensor_of_the_wrong_length_is_named_as_the_tensor():
+    """Its rows become merge_thresholds and prune_thresholds, which the user never set."""
+    named = r"option thresholds is a tensor of shape \(2, 3\) but the method reduces in 4 blocks"
+    with pytest.raises(InvalidOptionError, match=named + r" .*accepted: shape \(2, 4\)"):
+        tokenreduce.apply(tiny_vit(depth=4), "ltmp", thresholds=torch.zeros(2, 3))
+    with pytest.raises(InvalidOptionError, match=r"shape \(4,\) .*accepted: shape \(3,\)"):
+        tokenreduce.apply(tiny_vit(depth=4), "asvit", thresholds=torch.zeros(4))
+
+
+def test_numpy_thresholds_are_taken_as_tensors_and_numbers():
+    ltmp = np.array([[0.9, 0.8, 0.7, 0.6], [0.0, 0.01, 0.02, 0.03]])
+    model = tokenreduce.apply(tiny_vit(depth=4), "ltmp", thresholds=ltmp)
+    from_numpy = tokenreduce.patch.attached_engine(model).config
+    model = tokenreduce.apply(tiny_vit(depth=4), "ltmp", thresholds=torch.from_numpy(ltmp))
+    from_tensor = tokenreduce.patch.attached_engine(model).config
+    assert from_numpy.merge_thresholds == from_tensor.merge_thresholds
+    assert from_numpy.prune_thresholds == from_tensor.prune_thresholds
+    for thresholds, expected in (
+        (np.array([0.5, 0.6, 0.7]), (0.5, 0.6, 0.7)),
+        (np.float32(2), 2.0),
+    ):
+        model = tokenreduce.apply(tiny_vit(), "asvit", thresholds=thresholds)
+        assert tokenreduce.patch.attached_engine(model).config.thresholds == expected
+    merge = np.array([0.9, 0.8, 0.7, 0.6])
+    model = tokenreduce.apply(tiny_vit(depth=4), "ltmp", merge_thresholds=merge)
+    assert tokenreduce.patch.attached_engine(model).config.merge_thresholds == tuple(merge)
+    with pytest.raises(InvalidOptionError, match=r"shape \(2, 2\); accepted: \[1, S\] or \[S\]"):
+        tokenreduce.apply(tiny_vit(), "asvit", thresholds=np.zeros((2, 2)))
+
+
 def test_foreign_models_name_the_one_size_they_take():
     """transformers and open_clip towers take their configured size only: refused in one line
     before any work, not deep inside the library."""

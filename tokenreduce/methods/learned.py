@@ -42,6 +42,7 @@ __all__ = [
     "ThresholdParameters",
     "ThresholdSource",
     "ThresholdValues",
+    "as_tensor_if_array",
     "check_threshold_values",
     "describe_facts",
     "model_facts",
@@ -62,8 +63,19 @@ ThresholdSource = str | Path | torch.Tensor
 """A threshold file written by `tokenreduce train`, or a [kinds, S] tensor."""
 
 
+def as_tensor_if_array(value: object) -> object:
+    """A numpy array or scalar (anything with `__array__` but a tensor) as a tensor; other values
+    as they are, so that arrays are accepted wherever tensors are."""
+    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
+        tensor = torch.as_tensor(value)
+        return tensor.item() if tensor.dim() == 0 else tensor
+    return value
+
+
 def check_threshold_values(method: str, option: str, value: object) -> float | tuple[float, ...]:
-    """One finite number, or a 1-d sequence/tensor of them, as a float or a tuple of floats."""
+    """One finite number, or a 1-d sequence/tensor/array of them, as a float or a tuple of
+    floats."""
+    value = as_tensor_if_array(value)
     if isinstance(value, torch.Tensor):
         if value.dim() > 1:
             raise InvalidOptionError(
@@ -182,7 +194,8 @@ def write_threshold_file(
     options = {
         key: value
         for key, value in config.options().items()
-        if key not in config.kinds and key not in ("thresholds", "transfer", "trained_for")
+        if key not in config.kinds
+        and key not in ("thresholds", "transfer", "trained_for", "tensor_shape")
     }
     options["layers"] = list(config.reduce_layers(dims))
     header = {
@@ -250,6 +263,10 @@ class LearnedConfig(MethodConfig[RecordT]):
     trained_for: str | None = field(default=None, repr=False, metadata={"internal": True})
     """JSON of the threshold file's path and recorded model facts, set when thresholds come from
     a file; `validate` refuses a model with other facts unless `transfer=True`."""
+    tensor_shape: tuple[int, ...] | None = field(
+        default=None, repr=False, metadata={"internal": True}
+    )
+    """The shape of the `thresholds` tensor the vectors came from, so that a misfit names it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -310,10 +327,11 @@ class LearnedConfig(MethodConfig[RecordT]):
                     f"accepted: {shapes} (rows {list(self.kinds)}, S = one per reducing layer, "
                     "never reshaped), or a threshold file"
                 )
-            return {
+            updates = {
                 kind: check_threshold_values(self.name, "thresholds", row)
                 for kind, row in zip(self.kinds, rows, strict=True)
             }
+            return {**updates, "tensor_shape": tuple(source.shape)}
         raise InvalidOptionError(
             f"{self.name}: option thresholds={source!r} is not accepted; accepted: a path to a "
             "file written by tokenreduce train, or a tensor"
@@ -355,6 +373,15 @@ class LearnedConfig(MethodConfig[RecordT]):
 
     def validate(self, dims: ModelDims) -> None:
         self.check_trained_for(dims)
+        if self.tensor_shape is not None:
+            layers = self.reduce_layers(dims)
+            if self.tensor_shape[-1] != len(layers):
+                shape = (*self.tensor_shape[:-1], len(layers))
+                raise InvalidOptionError(
+                    f"{self.name}: option thresholds is a tensor of shape {self.tensor_shape} but "
+                    f"the method reduces in {len(layers)} blocks {layers}; accepted: shape "
+                    f"{shape} (rows {list(self.kinds)})"
+                )
         try:
             super().validate(dims)
             self.threshold_vectors(dims)

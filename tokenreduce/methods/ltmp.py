@@ -24,6 +24,7 @@ from tokenreduce.methods.learned import (
     Step,
     ThresholdSource,
     ThresholdValues,
+    as_tensor_if_array,
     check_threshold_values,
 )
 from tokenreduce.methods.steps import Tokens, kept_rows
@@ -112,6 +113,7 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "thresholds", as_tensor_if_array(self.thresholds))
         if self.thresholds is not None:
             if self.merge_thresholds is not None or self.prune_thresholds is not None:
                 raise InvalidOptionError(
@@ -121,7 +123,8 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             if not isinstance(self.thresholds, (str, Path, torch.Tensor)):
                 raise InvalidOptionError(
                     f"ltmp: option thresholds={self.thresholds!r} is not accepted; accepted: a "
-                    "path to a file written by tokenreduce train, or a [2, S] tensor"
+                    "path to a file written by tokenreduce train, or a [2, S] tensor (numbers go "
+                    "to merge_thresholds and prune_thresholds)"
                 )
             for key, value in self.load_thresholds(self.thresholds).items():
                 object.__setattr__(self, key, value)
