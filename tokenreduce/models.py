@@ -391,6 +391,8 @@ def load(
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except TypeError as err:  # a keyword timm's model does not take
         raise InvalidTypeError(f"model {name!r} does not take the options {kwargs}: {err}") from err
+    if img_size is not None:
+        _check_patch_multiple(model, name, img_size)
     if checkpoint is not None:
         _load_strict(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}", name)
     elif source is not None and pretrained:
@@ -403,6 +405,24 @@ def load(
     if head is not None:
         load_head(model, head)
     return model.eval()
+
+
+def _check_patch_multiple(model: nn.Module, name: str, img_size: int) -> None:
+    """Refuse an image size the patch grid does not tile: timm floors the grid and silently
+    drops the edge pixels (unless the model pads them, `dynamic_img_pad`)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    step = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if img_size % step:
+        below, above = img_size - img_size % step, img_size - img_size % step + step
+        accepted = f"{above}" if below == 0 else f"{below} or {above}"
+        raise InvalidOptionError(
+            f"img_size={img_size} (CLI --img-size) is not a multiple of the patch size {step} of "
+            f"{name} (the last {img_size % step} pixels of each side would be dropped); accepted: "
+            f"a multiple of {step}, e.g. {accepted}"
+        )
 
 
 TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")

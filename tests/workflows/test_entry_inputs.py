@@ -10,6 +10,7 @@ import torch
 
 import tokenreduce
 from tests.conftest import tiny_vit
+from tokenreduce import models
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
 
 
@@ -190,3 +191,17 @@ def test_the_reduced_forward_checks_its_images(reduced):
     with torch.no_grad():  # the size check follows the call's own interpolation option
         out = hf(pixel_values=images(size=48), interpolate_pos_encoding=True)
     assert out.logits.shape == (2, 3)
+
+
+def test_an_image_size_the_patches_do_not_tile_is_refused_unless_padded():
+    """timm floors the grid and drops the edge pixels: 63 with 16-px patches used to pass."""
+    with pytest.raises(InvalidOptionError, match=r"img_size=63 .*patch size 16 .*e\.g\. 48 or 64"):
+        models.load("vit_tiny_patch16_224", pretrained=False, img_size=63)
+    padded = models.load(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=63,
+        dynamic_img_pad=True,
+        dynamic_img_size=True,
+    )
+    assert padded(torch.randn(1, 3, 63, 63)).shape == (1, 1000)

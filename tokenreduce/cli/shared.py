@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from tokenreduce import calibrate, data, models
-from tokenreduce.api import describe
 from tokenreduce.bench import NOISY_SPREAD
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig, make_config
@@ -217,13 +216,6 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
     adapter_for(model)  # an unsupported model is refused before any work
-    dims = describe(model)
-    patch = tuple(i // g for i, g in zip(dims.input_size, dims.grid_size, strict=True))
-    if args.img_size and any(args.img_size % p for p in patch):
-        raise InvalidOptionError(
-            f"--img-size={args.img_size} is not accepted for {args.model}; accepted: a multiple "
-            f"of its patch size {patch[0]}"
-        )
     return model
 
 
