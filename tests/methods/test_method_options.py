@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import tokenreduce
 from tests.conftest import tiny_vit
+from tokenreduce.methods.base import learned_method_names, make_config, method_names
 
 
 @pytest.mark.parametrize(
@@ -46,3 +48,33 @@ def test_method_type_error():
 
 def test_methods_lists_registered_names():
     assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
+
+
+@pytest.mark.parametrize("depth", [4, 6, 24])
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_by_name_alone_fits_any_depth(method, depth):
+    """`apply(model, name)` with the defaults: every block count gets a schedule, and every
+    method that is not learned (learned defaults are the identity) reduces the model."""
+    model = tiny_vit("vit_tiny_patch16_224", depth=depth, img_size=64)
+    tokenreduce.apply(model, method)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    info = tokenreduce.last_info(model)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    assert info.tokens_per_block.shape == (2, depth)
+    learned = method in learned_method_names()
+    assert learned or (info.tokens_per_block[:, -1] < 17).all()
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_runs_without_a_class_token_or_refuses_in_one_line(method):
+    model = tiny_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg", img_size=64)
+    if type(make_config(method)).requires_class_token:
+        with pytest.raises(
+            ValueError, match=f"method '{method}'.*needs a model with a class token"
+        ):
+            tokenreduce.apply(model, method)
+        return
+    tokenreduce.apply(model, method)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
