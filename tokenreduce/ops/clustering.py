@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.ops.packing import cached_index, index_range
+from tokenreduce.ops.packing import cached_index, index_range, row_offsets
 
 __all__ = ["dpc_knn", "merge_clusters"]
 
@@ -65,8 +65,8 @@ def merge_clusters(
     batch, _, channels = y.shape
     if mode == "sum":  # whole rows added in row order: the sums of scatter_reduce, 7-30x faster
         rows = assignment
-        if batch > 1:
-            rows = assignment + index_range(batch, y.device).unsqueeze(1) * num_clusters
+        if not isinstance(batch, int) or batch > 1:  # a symbolic batch (export) may be any size
+            rows = assignment + row_offsets(batch, num_clusters, 0, y.device)
         out = y.new_zeros(batch * num_clusters, channels)
         out.index_add_(0, rows.reshape(-1), y.reshape(-1, channels))
         return out.view(batch, num_clusters, channels)

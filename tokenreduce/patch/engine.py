@@ -234,9 +234,7 @@ class Engine:
         self._local.final_state = state
         device = next((c.device for c in counts if isinstance(c, torch.Tensor)), None)
         if device is None:  # every block kept a count shared by the batch: one small tensor
-            tokens_per_block = torch.tensor([counts] * batch, dtype=torch.long).view(
-                batch, len(counts)
-            )
+            tokens_per_block = torch.tensor(counts, dtype=torch.long).expand(batch, len(counts))
         else:  # per-image counts stay on the device (no sync); plain ints join them there
             per_block = [torch.as_tensor(c, device=device).expand(batch) for c in counts]
             tokens_per_block = torch.stack(per_block, dim=1).long()
