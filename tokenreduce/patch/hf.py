@@ -265,9 +265,10 @@ class HFAdapter(ModelAdapter):
     def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
         # a family whose forward takes interpolate_pos_encoding keeps its size unless a call asks
         # (DINOv2 always interpolates)
-        if "interpolate_pos_encoding" not in family_of(base_model(model)).embed_options:
+        base = base_model(model)
+        if "interpolate_pos_encoding" not in family_of(base).embed_options:
             return None
-        return cls.describe(model).input_size
+        return to_2tuple(base.config.image_size)  # describe's input_size, without describing
 
     @classmethod
     def describe(cls, model: nn.Module) -> ModelDims:

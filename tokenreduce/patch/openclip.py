@@ -190,7 +190,7 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
         def forward(self: VisionTransformer, x: torch.Tensor) -> Any:
-            check_images(self, x, tuple(self.image_size), min_batch=0)
+            check_images(self, x, OpenCLIPAdapter.fixed_input_size(self), min_batch=0)
             engine = engine_of(self)
             x = engine.run_blocks(self, self._embeds(x))
             pooled, tokens = size_aware_pool(self, x, engine.final_state(), engine)
