@@ -29,7 +29,6 @@ from tokenreduce.methods.learned import (
     Step,
     ThresholdSource,
     ThresholdValues,
-    as_tensor_if_array,
     check_threshold_values,
 )
 from tokenreduce.methods.steps import carried, kept_rows, with_fused_token
@@ -105,7 +104,6 @@ class ASViTConfig(LearnedConfig[ASViTRecord]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "thresholds", as_tensor_if_array(self.thresholds))
         if isinstance(self.thresholds, (str, Path, torch.Tensor)):
             for key, value in self.load_thresholds(self.thresholds).items():
                 object.__setattr__(self, key, value)

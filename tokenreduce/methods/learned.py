@@ -42,7 +42,6 @@ __all__ = [
     "ThresholdParameters",
     "ThresholdSource",
     "ThresholdValues",
-    "as_tensor_if_array",
     "check_threshold_values",
     "describe_facts",
     "model_facts",
@@ -63,7 +62,7 @@ ThresholdSource = str | Path | torch.Tensor
 """A threshold file written by `tokenreduce train`, or a [kinds, S] tensor."""
 
 
-def as_tensor_if_array(value: object) -> object:
+def _as_tensor_if_array(value: object) -> object:
     """A numpy array or scalar (anything with `__array__` but a tensor) as a tensor; other values
     as they are, so that arrays are accepted wherever tensors are."""
     if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
@@ -75,7 +74,7 @@ def as_tensor_if_array(value: object) -> object:
 def check_threshold_values(method: str, option: str, value: object) -> float | tuple[float, ...]:
     """One finite number, or a 1-d sequence/tensor/array of them, as a float or a tuple of
     floats."""
-    value = as_tensor_if_array(value)
+    value = _as_tensor_if_array(value)
     if isinstance(value, torch.Tensor):
         if value.dim() > 1:
             raise InvalidOptionError(
@@ -194,8 +193,7 @@ def write_threshold_file(
     options = {
         key: value
         for key, value in config.options().items()
-        if key not in config.kinds
-        and key not in ("thresholds", "transfer", "trained_for", "tensor_shape")
+        if key not in config.kinds and key not in ("thresholds", "transfer")
     }
     options["layers"] = list(config.reduce_layers(dims))
     header = {
@@ -270,6 +268,8 @@ class LearnedConfig(MethodConfig[RecordT]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # every learned method has a `thresholds` option (a source or values): arrays are tensors
+        object.__setattr__(self, "thresholds", _as_tensor_if_array(self.thresholds))
         check_layers_type(self.name, self.layers)
         check_bool(self.name, "transfer", self.transfer)
         tau = self.tau
@@ -338,7 +338,12 @@ class LearnedConfig(MethodConfig[RecordT]):
         )
 
     def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        """The options a user can give (internal fields, set from a threshold source, left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.init and not f.metadata.get("internal")
+        }
 
     def default_layers(self, dims: ModelDims) -> tuple[int, ...]:
         return resolve_layers(self.name, None, dims.depth)

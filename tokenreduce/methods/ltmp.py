@@ -24,7 +24,6 @@ from tokenreduce.methods.learned import (
     Step,
     ThresholdSource,
     ThresholdValues,
-    as_tensor_if_array,
     check_threshold_values,
 )
 from tokenreduce.methods.steps import Tokens, kept_rows
@@ -113,7 +112,6 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "thresholds", as_tensor_if_array(self.thresholds))
         if self.thresholds is not None:
             if self.merge_thresholds is not None or self.prune_thresholds is not None:
                 raise InvalidOptionError(
