@@ -103,14 +103,17 @@ class RotaryPositions:
 
     def coordinate_map(self, grid_size: tuple[int, int], like: torch.Tensor) -> CoordinateMap:
         """origin, step_row, step_col [2] on `like`'s device and dtype (cached: no copy to the
-        device per block)."""
+        device per block). Not cached while torch.export traces: its tensors are fake."""
         key = (grid_size, like.device, like.dtype)
-        if key not in self._maps:
+        if key not in self._maps or torch.compiler.is_exporting():
             grid = self.coordinates(grid_size).to(torch.float64)
             origin = grid[0, 0]
             step_row = grid[1, 0] - origin if grid_size[0] > 1 else torch.zeros_like(origin)
             step_col = grid[0, 1] - origin if grid_size[1] > 1 else torch.zeros_like(origin)
-            self._maps[key] = CoordinateMap(*(c.to(like) for c in (origin, step_row, step_col)))
+            coord_map = CoordinateMap(*(c.to(like) for c in (origin, step_row, step_col)))
+            if torch.compiler.is_exporting():
+                return coord_map
+            self._maps[key] = coord_map
         return self._maps[key]
 
     def frequencies(self, depth_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +134,11 @@ class RotaryPositions:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Angles in timm's layout as an affine function of (row, column): origin [.., 1, E / 2]
         and steps [.., 2, E / 2], so that angles(p) = origin + p @ steps, on `like`'s device and
-        dtype. Cached per grid unless the frequencies are per depth (learned parameters)."""
+        dtype. Cached per grid unless the frequencies are per depth (learned parameters) or
+        torch.export traces (its tensors are fake)."""
         key = (grid_size, depth_index, like.dtype, like.device)
-        if not self.per_depth and key in self._bases:
+        cached = not self.per_depth and not torch.compiler.is_exporting()
+        if cached and key in self._bases:
             return self._bases[key]
         freq_a, freq_b = self.frequencies(depth_index)
         coord_map = self.coordinate_map(grid_size, freq_a)
@@ -144,7 +149,7 @@ class RotaryPositions:
         origin, step_row, step_col = (angles(c) for c in coord_map)
         steps = torch.stack([step_row, step_col], dim=-2)
         basis = origin.unsqueeze(-2).to(like), steps.to(like)
-        if not self.per_depth:
+        if cached:
             self._bases[key] = basis
         return basis
 
