@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tokenreduce
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.conftest import FIXTURES, pixels, reduced_forward, require_shared, tiny_vit
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.pitome import PiToMeConfig, merge_count, output_order
 from tokenreduce.patch.timm import TimmAdapter
@@ -145,3 +145,63 @@ def test_invalid_options_are_refused_in_one_line(options):
     with pytest.raises(InvalidOptionError) as error:
         PiToMeConfig(**options)
     assert "\n" not in str(error.value) and "pitome" in str(error.value)
+
+
+def analytic_total(model: torch.nn.Module) -> float:
+    return tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean_total
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gmacs_match_flop_counter_on_deit_small(deit_small, fused):
+    """The similarity of all non-prefix tokens is a matmul the counter sees: the total (network
+    and overhead) is compared."""
+    from tests.adapters.test_flops import counted_gmacs
+
+    for block in deit_small.blocks:
+        block.attn.fused_attn = fused
+    tokenreduce.apply(deit_small, "pitome")
+    try:
+        counted = counted_gmacs(deit_small, torch.randn(1, 3, 224, 224))
+        analytic = analytic_total(deit_small)
+    finally:
+        tokenreduce.remove(deit_small)
+        for block in deit_small.blocks:
+            block.attn.fused_attn = True
+    assert abs(counted - analytic) / analytic < 0.01, (counted, analytic)
+
+
+def test_gmacs_match_flop_counter_on_eva02():
+    from tests.adapters.test_flops import counted_gmacs
+
+    model = tiny_vit("eva02_tiny_patch14_224", depth=3)
+    tokenreduce.apply(model, "pitome")
+    counted = counted_gmacs(model, torch.randn(1, 3, 224, 224))
+    analytic = analytic_total(model)
+    assert abs(counted - analytic) / analytic < 0.01, (counted, analytic)
+
+
+def test_gmacs_match_flop_counter_on_transformers_and_open_clip():
+    """A small transformers ViT and an open_clip tower (4 blocks, 16 patches), ratio 0.7; the
+    open_clip tower counted on the math attention kernel (nn.MultiheadAttention's fast path is
+    one op the counter does not see)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    from tests.adapters.test_hf_adapter import build
+
+    x = pixels(2)
+    hf = build("ViTForImageClassification", "eager", num_labels=5)
+    torch.manual_seed(0)
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0, output_dim=32
+    ).double().eval()  # fmt: skip
+    for model, call in ((hf, lambda m: m(pixel_values=x)), (tower, lambda m: m(x))):
+        tokenreduce.apply(model, "pitome", ratio=0.7)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            call(model)
+        counted = counter.get_total_flops() / 2 / 2 / 1e9  # FLOPs of 2 images -> MACs per image
+        analytic = analytic_total(model)
+        tokenreduce.remove(model)
+        assert abs(counted - analytic) / analytic < 0.01, (type(model).__name__, counted, analytic)
