@@ -205,3 +205,15 @@ def test_gmacs_match_flop_counter_on_transformers_and_open_clip():
         analytic = analytic_total(model)
         tokenreduce.remove(model)
         assert abs(counted - analytic) / analytic < 0.01, (type(model).__name__, counted, analytic)
+
+
+def test_deit_small_reference_counts_and_gmacs(deit_small):
+    """docs/methods.md §5: ratio 0.9125 on DeiT-S."""
+    tokenreduce.apply(deit_small, "pitome")
+    with torch.no_grad():
+        deit_small(torch.randn(1, 3, 224, 224))
+    info = tokenreduce.last_info(deit_small)
+    tokenreduce.remove(deit_small)
+    counts = [180, 165, 151, 138, 127, 116, 106, 97, 89, 82, 75, 69]
+    assert info.tokens_per_block[0].tolist() == counts
+    assert round(tokenreduce.flops.gmacs(deit_small, info).mean, 3) == 2.764
