@@ -86,13 +86,14 @@ REDUCING = [
     ("ppt", {"r": 30}),
     ("ppt", {"r": 30, "threshold": 1.0}),
     ("bat", {"keep_rate": 0.5, "clusters": 0.2, "attentive_matches": 4}),
+    ("pitome", {"ratio": 0.8}),
 ]
 
 
 @pytest.mark.parametrize("method,options", REDUCING)
 def test_prefix_tokens_are_never_reduced(model_and_input, method, options):
     model, x = model_and_input
-    if model.cls_token is None and method not in ("tome", "ltmp"):
+    if model.cls_token is None and method not in ("tome", "ltmp", "pitome"):
         with pytest.raises(ValueError, match="class token"):
             tokenreduce.apply(model, method, **options)
         return

@@ -6,6 +6,7 @@ from tokenreduce.methods.bat import BATConfig
 from tokenreduce.methods.evit import EViTConfig
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
+from tokenreduce.methods.pitome import PiToMeConfig
 from tokenreduce.methods.ppt import PPTConfig, PPTRecord
 from tokenreduce.methods.tome import ToMeConfig
 from tokenreduce.methods.topk import TopKConfig
@@ -21,6 +22,7 @@ __all__ = [
     "LearnedRecord",
     "MethodConfig",
     "PPTConfig",
+    "PiToMeConfig",
     "PPTRecord",
     "ToMeConfig",
     "TopKConfig",
