@@ -32,7 +32,7 @@ def test_bad_options(method, options, pattern):
         tokenreduce.apply(tiny_vit(), method, **options)
 
 
-@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat", "asvit"])
+@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat", "asvit", "diffrate"])
 def test_class_attention_methods_need_a_class_token(method):
     model = tiny_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match=f"method '{method}'.*class token"):
@@ -45,4 +45,6 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
+    assert tokenreduce.methods() == [
+        "asvit", "bat", "diffrate", "evit", "ltmp", "ppt", "tome", "topk"
+    ]  # fmt: skip
