@@ -236,3 +236,30 @@ def test_counts_below_prefix_and_one_patch_are_clamped(caplog):
         )
     torch.testing.assert_close(clamped, used, atol=0, rtol=0)
     assert info.tokens_per_block[0].tolist() == [100, 3]
+
+
+def test_gmacs_match_flop_counter_on_every_family():
+    """Analytic GMACs (with the decision's own MACs) within 1% of torch's FlopCounterMode on a
+    small model of each family beside timm's ViT (DeiT-S: tests/adapters/test_flops.py)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.adapters import test_eva_adapter, test_hf_adapter, test_openclip_adapter
+    from tests.adapters.test_flops import counted_gmacs
+    from tests.conftest import assert_gmacs_match, pixels
+
+    name, kwargs = test_eva_adapter.MODELS["eva02_t"]
+    model = tokenreduce.apply(test_eva_adapter.eva(name, **kwargs), "diffrate")
+    counted = counted_gmacs(model, test_eva_adapter.images(model, 1))
+    assert_gmacs_match(model, counted, "diffrate")
+    for name in ("ViTForImageClassification", "Dinov2Model"):
+        model = test_hf_adapter.build(name, "eager", **test_hf_adapter.CLASSES[name])
+        tokenreduce.apply(model, "diffrate")
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(pixel_values=pixels(2))
+        assert_gmacs_match(model, counter.get_total_flops() / 2 / 2 / 1e9, "diffrate")
+    model = test_openclip_adapter.tower(**test_openclip_adapter.TOWERS["tok"])
+    tokenreduce.apply(model, "diffrate")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(pixels(2))
+    assert_gmacs_match(model, counter.get_total_flops() / 2 / 2 / 1e9, "diffrate")
