@@ -31,7 +31,7 @@ from tokenreduce.ops.merging import mean_position
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["PRESETS", "DiffRateConfig", "kept_counts", "similarity_merged"]
+__all__ = ["PRESETS", "DiffRateConfig", "DiffRateStep", "kept_counts", "similarity_merged"]
 
 PRESET_TOKENS = 197
 """Tokens (class token included) of the models the presets were searched on (224², patch 16)."""
