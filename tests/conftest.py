@@ -46,6 +46,7 @@ EVERY_METHOD_SMALL = [
     ("ltmp", {"merge_thresholds": 0.2, "prune_thresholds": 0.02}),
     ("asvit", {"thresholds": 0.98}),
     ("pitome", {"ratio": 0.8}),
+    ("diffrate", {}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""

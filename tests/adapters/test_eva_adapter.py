@@ -47,6 +47,8 @@ METHODS = [
     ("asvit", {"thresholds": 0.98}),
     ("asvit", {"thresholds": 0.98, "fuse": True}),
     ("pitome", {"ratio": 0.8}),
+    ("diffrate", {}),
+    ("diffrate", {"rope_position": "destination"}),
 ]
 
 

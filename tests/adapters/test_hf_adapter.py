@@ -197,6 +197,7 @@ CROSS_FAMILY_METHODS = [
     ("ltmp", {"thresholds": "docs/learned/ltmp_0.65.safetensors"}),
     ("asvit", {"thresholds": "docs/learned/asvit_0.65.safetensors"}),
     ("pitome", {}),
+    ("diffrate", {}),
 ]
 
 

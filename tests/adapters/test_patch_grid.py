@@ -35,6 +35,7 @@ METHODS = [
     ("ppt", {"r": 30, "layers": (1, 2), "threshold": float("inf")}),  # every image pools
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
     ("pitome", {"ratio": 0.7}),
+    ("diffrate", {}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),

@@ -69,7 +69,8 @@ def test_a_value_the_model_cannot_honour_is_clamped_with_one_warning(
     ("method", "options"),
     [("tome", {}), ("ppt", {}), ("bat", {}), ("asvit", {}), ("ltmp", {}),
      ("tome", {"r": 98}), ("bat", {"clusters": 58, "attentive_matches": 69, "neighbours": 57}),
-     ("asvit", {"min_keep": 196}), ("ltmp", {"batching": "masked", "max_tokens": 2})],
+     ("asvit", {"min_keep": 196}), ("ltmp", {"batching": "masked", "max_tokens": 2}),
+     ("diffrate", {})],
 )  # fmt: skip
 def test_values_the_model_honours_give_no_warning(caplog, method, options):
     """The defaults on a 224x224 ViT (197 tokens; BAT: 138 attentive, 58 inattentive), and the

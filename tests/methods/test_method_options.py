@@ -13,7 +13,7 @@ from tokenreduce.methods.base import learned_method_names, make_config, method_n
 @pytest.mark.parametrize(
     "method,options,pattern",
     [
-        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', 'evit'"),
+        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', .*'tome'"),
         ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'rope_position', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
@@ -34,7 +34,7 @@ def test_bad_options(method, options, pattern):
         tokenreduce.apply(tiny_vit(), method, **options)
 
 
-@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat", "asvit"])
+@pytest.mark.parametrize("method", ["evit", "topk", "ppt", "bat", "asvit", "diffrate"])
 def test_class_attention_methods_need_a_class_token(method):
     model = tiny_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match=f"method '{method}'.*class token"):

@@ -3,6 +3,7 @@
 from tokenreduce.methods.asvit import ASViTConfig, ASViTRecord
 from tokenreduce.methods.base import BlockRecord, MethodConfig, make_config, method_names
 from tokenreduce.methods.bat import BATConfig
+from tokenreduce.methods.diffrate import DiffRateConfig
 from tokenreduce.methods.evit import EViTConfig
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
@@ -16,6 +17,7 @@ __all__ = [
     "ASViTRecord",
     "BATConfig",
     "BlockRecord",
+    "DiffRateConfig",
     "EViTConfig",
     "LTMPConfig",
     "LTMPRecord",
