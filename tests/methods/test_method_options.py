@@ -47,7 +47,7 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    names = ["asvit", "bat", "evit", "ltmp", "pitome", "ppt", "tome", "topk"]
+    names = ["asvit", "bat", "diffrate", "evit", "ltmp", "pitome", "ppt", "tome", "topk"]
     assert tokenreduce.methods() == names
 
 
