@@ -153,18 +153,19 @@ def record(checkout: Path, fixtures: Path, out: Path) -> None:
 
     sampler.score_assignment_step = staticmethod(scores_seen)
     sampler.get_unique_indices = staticmethod(unique_seen)
+    counts: list[int] = []
+
+    def count_tokens(module: torch.nn.Module, args: tuple, output: object) -> None:
+        counts.append((output[0] if isinstance(output, tuple) else output).shape[1])
+
+    with torch.no_grad():  # sanity: the official model without ATS blocks is the dense model
+        plain = official_model(vit, dense, (), None)(images)[0]
+        worst = (plain - dense(images)).abs().max()
+        print(f"no ATS block vs dense: max abs logit diff {worst:.1e}")
     out.mkdir(parents=True, exist_ok=True)
     for name, options in SETTINGS.items():
         official = official_model(vit, dense, options["ats_blocks"], options["num_tokens"])
-        counts = []
-        hooks = [
-            block.register_forward_hook(
-                lambda module, args, output: counts.append(
-                    (output[0] if isinstance(output, tuple) else output).shape[1]
-                )
-            )
-            for block in official.blocks
-        ]
+        hooks = [block.register_forward_hook(count_tokens) for block in official.blocks]
         logits, per_block, kept = [], [], {i: [] for i in options["ats_blocks"]}
         with torch.no_grad():
             for image in images:

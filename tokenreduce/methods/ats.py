@@ -125,7 +125,8 @@ def inverse_transform_samples(
 
     sorted_scores: [B, M] scores in ascending order, the `count` [B] real tokens first (zeros
     after them); samples: [B] the number of samples m per image (float); ref_samples: the
-    usual m (the model's patch count); width: a static bound on m, at least ref_samples. The CDF is min-max normalised to [0, 1] (its first entry is 0), and the m samples
+    usual m (the model's patch count); width: a static bound on m, at least ref_samples.
+    The CDF is min-max normalised to [0, 1] (its first entry is 0), and the m samples
     y_k = y_0 + k (1 - y_0) / (m - 1), y_0 the smallest non-zero normalised CDF value, are evenly
     spaced from y_0 to 1 (the official `create_ys`, with torch.linspace); each picks the token
     whose normalised CDF is nearest (the first on ties). Returns picked [B, M] bool (a token
