@@ -22,11 +22,9 @@ from tokenreduce.methods.base import (
     BlockRecord,
     MethodConfig,
     Strength,
-    check_layers_type,
     clamped,
     class_attention_macs,
     register,
-    resolve_layers,
 )
 from tokenreduce.methods.steps import carried, kept_rows
 from tokenreduce.ops.packing import Packing, pack_kept
@@ -156,6 +154,16 @@ def inverse_transform_samples(
     return picked.scatter_(1, best, True) & real
 
 
+def _block_indices(value: object) -> bool:
+    """Whether `value` is a non-empty list or tuple of distinct ints (block indices)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        and len(set(value)) == len(value)
+    )
+
+
 def _check_num_tokens(value: object) -> None:
     def number(v: object) -> bool:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -207,9 +215,14 @@ class ATSConfig(MethodConfig[ATSRecord]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_layers_type(self.name, self.ats_blocks)
-        if isinstance(self.ats_blocks, list):
-            object.__setattr__(self, "ats_blocks", tuple(self.ats_blocks))
+        blocks = self.ats_blocks
+        if not (blocks is None or _block_indices(blocks)):
+            raise InvalidOptionError(
+                f"ats: option ats_blocks={blocks!r} is not accepted; accepted: None or a "
+                "non-empty tuple of distinct block indices"
+            )
+        if isinstance(blocks, list):
+            object.__setattr__(self, "ats_blocks", tuple(blocks))
         _check_num_tokens(self.num_tokens)
         if isinstance(self.num_tokens, list):
             object.__setattr__(self, "num_tokens", tuple(self.num_tokens))
@@ -230,9 +243,15 @@ class ATSConfig(MethodConfig[ATSRecord]):
         return Batching(self.batching)
 
     def blocks(self, dims: ModelDims) -> tuple[int, ...]:
+        """The ATS blocks on this model, ascending."""
         if self.ats_blocks is None:
             return tuple(range(dims.depth // 4, dims.depth))
-        return resolve_layers(self.name, self.ats_blocks, dims.depth)
+        if not all(0 <= i < dims.depth for i in self.ats_blocks):
+            raise InvalidOptionError(
+                f"ats: option ats_blocks={self.ats_blocks!r} is not accepted on this model; "
+                f"accepted: distinct block indices in 0..{dims.depth - 1}"
+            )
+        return tuple(sorted(self.ats_blocks))
 
     def budgets(self, dims: ModelDims) -> tuple[float, ...]:
         """The option value of each ATS block, as given (None: every token, N0)."""
