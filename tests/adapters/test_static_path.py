@@ -27,6 +27,7 @@ STATIC = [
     ("bat", {}),
     ("ltmp", {"batching": "masked", "prune_thresholds": 0.02}),
     ("asvit", {"batching": "masked", "thresholds": 0.8}),
+    ("ats", {"batching": "masked"}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
@@ -139,5 +140,5 @@ def test_fused_and_explicit_attention_agree_in_float64(method, options, path, mo
         outputs[fused] = logits, info.tokens_per_block
     torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-12, atol=1e-12)
     assert torch.equal(outputs[True][1], outputs[False][1])
-    biased = method in ("tome", "ppt", "asvit")  # proportional attention, or masked padding
+    biased = method in ("tome", "ppt", "asvit", "ats")  # proportional attention, or masked padding
     assert bool(column_calls) == (path == "gpu" and biased)

@@ -11,7 +11,7 @@ from tests.conftest import tiny_vit
 @pytest.mark.parametrize(
     "method,options,pattern",
     [
-        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', 'evit'"),
+        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'ats', 'bat'"),
         ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'rope_position', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
@@ -45,4 +45,4 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
+    assert tokenreduce.methods() == ["asvit", "ats", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
