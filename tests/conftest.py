@@ -47,6 +47,7 @@ EVERY_METHOD_SMALL = [
     ("asvit", {"thresholds": 0.98}),
     ("pitome", {"ratio": 0.8}),
     ("diffrate", {}),
+    ("ats", {}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""

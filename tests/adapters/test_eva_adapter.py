@@ -49,6 +49,7 @@ METHODS = [
     ("pitome", {"ratio": 0.8}),
     ("diffrate", {}),
     ("diffrate", {"rope_position": "destination"}),
+    ("ats", {}),
 ]
 
 

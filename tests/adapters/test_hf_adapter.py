@@ -198,6 +198,7 @@ CROSS_FAMILY_METHODS = [
     ("asvit", {"thresholds": "docs/learned/asvit_0.65.safetensors"}),
     ("pitome", {}),
     ("diffrate", {}),
+    ("ats", {}),
 ]
 
 

@@ -41,6 +41,7 @@ LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),
     ("asvit", {"thresholds": 0.3}),
     ("asvit", {"thresholds": 0.3, "fuse": True}),
+    ("ats", {}),
 ]
 
 

@@ -29,6 +29,7 @@ STATIC = [
     ("asvit", {"batching": "masked", "thresholds": 0.8}),
     ("pitome", {"ratio": 0.8}),
     ("diffrate", {}),
+    ("ats", {"batching": "masked"}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
@@ -141,5 +142,11 @@ def test_fused_and_explicit_attention_agree_in_float64(method, options, path, mo
         outputs[fused] = logits, info.tokens_per_block
     torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-12, atol=1e-12)
     assert torch.equal(outputs[True][1], outputs[False][1])
-    biased = method in ("tome", "ppt", "asvit", "diffrate")  # proportional attention, or padding
+    biased = method in (
+        "tome",
+        "ppt",
+        "asvit",
+        "diffrate",
+        "ats",
+    )  # proportional attention, or padding
     assert bool(column_calls) == (path == "gpu" and biased)

@@ -13,7 +13,7 @@ from tokenreduce.methods.base import learned_method_names, make_config, method_n
 @pytest.mark.parametrize(
     "method,options,pattern",
     [
-        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'bat', .*'tome'"),
+        ("nope", {}, r"method='nope'.*accepted: \['asvit', 'ats', 'bat', .*'tome'"),
         ("tome", {"rr": 3}, r"option 'rr'.*accepted: \['trace_source', 'rope_position', 'r'"),
         ("tome", {"r": -1}, r"r=-1 .*accepted"),
         ("tome", {"r": 2.5}, r"r=2.5 .*accepted"),
@@ -47,7 +47,7 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    names = ["asvit", "bat", "diffrate", "evit", "ltmp", "pitome", "ppt", "tome", "topk"]
+    names = ["asvit", "ats", "bat", "diffrate", "evit", "ltmp", "pitome", "ppt", "tome", "topk"]
     assert tokenreduce.methods() == names
 
 

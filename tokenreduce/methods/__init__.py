@@ -1,6 +1,7 @@
 """Token-reduction methods: one module per method, registered by name."""
 
 from tokenreduce.methods.asvit import ASViTConfig, ASViTRecord
+from tokenreduce.methods.ats import ATSConfig, ATSRecord
 from tokenreduce.methods.base import BlockRecord, MethodConfig, make_config, method_names
 from tokenreduce.methods.bat import BATConfig
 from tokenreduce.methods.diffrate import DiffRateConfig
@@ -15,6 +16,8 @@ from tokenreduce.methods.topk import TopKConfig
 __all__ = [
     "ASViTConfig",
     "ASViTRecord",
+    "ATSConfig",
+    "ATSRecord",
     "BATConfig",
     "BlockRecord",
     "DiffRateConfig",
