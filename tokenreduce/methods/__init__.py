@@ -7,6 +7,7 @@ from tokenreduce.methods.evit import EViTConfig
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
 from tokenreduce.methods.ppt import PPTConfig, PPTRecord
+from tokenreduce.methods.tofu import ToFuConfig
 from tokenreduce.methods.tome import ToMeConfig
 from tokenreduce.methods.topk import TopKConfig
 
@@ -22,6 +23,7 @@ __all__ = [
     "MethodConfig",
     "PPTConfig",
     "PPTRecord",
+    "ToFuConfig",
     "ToMeConfig",
     "TopKConfig",
     "make_config",
