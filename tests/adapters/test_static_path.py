@@ -27,6 +27,7 @@ STATIC = [
     ("bat", {}),
     ("ltmp", {"batching": "masked", "prune_thresholds": 0.02}),
     ("asvit", {"batching": "masked", "thresholds": 0.8}),
+    ("tofu", {"r": 4}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
