@@ -22,6 +22,7 @@ from PIL import Image
 
 import tokenreduce
 from tokenreduce.info import ReductionInfo
+from tokenreduce.methods.base import make_config
 
 SHARED_DATA = Path(
     os.environ.get(
@@ -48,6 +49,7 @@ EVERY_METHOD_SMALL = [
     ("pitome", {"ratio": 0.8}),
     ("diffrate", {}),
     ("ats", {}),
+    ("tofu", {"r": 3}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""
@@ -104,7 +106,7 @@ def reduced_forward(
 def apply_unless_refused(model: torch.nn.Module, method: str, **options) -> bool:
     """Apply `method`; for a class-attention method on a model without a class token, check that
     it is refused (ValueError naming the class token) and return False."""
-    if method not in ("tome", "ltmp", "pitome") and model.cls_token is None:
+    if make_config(method, **options).requires_class_token and model.cls_token is None:
         with pytest.raises(ValueError, match="class token"):
             tokenreduce.apply(model, method, **options)
         return False

@@ -50,6 +50,7 @@ METHODS = [
     ("diffrate", {}),
     ("diffrate", {"rope_position": "destination"}),
     ("ats", {}),
+    ("tofu", {"r": 16}),
 ]
 
 
@@ -149,7 +150,9 @@ def test_pruning_equals_masking_keys_in_timm_blocks(key, method):
 
 
 @pytest.mark.parametrize("key", ["dinov3_s", "eva02_t", "pe_core_s", "rope_mixed_b"])
-@pytest.mark.parametrize("method", [("tome", {"r": 16}), ("evit", {}), ("ppt", {}), ("bat", {})])
+@pytest.mark.parametrize(
+    "method", [("tome", {"r": 16}), ("evit", {}), ("ppt", {}), ("bat", {}), ("tofu", {"r": 16})]
+)
 def test_gmacs_match_flop_counter(key, method):
     name, kwargs = MODELS[key]
     model = eva(name, **kwargs)

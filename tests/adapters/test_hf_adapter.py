@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenreduce
 from tests.conftest import EVERY_METHOD_SMALL, assert_gmacs_match, pixels
 from tokenreduce.errors import InvalidOptionError
+from tokenreduce.methods.base import make_config
 
 transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
 
@@ -104,7 +105,7 @@ def test_every_method_runs_and_keeps_the_output_class(name):
         dense = model(pixel_values=x)
     tokens_in = 16 + tokenreduce.describe(model).num_prefix
     for method, options in EVERY_METHOD_SMALL:
-        if name.startswith("Siglip") and method not in ("tome", "ltmp", "pitome"):
+        if name.startswith("Siglip") and make_config(method, **options).requires_class_token:
             with pytest.raises(ValueError, match="class token"):
                 tokenreduce.apply(model, method, **options)
             continue
@@ -127,7 +128,7 @@ def test_every_method_runs_and_keeps_the_output_class(name):
 def test_gmacs_match_torch_flop_counter(name):
     model = build(name, "eager", **CLASSES[name])
     x = pixels(2)
-    for method, options in [(None, {}), ("tome", {"r": 3})]:
+    for method, options in [(None, {}), ("tome", {"r": 3}), ("tofu", {"r": 3})]:
         if method:
             tokenreduce.apply(model, method, **options)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -199,6 +200,7 @@ CROSS_FAMILY_METHODS = [
     ("pitome", {}),
     ("diffrate", {}),
     ("ats", {}),
+    ("tofu", {"r": 13}),
 ]
 
 

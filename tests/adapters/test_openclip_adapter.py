@@ -159,7 +159,7 @@ def test_gmacs_match_torch_flop_counter(key):
 
     model = tower(**TOWERS[key])
     x = pixels(2)
-    for method in (None, "tome"):
+    for method in (None, "tome", "tofu"):
         if method:
             tokenreduce.apply(model, method, r=3)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -36,6 +36,7 @@ METHODS = [
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
     ("pitome", {"ratio": 0.7}),
     ("diffrate", {}),
+    ("tofu", {"r": 12, "switch_block": 2}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),

@@ -30,6 +30,7 @@ STATIC = [
     ("pitome", {"ratio": 0.8}),
     ("diffrate", {}),
     ("ats", {"batching": "masked"}),
+    ("tofu", {"r": 4}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
