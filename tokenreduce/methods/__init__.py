@@ -4,6 +4,7 @@ from tokenreduce.methods.asvit import ASViTConfig, ASViTRecord
 from tokenreduce.methods.base import BlockRecord, MethodConfig, make_config, method_names
 from tokenreduce.methods.bat import BATConfig
 from tokenreduce.methods.evit import EViTConfig
+from tokenreduce.methods.gtp import GTPConfig, GTPRecord
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
 from tokenreduce.methods.ppt import PPTConfig, PPTRecord
@@ -16,6 +17,8 @@ __all__ = [
     "BATConfig",
     "BlockRecord",
     "EViTConfig",
+    "GTPConfig",
+    "GTPRecord",
     "LTMPConfig",
     "LTMPRecord",
     "LearnedRecord",
