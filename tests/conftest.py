@@ -45,6 +45,7 @@ EVERY_METHOD_SMALL = [
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
     ("ltmp", {"merge_thresholds": 0.2, "prune_thresholds": 0.02}),
     ("asvit", {"thresholds": 0.98}),
+    ("gtp", {"num_prop": 3}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""

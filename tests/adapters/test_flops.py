@@ -111,6 +111,7 @@ def test_fused_attention_is_counted_as_the_explicit_path(deit_small):
         ("ppt", {}),
         ("ppt", {"threshold": 1.0}),
         ("bat", {}),
+        ("gtp", {}),
     ],
 )
 def test_analytic_matches_flop_counter(deit_small, method, options, fused):

@@ -196,6 +196,7 @@ CROSS_FAMILY_METHODS = [
     ("bat", {"keep_rate": 0.7}),
     ("ltmp", {"thresholds": "docs/learned/ltmp_0.65.safetensors"}),
     ("asvit", {"thresholds": "docs/learned/asvit_0.65.safetensors"}),
+    ("gtp", {}),
 ]
 
 

@@ -34,6 +34,7 @@ METHODS = [
     ("ppt", {"r": 30, "layers": (1, 2), "threshold": 0.0}),  # every image prunes
     ("ppt", {"r": 30, "layers": (1, 2), "threshold": float("inf")}),  # every image pools
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
+    ("gtp", {"num_prop": 4}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),
