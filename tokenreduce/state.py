@@ -108,6 +108,10 @@ class TokenState:
             counts=None if counts is None else tuple(counts),
         )
 
+    def with_carry(self, carry: torch.Tensor | None) -> TokenState:
+        """This state with the method's own `carry` replaced (the tokens stay as they are)."""
+        return replace(self, carry=carry)
+
     @property
     def destination_positions(self) -> bool:
         """Whether a merged token takes its destination's position (else the members' mean)."""

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import tokenreduce
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.adapters.test_flops import counted_gmacs
+from tests.conftest import FIXTURES, assert_gmacs_match, reduced_forward, require_shared, tiny_vit
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.ops.attention import sparsify_attention
 
@@ -218,3 +219,21 @@ def test_gmacs_and_overhead(deit_small):
     n = torch.tensor([197 - 8 * i for i in range(12)], dtype=torch.float64)
     expected = (6 * n * (n - 1) + (n - 9) * 8 * 385).sum() + 196**2 * 384
     assert report.overhead_gmacs.item() == pytest.approx(expected.item() / 1e9)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("eva02_tiny_patch14_224", {"img_size": 56}),
+        ("vit_tiny_patch16_224", {"img_size": 64, "class_token": False, "global_pool": "avg"}),
+    ],
+)
+def test_gmacs_match_flop_counter(name, options):
+    """On a rotary Eva model and on a model without class token (DeiT-S: test_flops.py)."""
+    model = tiny_vit(name, depth=3, **options)
+    x = torch.randn(1, 3, options["img_size"], options["img_size"])
+    tokenreduce.apply(model, "gtp", num_prop=4)
+    counted = counted_gmacs(model, x)
+    info = tokenreduce.last_info(model)
+    assert (info.tokens_per_block[:, -1] < info.tokens_in).all()
+    assert_gmacs_match(model, counted, "gtp")

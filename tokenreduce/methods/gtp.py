@@ -6,7 +6,7 @@ Official code: Ackesnal/GTP-ViT, models_v3.py (`select`, `propagate`, `Attention
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -373,7 +373,7 @@ class GTPConfig(MethodConfig[GTPRecord]):
                 )
             grid = (side, side)
         graph = token_graph(x, state.num_prefix, self.graph_type, self._neighbours(dims), grid)
-        return replace(state, carry=graph)
+        return state.with_carry(graph)
 
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int
@@ -392,7 +392,7 @@ class GTPConfig(MethodConfig[GTPRecord]):
         out, graph, missing = propagated(
             tokens, state.carry, kept, prop, num_prefix, self.alpha, self.token_scale
         )
-        return out.x, replace(out.in_state(state), carry=graph), GTPRecord(missing)
+        return out.x, out.in_state(state).with_carry(graph), GTPRecord(missing)
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: int, record: GTPRecord, fused: bool
