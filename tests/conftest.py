@@ -102,7 +102,7 @@ def reduced_forward(
 def apply_unless_refused(model: torch.nn.Module, method: str, **options) -> bool:
     """Apply `method`; for a class-attention method on a model without a class token, check that
     it is refused (ValueError naming the class token) and return False."""
-    if method not in ("tome", "ltmp") and model.cls_token is None:
+    if method not in ("tome", "ltmp", "gtp") and model.cls_token is None:
         with pytest.raises(ValueError, match="class token"):
             tokenreduce.apply(model, method, **options)
         return False
