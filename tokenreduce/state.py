@@ -45,6 +45,9 @@ class TokenState:
     counts: each image's real tokens (the True slots of `valid`) where the packing that made
         `valid` read them on the host, so that the ragged layout needs no second read; None
         otherwise. Set with `valid` by `with_tokens`, so it never outlives it.
+    carry: what a method itself carries from block to block in this forward, set by its
+        `MethodConfig.initial_state` and its reductions (GTP: the token graph over the non-prefix
+        tokens, [B, N - P, N - P]); None for the methods that carry nothing.
     """
 
     num_prefix: int
@@ -58,6 +61,7 @@ class TokenState:
     exited: torch.Tensor | None = None
     batching: Batching = Batching.AUTO
     counts: tuple[int, ...] | None = None
+    carry: torch.Tensor | None = None
     _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -103,6 +107,10 @@ class TokenState:
             owner=owner,
             counts=None if counts is None else tuple(counts),
         )
+
+    def with_carry(self, carry: torch.Tensor | None) -> TokenState:
+        """This state with the method's own `carry` replaced (the tokens stay as they are)."""
+        return replace(self, carry=carry)
 
     @property
     def destination_positions(self) -> bool:

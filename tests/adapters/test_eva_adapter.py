@@ -51,6 +51,7 @@ METHODS = [
     ("diffrate", {"rope_position": "destination"}),
     ("ats", {}),
     ("tofu", {"r": 16}),
+    ("gtp", {}),
 ]
 
 

@@ -113,6 +113,7 @@ def test_fused_attention_is_counted_as_the_explicit_path(deit_small):
         ("bat", {}),
         ("diffrate", {}),
         ("tofu", {"r": 13}),
+        ("gtp", {}),
     ],
 )
 def test_analytic_matches_flop_counter(deit_small, method, options, fused):

@@ -201,6 +201,7 @@ CROSS_FAMILY_METHODS = [
     ("diffrate", {}),
     ("ats", {}),
     ("tofu", {"r": 13}),
+    ("gtp", {}),
 ]
 
 

@@ -37,6 +37,7 @@ METHODS = [
     ("pitome", {"ratio": 0.7}),
     ("diffrate", {}),
     ("tofu", {"r": 12, "switch_block": 2}),
+    ("gtp", {"num_prop": 4}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),

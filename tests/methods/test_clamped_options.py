@@ -27,6 +27,9 @@ CASES = [
     ("asvit", {"thresholds": 1.1, "min_keep": 0}, {"thresholds": 1.1}, "min_keep=1"),
     ("asvit", {"thresholds": 1.1, "min_keep": 99}, {"thresholds": 1.1, "min_keep": 16},
      "min_keep=16"),
+    ("gtp", {"num_prop": 8}, {"num_prop": (8, 7, 0, 0)}, "num_prop=(8, 7, 0, 0)"),
+    ("gtp", {"num_prop": 2, "num_neighbours": 20}, {"num_prop": 2, "num_neighbours": 15},
+     "num_neighbours=15"),
 ]  # fmt: skip
 MASKED = {"batching": "masked", "merge_thresholds": 0.5, "prune_thresholds": 0.05}
 CASES += [
@@ -70,7 +73,8 @@ def test_a_value_the_model_cannot_honour_is_clamped_with_one_warning(
     [("tome", {}), ("ppt", {}), ("bat", {}), ("asvit", {}), ("ltmp", {}),
      ("tome", {"r": 98}), ("bat", {"clusters": 58, "attentive_matches": 69, "neighbours": 57}),
      ("asvit", {"min_keep": 196}), ("ltmp", {"batching": "masked", "max_tokens": 2}),
-     ("diffrate", {})],
+     ("diffrate", {}),
+     ("gtp", {}), ("gtp", {"num_prop": 48, "num_neighbours": 195})],
 )  # fmt: skip
 def test_values_the_model_honours_give_no_warning(caplog, method, options):
     """The defaults on a 224x224 ViT (197 tokens; BAT: 138 attentive, 58 inattentive), and the

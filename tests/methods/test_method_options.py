@@ -47,7 +47,19 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    names = ["asvit", "ats", "bat", "diffrate", "evit", "ltmp", "pitome", "ppt", "tome", "topk"]
+    names = [
+        "asvit",
+        "ats",
+        "bat",
+        "diffrate",
+        "evit",
+        "gtp",
+        "ltmp",
+        "pitome",
+        "ppt",
+        "tome",
+        "topk",
+    ]
     assert tokenreduce.methods() == names
 
 

@@ -6,6 +6,7 @@ from tokenreduce.methods.base import BlockRecord, MethodConfig, make_config, met
 from tokenreduce.methods.bat import BATConfig
 from tokenreduce.methods.diffrate import DiffRateConfig
 from tokenreduce.methods.evit import EViTConfig
+from tokenreduce.methods.gtp import GTPConfig, GTPRecord
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
 from tokenreduce.methods.pitome import PiToMeConfig
@@ -23,6 +24,8 @@ __all__ = [
     "BlockRecord",
     "DiffRateConfig",
     "EViTConfig",
+    "GTPConfig",
+    "GTPRecord",
     "LTMPConfig",
     "LTMPRecord",
     "LearnedRecord",

@@ -137,6 +137,19 @@ class MethodConfig(Generic[RecordT]):
         """Whether attention adds log(size) to its logits (proportional attention)."""
         return False
 
+    @property
+    def attention_sparsity(self) -> float | None:
+        """Fraction of each head's attention probabilities kept in every block, the rest zeroed
+        (GTP's attention sparsification, `ops.attention.sparsify_attention`); None: the
+        attention is left as it is (every method but GTP)."""
+        return None
+
+    def initial_state(self, x: torch.Tensor, state: TokenState, dims: ModelDims) -> TokenState:
+        """The state entering block 0, from the tokens x [B, N0, C] entering it: a method that
+        carries something of its own between blocks (`TokenState.carry`) builds it here. The
+        state as it is by default."""
+        return state
+
     def requested_batching(self) -> Batching:
         """The batch layout the method asks the engine for once images keep different counts
         (read once, when the reduction is put on a model)."""

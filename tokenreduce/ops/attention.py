@@ -19,6 +19,7 @@ __all__ = [
     "received_attention",
     "size_bias",
     "softmax_dtype",
+    "sparsify_attention",
 ]
 
 
@@ -112,6 +113,21 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) 
     shift = logits.detach().masked_fill(~kept, -torch.inf).amax(dim=-1, keepdim=True)
     weights = (logits - shift).clamp_max(0).exp() * mask[:, None, None, :]
     return (weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def sparsify_attention(attn: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """GTP's attention sparsification (docs/methods.md §3.13): in each head, the probabilities
+    below the k-th smallest of its N x N, k = int(N * N * (1 - sparsity)), become 0 (not
+    renormalised), as the official code filters them. attn: [B, H, N, N] softmax probabilities;
+    returns a new tensor of the same shape (the input is left as it is). k = 0 filters nothing.
+    """
+    batch, heads, tokens, _ = attn.shape
+    k = int(tokens * tokens * (1 - sparsity))
+    if k < 1:
+        return attn
+    flat = attn.reshape(batch, heads, tokens * tokens)
+    threshold = flat.kthvalue(k, dim=-1, keepdim=True).values.unsqueeze(-1)  # [B, H, 1, 1]
+    return attn.masked_fill(attn < threshold, 0.0)
 
 
 def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

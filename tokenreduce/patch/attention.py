@@ -28,6 +28,7 @@ from tokenreduce.ops.attention import (
     masked_softmax,
     received_attention,
     softmax_dtype,
+    sparsify_attention,
 )
 from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.state import AttentionOutputs
@@ -65,7 +66,10 @@ class AttentionCall:
     key mask of a learned method's training forward, or None. layout: the input is the flat
     [M, C] real tokens of this ragged batch (None: [B, N, C]). rope: the family's rotary
     embedding of the current tokens, or None. valid: [B, N] real slots of a padded batch (each
-    image's real tokens first), None when every slot is real.
+    image's real tokens first), None when every slot is real. sparsity: keep only the
+    largest fraction `sparsity` of each head's softmax probabilities, zero the rest
+    (`ops.attention.sparsify_attention`, GTP's attention sparsification; explicit path); None
+    leaves the attention as it is.
     """
 
     bias: torch.Tensor | None = None
@@ -74,6 +78,7 @@ class AttentionCall:
     layout: RaggedLayout | None = None
     rope: Any = None
     valid: torch.Tensor | None = None
+    sparsity: float | None = None
 
     @property
     def counts_on_host(self) -> bool:
@@ -119,7 +124,8 @@ def attend(
     paths pad them to the batch first. `spec` says how the model's attention module computes.
     With no bias the output equals timm's op for op. The fused path stays fused; the
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
-    the explicit masked softmax (docs/methods.md §2.7). "attn" and "received" need the explicit
+    the explicit masked softmax (docs/methods.md §2.7), a `sparsity` the explicit path with the
+    probabilities sparsified before they weight the values. "attn" and "received" need the explicit
     path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
     runs one image at a time (`attention_by_image`: cache-resident, no work on padding). On a
     CPU the fused kernel also runs one image at a time on the flat rows of a ragged batch
@@ -143,7 +149,11 @@ def attend(
     full = None
     cls_attn = None
     received = None
-    explicit = bool({"attn", "received"} & call.needs) or call.key_mask is not None
+    explicit = (
+        bool({"attn", "received"} & call.needs)
+        or call.key_mask is not None
+        or call.sparsity is not None
+    )
     fused = spec.fused and not explicit
     gpu = _gpu_path_on_every_device or q.device.type == "cuda"
     several_on_cpu = batch > 1 and dropout == 0.0 and not gpu
@@ -152,6 +162,7 @@ def attend(
         and several_on_cpu
         and call.counts_on_host
         and call.key_mask is None
+        and call.sparsity is None
         and "attn" not in call.needs
     )
     fused_by_image = (  # a ragged batch: the fused kernel on each image's rows alone
@@ -204,6 +215,8 @@ def attend(
             full = scores.softmax(dim=-1)
         else:
             full = masked_softmax(scores, call.key_mask.to(scores.dtype))
+        if call.sparsity is not None:
+            full = sparsify_attention(full, call.sparsity)
         out = (F.dropout(full, dropout) if dropout else full) @ v
         if "cls_attn" in call.needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))

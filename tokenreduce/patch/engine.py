@@ -110,17 +110,24 @@ class Engine:
         x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
         that `state` describes. Returns tokens, state, the method's record (None where the block
         does not reduce), whether attention ran fused, and the layout of the returned tokens
-        (None: [B, N, C]). A block that neither reduces nor needs a key bias or mask runs the
-        block's own forward.
+        (None: [B, N, C]). A block that neither reduces nor needs a key bias, a mask or a
+        sparsified attention runs the block's own forward.
         """
         config = self.config
         bias = state.key_bias(config.uses_prop_attn, x.dtype)
-        if step is None and bias is None and state.mask is None:
+        sparsity = config.attention_sparsity
+        if step is None and bias is None and state.mask is None and sparsity is None:
             fused = self.adapter.attention_fused(block)
             return self.adapter.plain_block(block, x, rope), state, None, fused, layout
         needs = config.needs if step is not None else frozenset()
         call = AttentionCall(
-            bias=bias, needs=needs, key_mask=state.mask, layout=layout, rope=rope, valid=state.valid
+            bias=bias,
+            needs=needs,
+            key_mask=state.mask,
+            layout=layout,
+            rope=rope,
+            valid=state.valid,
+            sparsity=sparsity,
         )
         x, byproducts = self.adapter.attention_half(block, x, call)
         record = None
@@ -195,6 +202,7 @@ class Engine:
             owner=owner,
             batching=self.batching,
         )
+        state = config.initial_state(x, state, self.dims)
         steps = self.steps
         trainable = self.trainable_parameters(model)
         if trainable is not None:
