@@ -6,6 +6,7 @@ from tokenreduce.methods.bat import BATConfig
 from tokenreduce.methods.evit import EViTConfig
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
+from tokenreduce.methods.mctf import MCTFConfig
 from tokenreduce.methods.ppt import PPTConfig, PPTRecord
 from tokenreduce.methods.tome import ToMeConfig
 from tokenreduce.methods.topk import TopKConfig
@@ -19,6 +20,7 @@ __all__ = [
     "LTMPConfig",
     "LTMPRecord",
     "LearnedRecord",
+    "MCTFConfig",
     "MethodConfig",
     "PPTConfig",
     "PPTRecord",

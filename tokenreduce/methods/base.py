@@ -120,6 +120,10 @@ class MethodConfig(Generic[RecordT]):
     """Whether the method merges tokens into destination tokens (rope_position="destination"
     acts only then)."""
     record_type: ClassVar[type[BlockRecord]] = BlockRecord
+    reduces_after_mlp: ClassVar[bool] = False
+    """Whether a reducing block reduces after its MLP (MCTF without one-step-ahead attention),
+    with the by-products of the same block's attention, instead of between attention and MLP
+    (docs/methods.md §1.2)."""
 
     trace_source: bool = False
     rope_position: str = "mean"

@@ -105,7 +105,8 @@ class Engine:
         layout: RaggedLayout | None = None,
         rope: Any = None,
     ) -> tuple[torch.Tensor, TokenState, BlockRecord | None, bool, RaggedLayout | None]:
-        """One block with the reduction between attention and MLP.
+        """One block with the reduction between attention and MLP (after the MLP for a method
+        with `reduces_after_mlp`).
 
         x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
         that `state` describes. Returns tokens, state, the method's record (None where the block
@@ -124,20 +125,36 @@ class Engine:
         )
         x, byproducts = self.adapter.attention_half(block, x, call)
         record = None
-        if step is not None:
-            if layout is not None:
-                x = layout.pad(x)
-            before = state
-            x_in = x
-            x, state, record = config.reduce(x_in, before, byproducts, step)
-            if before.owner is not None:
-                exited = record_exits(x_in, before.owner, state.owner, before.exited)
-                state = replace(state, exited=exited)
-            layout = None
-            if self.batching.ragged and state.valid is not None:
-                layout = RaggedLayout(state.valid, state.counts)
-                x = layout.unpad(x)
-        return self.adapter.mlp_half(block, x), state, record, byproducts.fused, layout
+        if step is not None and not config.reduces_after_mlp:
+            x, state, record, layout = self._reduce(x, state, byproducts, step, layout)
+        x = self.adapter.mlp_half(block, x)
+        if step is not None and config.reduces_after_mlp:
+            x, state, record, layout = self._reduce(x, state, byproducts, step, layout)
+        return x, state, record, byproducts.fused, layout
+
+    def _reduce(
+        self,
+        x: torch.Tensor,
+        state: TokenState,
+        byproducts: Any,
+        step: Any,
+        layout: RaggedLayout | None,
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord, RaggedLayout | None]:
+        """The method's reduction of x (flat rows with a ragged `layout`) with this block's
+        attention by-products; returns tokens, state, record and the output's layout."""
+        if layout is not None:
+            x = layout.pad(x)
+        before = state
+        x_in = x
+        x, state, record = self.config.reduce(x_in, before, byproducts, step)
+        if before.owner is not None:
+            exited = record_exits(x_in, before.owner, state.owner, before.exited)
+            state = replace(state, exited=exited)
+        layout = None
+        if self.batching.ragged and state.valid is not None:
+            layout = RaggedLayout(state.valid, state.counts)
+            x = layout.unpad(x)
+        return x, state, record, layout
 
     def run_blocks(self, model: nn.Module, x: torch.Tensor, rotary: Any = None) -> torch.Tensor:
         """All blocks with their reductions; records this forward's info for this thread.
