@@ -45,6 +45,10 @@ class TokenState:
     counts: each image's real tokens (the True slots of `valid`) where the packing that made
         `valid` read them on the host, so that the ragged layout needs no second read; None
         otherwise. Set with `valid` by `with_tokens`, so it never outlives it.
+    attention: [B, H, N, N] attention probabilities over the current tokens that the block's
+        attention uses instead of its own softmax; set by a reduction before the attention
+        (`MethodConfig.reduces_at` "start": MCTF's fused one-step-ahead attention), cleared by the
+        engine once used; None otherwise.
     """
 
     num_prefix: int
@@ -58,6 +62,7 @@ class TokenState:
     exited: torch.Tensor | None = None
     batching: Batching = Batching.AUTO
     counts: tuple[int, ...] | None = None
+    attention: torch.Tensor | None = None
     _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

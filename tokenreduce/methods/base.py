@@ -120,10 +120,6 @@ class MethodConfig(Generic[RecordT]):
     """Whether the method merges tokens into destination tokens (rope_position="destination"
     acts only then)."""
     record_type: ClassVar[type[BlockRecord]] = BlockRecord
-    reduces_after_mlp: ClassVar[bool] = False
-    """Whether a reducing block reduces after its MLP (MCTF without one-step-ahead attention),
-    with the by-products of the same block's attention, instead of between attention and MLP
-    (docs/methods.md §1.2)."""
 
     trace_source: bool = False
     rope_position: str = "mean"
@@ -140,6 +136,15 @@ class MethodConfig(Generic[RecordT]):
     def uses_prop_attn(self) -> bool:
         """Whether attention adds log(size) to its logits (proportional attention)."""
         return False
+
+    @property
+    def reduces_at(self) -> str:
+        """Where a reducing block reduces (docs/methods.md §1.2): "mid" between attention and MLP
+        (every method but MCTF); "end" after the MLP, with the by-products of the block's
+        attention; "start" before the attention, with the by-products of the block's attention
+        on the unreduced tokens, and the block's attention then uses the attention matrix the
+        reduction hands over in `TokenState.attention` (MCTF's one-step-ahead attention)."""
+        return "mid"
 
     def requested_batching(self) -> Batching:
         """The batch layout the method asks the engine for once images keep different counts

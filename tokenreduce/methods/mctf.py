@@ -1,13 +1,12 @@
 """MCTF: multi-criteria token fusion (Lee et al., CVPR 2024), off-the-shelf (no fine-tuning).
 
 Official code: mlvlab/MCTF, utils/mctf.py (mctf, bipartite_soft_matching, merge_wavg) and
-models/modules/blocks.py (Block_DEIT). Implemented: the mode without one-step-ahead attention
-(official `one_step_ahead=0`): a reducing block fuses its tokens after its MLP, with the
-attention its own attention computed. docs/methods.md §3.10.
+models/modules/blocks.py (Block_DEIT). docs/methods.md §3.10.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -29,7 +28,16 @@ from tokenreduce.ops.merging import interleave_destinations, order_index, prefix
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["Fusion", "MCTFConfig", "fuse_rows_by", "fused_tokens", "mctf_matching", "merge_count"]
+__all__ = [
+    "Fusion",
+    "MCTFConfig",
+    "fuse_rows_by",
+    "fused_attention",
+    "fused_tokens",
+    "mctf_matching",
+    "mctf_scores",
+    "merge_count",
+]
 
 POOLING_TYPES = (0, 1, 2, 3)
 """Official `pooling_type`: 0 size-weighted mean, 1 attention- and size-weighted mean, 2 max,
@@ -159,20 +167,58 @@ def mctf_matching(scores: torch.Tensor, r: int, num_prefix: int, bidirection: bo
     return Fusion(interleave_destinations(destination_a, destination_b, order), kept, num_out)
 
 
-def fuse_rows_by(y: torch.Tensor, fusion: Fusion, reduce: str = "sum") -> torch.Tensor:
-    """Rows of y [B, N, C] reduced into their output rows: [B, N', C] ("sum" or "amax")."""
-    batch, _, channels = y.shape
-    index = fusion.destination.unsqueeze(-1).expand(-1, -1, channels)
+def fuse_rows_by(
+    y: torch.Tensor, fusion: Fusion, reduce: str = "sum", dim: int = 1
+) -> torch.Tensor:
+    """The N entries of y [B, ...] along `dim` reduced into their N' outputs ("sum" or
+    "amax"): y [B, N, C] -> [B, N', C] (dim 1); attention [B, H, N, N] over keys (dim 3) or
+    queries (dim 2)."""
+    shape = [1] * y.dim()
+    shape[0], shape[dim] = y.shape[0], y.shape[dim]
+    index = fusion.destination.view(shape).expand_as(y)
+    size = list(y.shape)
+    size[dim] = fusion.num_out
     if reduce == "sum":
-        return y.new_zeros(batch, fusion.num_out, channels).scatter_add_(1, index, y)
-    empty = y.new_full((batch, fusion.num_out, channels), -math.inf)
-    return empty.scatter_reduce_(1, index, y, reduce=reduce)
+        return y.new_zeros(size).scatter_add_(dim, index, y)
+    return y.new_full(size, -math.inf).scatter_reduce_(dim, index, y, reduce=reduce)
+
+
+def pooling_weight(
+    received: torch.Tensor, size: torch.Tensor, pooling_type: int
+) -> torch.Tensor | None:
+    """Per-token weights [B, N, 1] of a weighted-mean pooling: sizes s (type 0), a s / max(s)
+    with a the mean attention received [B, N] (type 1), ones (type 3); None for max (type 2)."""
+    if pooling_type == 0:
+        return size
+    if pooling_type == 1:
+        return received.unsqueeze(-1) * (size / size.amax(dim=-2, keepdim=True))
+    if pooling_type == 3:
+        return torch.ones_like(size)
+    return None
+
+
+def fused_attention(
+    fusion: Fusion,
+    attn: torch.Tensor,
+    received: torch.Tensor,
+    size: torch.Tensor,
+    pooling_type: int,
+) -> torch.Tensor:
+    """The attention [B, H, N, N] over the fused tokens, [B, H, N', N'] (official `merge_wavg`
+    with `one_step_ahead`): the probabilities of a fused key are summed; the rows of a fused
+    query are pooled as its features (`pooling_weight`, or their max). size: [B, N, 1] before."""
+    over_keys = fuse_rows_by(attn, fusion, dim=3)
+    weight = pooling_weight(received, size, pooling_type)
+    if weight is None:
+        return fuse_rows_by(over_keys, fusion, "amax", dim=2)
+    rows = fuse_rows_by(over_keys * weight.unsqueeze(1), fusion, dim=2)
+    return rows / fuse_rows_by(weight, fusion).unsqueeze(1)
 
 
 def fused_tokens(
     fusion: Fusion,
     tokens: Tokens,
-    received: torch.Tensor | None,
+    received: torch.Tensor,
     pooling_type: int,
     destination_positions: bool,
 ) -> Tokens:
@@ -185,15 +231,11 @@ def fused_tokens(
     x = tokens.x
     size = tokens.size if tokens.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
     merged_size = fuse_rows_by(size, fusion)
-    if pooling_type == 1:
-        weight = received.unsqueeze(-1) * (size / size.amax(dim=-2, keepdim=True))
-        x = fuse_rows_by(x * weight, fusion) / fuse_rows_by(weight, fusion)
-    elif pooling_type == 2:
+    weight = pooling_weight(received, size, pooling_type)
+    if weight is None:
         x = fuse_rows_by(x, fusion, "amax")
-    elif pooling_type == 3:
-        x = fuse_rows_by(x, fusion) / fuse_rows_by(torch.ones_like(size), fusion)
     else:
-        x = fuse_rows_by(x * size, fusion) / merged_size
+        x = fuse_rows_by(x * weight, fusion) / fuse_rows_by(weight, fusion)
     position = tokens.position
     if position is not None:
         if destination_positions:
@@ -229,15 +271,15 @@ class MCTFConfig(MethodConfig[BlockRecord]):
     bidirection: fuse A -> B then B -> A (r // 2 and r - r // 2 tokens), else A -> B only.
     pooling_type: 0 size-weighted, 1 attention- and size-weighted (released), 2 max, 3 mean.
     prop_attn: proportional attention (log size on the keys), released on.
-    one_step_ahead: 0 only (fuse after the MLP with the block's own attention); the official
-        1 and 2 (fuse before the attention with its attention on the unfused tokens) are not
-        implemented (docs/methods.md §3.10).
+    one_step_ahead: 1 (released): a reducing block fuses its input tokens before its attention,
+        scored with that attention on them, and its attention uses their attention matrix fused
+        as the tokens (no softmax of its own); 2: the same, but the block computes its attention
+        on the fused tokens (not on rotary models); 0: the block fuses after its MLP, scored with
+        its own attention.
     """
 
     name: ClassVar[str] = "mctf"
     merges: ClassVar[bool] = True
-    needs: ClassVar[frozenset[str]] = frozenset({"received"})
-    reduces_after_mlp: ClassVar[bool] = True
     sweep: ClassVar[tuple[dict, ...]] = tuple({"r": r} for r in (4, 8, 12, 16))
     strength: ClassVar[Strength] = Strength("r", True, True, lambda d: (0, d.num_patches // 2))
 
@@ -249,7 +291,7 @@ class MCTFConfig(MethodConfig[BlockRecord]):
     bidirection: bool = True
     pooling_type: int = 1
     prop_attn: bool = True
-    one_step_ahead: int = 0
+    one_step_ahead: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -279,16 +321,24 @@ class MCTFConfig(MethodConfig[BlockRecord]):
                 f"mctf: option pooling_type={self.pooling_type!r} is not accepted; accepted: 0 "
                 "(size-weighted), 1 (attention-weighted), 2 (max) or 3 (mean)"
             )
-        if self.one_step_ahead != 0 or isinstance(self.one_step_ahead, bool):
+        if self.one_step_ahead not in (0, 1, 2) or isinstance(self.one_step_ahead, bool):
             raise InvalidOptionError(
                 f"mctf: option one_step_ahead={self.one_step_ahead!r} is not accepted; accepted: "
-                "0 (fuse after the MLP with the block's own attention; the official modes 1 and 2 "
-                "are not implemented, docs/methods.md §3.10)"
+                "0 (fuse after the MLP), 1 (fuse before the attention, which uses the fused "
+                "attention matrix) or 2 (fuse before the attention, which is recomputed)"
             )
 
     @property
     def uses_prop_attn(self) -> bool:
         return self.prop_attn
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"attn"} if self.one_step_ahead == 1 else {"received"})
+
+    @property
+    def reduces_at(self) -> str:
+        return "start" if self.one_step_ahead else "end"
 
     def layers(self, depth: int) -> tuple[int, ...]:
         """The reducing blocks on a model of `depth` blocks."""
@@ -298,6 +348,12 @@ class MCTFConfig(MethodConfig[BlockRecord]):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
+        if self.one_step_ahead == 2 and dims.rotary:
+            raise InvalidOptionError(
+                "mctf: option one_step_ahead=2 is not accepted on a model with rotary position "
+                "embeddings (its recomputed attention would need the fused tokens' rotation); "
+                "accepted: 0 or 1"
+            )
         if self.activate_layer is not None and max(self.activate_layer) >= dims.depth:
             raise InvalidOptionError(
                 f"mctf: option activate_layer={tuple(self.activate_layer)!r} names a block the "
@@ -333,9 +389,12 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: int | float
     ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
         count = merge_count(step, x.shape[1], state.num_prefix)
+        full = attn.attn if self.one_step_ahead == 1 else None
         if count == 0:
+            if full is not None:  # the block's attention on its unfused tokens is the probe's
+                state = dataclasses.replace(state, attention=full)
             return x, state, BlockRecord()
-        received = attn.received.to(x.dtype)
+        received = (attn.received if full is None else full.mean(dim=(1, 2))).to(x.dtype)
         with torch.no_grad():  # the matching is a decision: no gradient
             scores = mctf_scores(
                 x.detach(),
@@ -347,14 +406,20 @@ class MCTFConfig(MethodConfig[BlockRecord]):
                 self.tau_size,
             )
             fusion = mctf_matching(scores, count, state.num_prefix, self.bidirection)
+        received = received.detach()
         tokens = fused_tokens(
             fusion,
             carried(x, state, state.size),
-            received.detach(),
+            received,
             self.pooling_type,
             state.destination_positions,
         )
-        return tokens.x, tokens.in_state(state), BlockRecord()
+        fused_state = tokens.in_state(state)
+        if full is not None:
+            size = state.sizes_like(x)
+            attention = fused_attention(fusion, full, received, size, self.pooling_type)
+            fused_state = dataclasses.replace(fused_state, attention=attention)
+        return tokens.x, fused_state, BlockRecord()
 
     def overhead_macs(
         self,
@@ -364,13 +429,20 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         record: BlockRecord,
         fused: bool,
     ) -> torch.Tensor:
-        """The cosine similarities of A x B tokens (C channels) where the block fuses any."""
-        if not self.tau_sim:
-            return torch.zeros_like(n_in)
-        return n_in.new_tensor([_similarity_macs(int(n), dims, step) for n in n_in.tolist()])
+        """The cosine similarities of A x B tokens (C channels) where the block fuses any. Before
+        the attention (one_step_ahead 1, 2) also the probe, the block's attention on its N
+        unfused tokens (every attention linear but the output projection, and the N^2 scores),
+        less (one_step_ahead 1) the N'^2 scores its attention on the fused tokens skips."""
+        return n_in.new_tensor([self._overhead(int(n), dims, step) for n in n_in.tolist()])
 
-
-def _similarity_macs(num_tokens: int, dims: ModelDims, r: int | float) -> int:
-    if merge_count(r, num_tokens, dims.num_prefix) == 0:
-        return 0
-    return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims.embed_dim
+    def _overhead(self, n: int, dims: ModelDims, r: int | float) -> int:
+        count = merge_count(r, n, dims.num_prefix)
+        macs = 0
+        if count and self.tau_sim:
+            macs += ((n + 1) // 2) * (n // 2) * dims.embed_dim
+        if self.one_step_ahead:
+            probe_linear = dims.attn_linear_macs_per_token - dims.attn_dim * dims.embed_dim
+            macs += n * probe_linear + n * n * dims.attn_dim
+        if self.one_step_ahead == 1:
+            macs -= (n - count) ** 2 * dims.attn_dim
+        return macs
