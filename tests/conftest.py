@@ -45,6 +45,7 @@ EVERY_METHOD_SMALL = [
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
     ("ltmp", {"merge_thresholds": 0.2, "prune_thresholds": 0.02}),
     ("asvit", {"thresholds": 0.98}),
+    ("mctf", {"r": 3}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""
@@ -101,7 +102,7 @@ def reduced_forward(
 def apply_unless_refused(model: torch.nn.Module, method: str, **options) -> bool:
     """Apply `method`; for a class-attention method on a model without a class token, check that
     it is refused (ValueError naming the class token) and return False."""
-    if method not in ("tome", "ltmp") and model.cls_token is None:
+    if method not in ("tome", "ltmp", "mctf") and model.cls_token is None:
         with pytest.raises(ValueError, match="class token"):
             tokenreduce.apply(model, method, **options)
         return False

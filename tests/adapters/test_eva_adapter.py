@@ -46,6 +46,7 @@ METHODS = [
     ("ltmp", {"merge_thresholds": 0.3, "prune_thresholds": 0.0}),
     ("asvit", {"thresholds": 0.98}),
     ("asvit", {"thresholds": 0.98, "fuse": True}),
+    ("mctf", {"r": 12}),
 ]
 
 

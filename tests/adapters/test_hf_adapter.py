@@ -104,7 +104,7 @@ def test_every_method_runs_and_keeps_the_output_class(name):
         dense = model(pixel_values=x)
     tokens_in = 16 + tokenreduce.describe(model).num_prefix
     for method, options in EVERY_METHOD_SMALL:
-        if name.startswith("Siglip") and method not in ("tome", "ltmp"):
+        if name.startswith("Siglip") and method not in ("tome", "ltmp", "mctf"):
             with pytest.raises(ValueError, match="class token"):
                 tokenreduce.apply(model, method, **options)
             continue
@@ -196,6 +196,7 @@ CROSS_FAMILY_METHODS = [
     ("bat", {"keep_rate": 0.7}),
     ("ltmp", {"thresholds": "docs/learned/ltmp_0.65.safetensors"}),
     ("asvit", {"thresholds": "docs/learned/asvit_0.65.safetensors"}),
+    ("mctf", {"r": 13}),
 ]
 
 

@@ -34,6 +34,7 @@ METHODS = [
     ("ppt", {"r": 30, "layers": (1, 2), "threshold": 0.0}),  # every image prunes
     ("ppt", {"r": 30, "layers": (1, 2), "threshold": float("inf")}),  # every image pools
     ("bat", {"keep_rate": 0.6, "layers": (1, 2)}),
+    ("mctf", {"r": 12}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),
@@ -214,7 +215,7 @@ def test_held_patches_take_their_tokens_feature(model_pair, key, method):
     unmerged = source.transpose(1, 2) @ tokens
     assert torch.equal(grid[held], unmerged[held])
     assert grid.shape[1] == model.patch_embed.num_patches + model.num_prefix_tokens
-    if method[0] in ("tome", "bat") or method[1].get("threshold") == float("inf"):
+    if method[0] in ("tome", "bat", "mctf") or method[1].get("threshold") == float("inf"):
         assert held.all()  # merging only: every patch is held
     else:
         assert not held.all()

@@ -27,6 +27,7 @@ STATIC = [
     ("bat", {}),
     ("ltmp", {"batching": "masked", "prune_thresholds": 0.02}),
     ("asvit", {"batching": "masked", "thresholds": 0.8}),
+    ("mctf", {"r": 4}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
@@ -107,8 +108,9 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-FUSED = [(method, options) for method, options in STATIC if method != "ltmp"]
-"""LTMP's importance, the attention each token receives, needs the matrix: it has no fused path."""
+FUSED = [(method, options) for method, options in STATIC if method not in ("ltmp", "mctf")]
+"""LTMP's importance and MCTF's informativeness, the attention each token receives, need the
+matrix: they have no fused path."""
 
 
 @pytest.mark.parametrize("path", PATHS)
