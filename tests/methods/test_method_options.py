@@ -45,4 +45,4 @@ def test_method_type_error():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "ppt", "tome", "topk"]
+    assert tokenreduce.methods() == ["asvit", "bat", "evit", "ltmp", "mctf", "ppt", "tome", "topk"]
