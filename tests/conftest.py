@@ -51,6 +51,7 @@ EVERY_METHOD_SMALL = [
     ("ats", {}),
     ("tofu", {"r": 3}),
     ("gtp", {"num_prop": 3}),
+    ("mctf", {"r": 3}),
 ]
 """Every method with options that reduce a small model (4 blocks, 16 patches of 32x32 pixels):
 the transformers and open_clip adapter tests."""

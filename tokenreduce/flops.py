@@ -51,11 +51,21 @@ def block_macs(dims: ModelDims, n_in: torch.Tensor, n_out: torch.Tensor) -> torc
     )
 
 
-def network_macs(dims: ModelDims, tokens_in: int, tokens_per_block: torch.Tensor) -> torch.Tensor:
-    """Per-image MACs [B] from tokens after each block [B, L] and the N0 entering block 0."""
+def network_macs(
+    dims: ModelDims,
+    tokens_in: int,
+    tokens_per_block: torch.Tensor,
+    reduces_at: str = "mid",
+) -> torch.Tensor:
+    """Per-image MACs [B] from tokens after each block [B, L] and the N0 entering block 0.
+    reduces_at (`MethodConfig.reduces_at`): "mid", attention on the tokens entering a block and
+    MLP on those after its reduction; "end", both on the tokens entering it; "start", both on
+    those after its reduction (the reduction's look at the unreduced tokens is its overhead)."""
     counts = tokens_per_block.to(torch.float64)
     entering = torch.cat([torch.full_like(counts[:, :1], tokens_in), counts[:, :-1]], dim=1)
-    macs = block_macs(dims, entering, counts).sum(dim=1)
+    attention = counts if reduces_at == "start" else entering
+    mlp = entering if reduces_at == "end" else counts
+    macs = block_macs(dims, attention, mlp).sum(dim=1)
     macs = macs + dims.patch_embed_macs + dims.head_macs
     if dims.pool_attn_queries:
         pooled = counts[:, -1] - (0 if dims.pool_include_prefix else dims.num_prefix)
@@ -85,7 +95,7 @@ def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:
             f"{dims.depth} blocks); accepted: tokenreduce.last_info(model) of the same model"
         )
     counts = info.tokens_per_block
-    macs = network_macs(dims, info.tokens_in, counts)
+    macs = network_macs(dims, info.tokens_in, counts, info.config.reduces_at)
     overhead = torch.zeros_like(macs)
     entering = torch.cat(
         [torch.full_like(counts[:, :1], info.tokens_in), counts[:, :-1]], dim=1

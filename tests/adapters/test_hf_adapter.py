@@ -202,6 +202,7 @@ CROSS_FAMILY_METHODS = [
     ("ats", {}),
     ("tofu", {"r": 13}),
     ("gtp", {}),
+    ("mctf", {"r": 13}),
 ]
 
 

@@ -38,6 +38,7 @@ METHODS = [
     ("diffrate", {}),
     ("tofu", {"r": 12, "switch_block": 2}),
     ("gtp", {"num_prop": 4}),
+    ("mctf", {"r": 12}),
 ]
 LEARNED = [
     ("ltmp", {"merge_thresholds": 0.6, "prune_thresholds": 0.01}),
@@ -219,7 +220,7 @@ def test_held_patches_take_their_tokens_feature(model_pair, key, method):
     unmerged = source.transpose(1, 2) @ tokens
     assert torch.equal(grid[held], unmerged[held])
     assert grid.shape[1] == model.patch_embed.num_patches + model.num_prefix_tokens
-    if method[0] in ("tome", "bat", "pitome") or method[1].get("threshold") == float("inf"):
+    if method[0] in ("tome", "bat", "pitome", "mctf") or method[1].get("threshold") == float("inf"):
         assert held.all()  # merging only: every patch is held
     else:
         assert not held.all()

@@ -32,6 +32,7 @@ STATIC = [
     ("ats", {"batching": "masked"}),
     ("tofu", {"r": 4}),
     ("gtp", {"num_prop": 3}),
+    ("mctf", {"r": 4}),
 ]
 MODELS = {"vit": ("vit_tiny_patch16_224", 64), "eva": ("eva02_tiny_patch14_224", 56)}
 
@@ -112,9 +113,9 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-FUSED = [(method, options) for method, options in STATIC if method not in ("ltmp", "gtp")]
-"""LTMP's importance, the attention each token receives, needs the matrix: it has no fused path
-(nor has GTP, whose selection reads the matrix)."""
+FUSED = [(m, options) for m, options in STATIC if m not in ("ltmp", "mctf", "gtp")]
+"""LTMP's importance and MCTF's informativeness, the attention each token receives, need the
+matrix: they have no fused path (nor has GTP, whose selection reads the matrix)."""
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -55,6 +55,7 @@ def test_methods_lists_registered_names():
         "evit",
         "gtp",
         "ltmp",
+        "mctf",
         "pitome",
         "ppt",
         "tome",

@@ -150,6 +150,14 @@ class MethodConfig(Generic[RecordT]):
         state as it is by default."""
         return state
 
+    def reduces_at(self) -> str:
+        """Where a reducing block reduces (docs/methods.md §1.2): "mid" between attention and MLP
+        (every method but MCTF); "end" after the MLP, with the by-products of the block's
+        attention; "start" before the attention, with the by-products of the block's attention
+        on the unreduced tokens, and the block's attention then uses the attention matrix the
+        reduction hands over in `TokenState.attention` (MCTF's one-step-ahead attention)."""
+        return "mid"
+
     def requested_batching(self) -> Batching:
         """The batch layout the method asks the engine for once images keep different counts
         (read once, when the reduction is put on a model)."""

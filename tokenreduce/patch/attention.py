@@ -69,7 +69,10 @@ class AttentionCall:
     image's real tokens first), None when every slot is real. sparsity: keep only the
     largest fraction `sparsity` of each head's softmax probabilities, zero the rest
     (`ops.attention.sparsify_attention`, GTP's attention sparsification; explicit path); None
-    leaves the attention as it is.
+    leaves the attention as it is. probs: [B, H, N, N] attention probabilities to use instead
+    of the softmax of the scores (which are then not computed; MCTF's fused attention), or
+    None. probe: compute only the by-products, not the attention output (the adapter's
+    attention half then returns its input unchanged).
     """
 
     bias: torch.Tensor | None = None
@@ -79,6 +82,8 @@ class AttentionCall:
     rope: Any = None
     valid: torch.Tensor | None = None
     sparsity: float | None = None
+    probs: torch.Tensor | None = None
+    probe: bool = False
 
     @property
     def counts_on_host(self) -> bool:
@@ -134,8 +139,10 @@ def attend(
     (`fused_attention_with_key_bias`).
     metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
     the keys before rotation).
+    With `call.probs` the output is probs @ v (no scores, no by-products); with `call.probe` the
+    explicit path computes the by-products only.
     Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
-    the real tokens) and the by-products.
+    the real tokens; None for a probe) and the by-products.
     """
     flat = q.dim() == 3
     if flat:
@@ -143,6 +150,8 @@ def attend(
     else:
         batch, heads, tokens, _ = q.shape
     dropout = spec.dropout
+    if call.probs is not None:
+        return attend_given(call.probs, v, call, dropout), AttentionOutputs(fused=False)
     bias = call.bias
     if bias is not None and bias.dtype != q.dtype:  # autocast: q in the lower precision
         bias = bias.to(q.dtype)
@@ -153,12 +162,14 @@ def attend(
         bool({"attn", "received"} & call.needs)
         or call.key_mask is not None
         or call.sparsity is not None
+        or call.probe
     )
     fused = spec.fused and not explicit
     gpu = _gpu_path_on_every_device or q.device.type == "cuda"
     several_on_cpu = batch > 1 and dropout == 0.0 and not gpu
     by_image = (
         explicit
+        and not call.probe
         and several_on_cpu
         and call.counts_on_host
         and call.key_mask is None
@@ -217,7 +228,7 @@ def attend(
             full = masked_softmax(scores, call.key_mask.to(scores.dtype))
         if call.sparsity is not None:
             full = sparsify_attention(full, call.sparsity)
-        out = (F.dropout(full, dropout) if dropout else full) @ v
+        out = None if call.probe else (F.dropout(full, dropout) if dropout else full) @ v
         if "cls_attn" in call.needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
         if "received" in call.needs:
@@ -235,6 +246,8 @@ def attend(
         received=received,
         fused=fused,
     )
+    if call.probe:
+        return None, byproducts
     if by_image or fused_by_image:
         out = rows if call.layout is not None else rows.view(batch, tokens, -1)
     else:
@@ -242,6 +255,19 @@ def attend(
         if call.layout is not None:
             out = call.layout.unpad(out)
     return out, byproducts
+
+
+def attend_given(
+    probs: torch.Tensor, v: torch.Tensor, call: AttentionCall, dropout: float
+) -> torch.Tensor:
+    """Attention output [B, N, H * d] (ragged: flat [M, H * d] rows) of given probabilities
+    probs [B, H, N, N] and values v [B, H, N, d] (ragged: flat [M, H, d] rows)."""
+    if v.dim() == 3:
+        v = call.layout.pad(v.flatten(1)).unflatten(-1, v.shape[1:]).transpose(1, 2)
+    out = (F.dropout(probs, dropout) if dropout else probs) @ v
+    batch, heads, tokens, head_dim = v.shape
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    return out if call.layout is None else call.layout.unpad(out)
 
 
 def split_heads(
@@ -256,9 +282,14 @@ def split_heads(
     return [t.transpose(1, 2) for t in heads]
 
 
-def project_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+def project_output(
+    attn: nn.Module, out: torch.Tensor | None, gate: torch.Tensor | None
+) -> torch.Tensor | None:
     """The attention module's output half (timm Attention, EvaAttention, AttentionRope): norm,
-    optional sigmoid gate, projection, dropout (on the rows `attend` returned)."""
+    optional sigmoid gate, projection, dropout (on the rows `attend` returned; None for a
+    probe)."""
+    if out is None:
+        return None
     out = attn.norm(out)
     if gate is not None:
         out = out * gate

@@ -105,7 +105,8 @@ class ModelAdapter(ABC):
     def attention_half(
         self, block: nn.Module, x: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, AttentionOutputs]:
-        """x plus the block's attention residual, with the call's bias and by-products."""
+        """x plus the block's attention residual, with the call's bias and by-products (x itself
+        for a probe, `call.probe`)."""
 
     @abstractmethod
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

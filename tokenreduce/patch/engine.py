@@ -105,7 +105,8 @@ class Engine:
         layout: RaggedLayout | None = None,
         rope: Any = None,
     ) -> tuple[torch.Tensor, TokenState, BlockRecord | None, bool, RaggedLayout | None]:
-        """One block with the reduction between attention and MLP.
+        """One block with the reduction between attention and MLP (before the attention or after
+        the MLP where the method's `reduces_at` says so).
 
         x is [B, N, C], or with a ragged `layout` the flat [M, C] real tokens of the padded batch
         that `state` describes. Returns tokens, state, the method's record (None where the block
@@ -129,22 +130,57 @@ class Engine:
             valid=state.valid,
             sparsity=sparsity,
         )
-        x, byproducts = self.adapter.attention_half(block, x, call)
+        reduces_at = config.reduces_at if step is not None else None
         record = None
-        if step is not None:
-            if layout is not None:
-                x = layout.pad(x)
-            before = state
-            x_in = x
-            x, state, record = config.reduce(x_in, before, byproducts, step)
-            if before.owner is not None:
-                exited = record_exits(x_in, before.owner, state.owner, before.exited)
-                state = replace(state, exited=exited)
-            layout = None
-            if self.batching.ragged and state.valid is not None:
-                layout = RaggedLayout(state.valid, state.counts)
-                x = layout.unpad(x)
-        return self.adapter.mlp_half(block, x), state, record, byproducts.fused, layout
+        if reduces_at == "start":
+            # the block's attention on the unreduced tokens (by-products only), the reduction,
+            # then the block's attention with the attention matrix the reduction hands over
+            _, probe = self.adapter.attention_half(block, x, replace(call, probe=True))
+            x, state, record, layout = self._reduce(x, state, probe, step, layout)
+            if state.attention is not None:
+                call = AttentionCall(layout=layout, probs=state.attention)
+                state = replace(state, attention=None)
+            elif rope is not None:
+                raise RuntimeError(
+                    f"method {config.name!r} reduces before a rotary model's attention: it must "
+                    "hand the block its attention matrix (TokenState.attention)"
+                )
+            else:  # the block's own attention on the reduced tokens
+                bias = state.key_bias(config.uses_prop_attn, x.dtype)
+                call = AttentionCall(
+                    bias=bias, key_mask=state.mask, layout=layout, valid=state.valid
+                )
+        x, byproducts = self.adapter.attention_half(block, x, call)
+        if reduces_at == "mid":
+            x, state, record, layout = self._reduce(x, state, byproducts, step, layout)
+        x = self.adapter.mlp_half(block, x)
+        if reduces_at == "end":
+            x, state, record, layout = self._reduce(x, state, byproducts, step, layout)
+        return x, state, record, byproducts.fused, layout
+
+    def _reduce(
+        self,
+        x: torch.Tensor,
+        state: TokenState,
+        byproducts: Any,
+        step: Any,
+        layout: RaggedLayout | None,
+    ) -> tuple[torch.Tensor, TokenState, BlockRecord, RaggedLayout | None]:
+        """The method's reduction of x (flat rows with a ragged `layout`) with this block's
+        attention by-products; returns tokens, state, record and the output's layout."""
+        if layout is not None:
+            x = layout.pad(x)
+        before = state
+        x_in = x
+        x, state, record = self.config.reduce(x_in, before, byproducts, step)
+        if before.owner is not None:
+            exited = record_exits(x_in, before.owner, state.owner, before.exited)
+            state = replace(state, exited=exited)
+        layout = None
+        if self.batching.ragged and state.valid is not None:
+            layout = RaggedLayout(state.valid, state.counts)
+            x = layout.unpad(x)
+        return x, state, record, layout
 
     def run_blocks(self, model: nn.Module, x: torch.Tensor, rotary: Any = None) -> torch.Tensor:
         """All blocks with their reductions; records this forward's info for this thread.

@@ -127,8 +127,12 @@ class EvaAdapter(ModelAdapter):
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         if isinstance(block, EvaBlockPostNorm):
             out, byproducts = attention_forward(block.attn, x, call)
+            if call.probe:
+                return x, byproducts
             return x + block.drop_path1(block.norm1(out)), byproducts
         out, byproducts = attention_forward(block.attn, block.norm1(x), call)
+        if call.probe:
+            return x, byproducts
         if block.gamma_1 is not None:
             out = block.gamma_1 * out
         return x + block.drop_path1(out), byproducts

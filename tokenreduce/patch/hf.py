@@ -366,6 +366,8 @@ class HFAdapter(ModelAdapter):
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         q, k, v = (split_heads(proj(hidden), call, attn.head_dim)[0] for proj in projections)
         out, byproducts = attend(attention_spec(attn), q, k, v, call)
+        if call.probe:
+            return x, byproducts
         out = getattr(attn, family.out_proj)(out)
         return x + self.residual(block, out, family.scale_before), byproducts
 

@@ -182,6 +182,8 @@ class OpenCLIPAdapter(ModelAdapter):
         q, k, v = split_heads(qkv, call, attn.head_dim, 3)
         spec = AttentionSpec(True, attn.head_dim**-0.5, attn.dropout if attn.training else 0.0)
         out, byproducts = attend(spec, q, k, v, call)
+        if call.probe:
+            return x, byproducts
         return x + block.ls_1(attn.out_proj(out)), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -273,6 +273,8 @@ class TimmAdapter(ModelAdapter):
         self, block: nn.Module, x: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         out, byproducts = attention_forward(block.attn, block.norm1(x), call)
+        if call.probe:
+            return x, byproducts
         return x + block.drop_path1(block.ls1(out)), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
