@@ -9,8 +9,8 @@ from tokenreduce.methods.evit import EViTConfig
 from tokenreduce.methods.gtp import GTPConfig, GTPRecord
 from tokenreduce.methods.learned import LearnedRecord
 from tokenreduce.methods.ltmp import LTMPConfig, LTMPRecord
-from tokenreduce.methods.pitome import PiToMeConfig
 from tokenreduce.methods.mctf import MCTFConfig
+from tokenreduce.methods.pitome import PiToMeConfig
 from tokenreduce.methods.ppt import PPTConfig, PPTRecord
 from tokenreduce.methods.tofu import ToFuConfig
 from tokenreduce.methods.tome import ToMeConfig
