@@ -150,6 +150,7 @@ class MethodConfig(Generic[RecordT]):
         state as it is by default."""
         return state
 
+    @property
     def reduces_at(self) -> str:
         """Where a reducing block reduces (docs/methods.md §1.2): "mid" between attention and MLP
         (every method but MCTF); "end" after the MLP, with the by-products of the block's
