@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.errors import InvalidOptionError, InvalidTypeError
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError, UnreachableTargetError
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.patch import attached_engine
 
@@ -120,7 +120,7 @@ def match_gmacs(
         gmacs = cost(best)
         strongest = high if strength.larger_reduces_more else low
         if best == strongest and gmacs > target * (1 + UNREACHABLE):
-            raise InvalidOptionError(
+            raise UnreachableTargetError(
                 f"ratio={ratio} of the dense GMACs cannot be reached by {base.name}: its "
                 f"strongest setting {strength.option}={best} costs {gmacs / dense:.3f} of dense "
                 f"on these images; accepted: a ratio >= {gmacs / dense:.3f} for {base.name}"

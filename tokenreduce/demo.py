@@ -19,6 +19,7 @@ from torch import nn
 
 import tokenreduce
 from tokenreduce import bench, calibrate, data, viz
+from tokenreduce.errors import UnreachableTargetError
 from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, describe_options, unique_labels
 from tokenreduce.patch import adapter_for
@@ -91,7 +92,11 @@ def run_demo(
                 given[strength.option],
                 gmacs_ratio * 100,
             )
-        matched = calibrate.match_gmacs(model, name, gmacs_ratio, images, **given)
+        try:
+            matched = calibrate.match_gmacs(model, name, gmacs_ratio, images, **given)
+        except UnreachableTargetError as err:  # a small model: the others still show
+            logger.warning("      %s: skipped, %s", name, err)
+            continue
         options = describe_options(matched.config)
         reduced = tokenreduce.apply(copy.deepcopy(model), matched.config, trace_source=True)
         features = pooled_features(reduced, images)

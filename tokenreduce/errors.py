@@ -15,6 +15,7 @@ __all__ = [
     "MissingFileError",
     "NotReadyError",
     "TokenReduceError",
+    "UnreachableTargetError",
     "UnsupportedModelError",
 ]
 
@@ -25,6 +26,10 @@ class TokenReduceError(Exception):
 
 class InvalidOptionError(TokenReduceError, ValueError):
     """An option, argument or file content has a value that is not accepted."""
+
+
+class UnreachableTargetError(InvalidOptionError):
+    """A cost target that the method's strongest setting does not reach on this model."""
 
 
 class InvalidTypeError(TokenReduceError, TypeError):

@@ -58,6 +58,7 @@ def test_methods_lists_registered_names():
         "mctf",
         "pitome",
         "ppt",
+        "tofu",
         "tome",
         "topk",
     ]

@@ -97,7 +97,8 @@ def test_fused_token_sums_the_dropped_and_holds_none_of_them():
 def test_the_state_takes_every_per_token_field():
     x, state = five_tokens()
     per_token = {f.name for f in dataclasses.fields(TokenState)} - {
-        "num_prefix", "position_rule", "exited", "batching", "counts", "_key_biases", "carry"
+        "num_prefix", "position_rule", "exited", "batching", "counts", "_key_biases", "carry",
+        "attention",
     }  # fmt: skip
     keywords = dict(inspect.signature(TokenState.with_tokens).parameters)
     del keywords["self"]
