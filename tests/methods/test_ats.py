@@ -16,13 +16,12 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 import tokenreduce
 from tests.adapters.test_flops import counted_gmacs
-from tests.conftest import FIXTURES, peaky_vit, reduced_forward, require_shared, tiny_vit
+from tests.conftest import peaky_vit, reduced_forward, tiny_vit
 from tokenreduce.api import describe
 from tokenreduce.methods.ats import inverse_transform_samples, token_budget
 from tokenreduce.methods.base import make_config
@@ -38,19 +37,6 @@ SETTINGS = {
 }
 BUDGETS = [{}, {"num_tokens": 12}, {"num_tokens": 0.8}]
 """A covering budget (the official rule), a count and a fraction below it (the paper's rule)."""
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 def original_tokens(source: torch.Tensor) -> torch.Tensor:

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import FIXTURES, reduced_forward, require_shared
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 def expected(name):

@@ -9,13 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 import tokenreduce
 from tests.adapters.test_flops import counted_gmacs
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.conftest import reduced_forward, tiny_vit
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.ops.attention import sparsify_attention
 
@@ -43,19 +42,6 @@ SETTINGS = {
         "alpha": 0.3,
     },
 }
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 def assert_total_gmacs_match(model, counted):

@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 import tokenreduce
 from tests.adapters.test_flops import counted_gmacs
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.conftest import reduced_forward, tiny_vit
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.mctf import merge_count
 
@@ -29,19 +28,6 @@ SETTINGS = {
 """The recorded settings (benchmarks/mctf_official.py SETTINGS) as our options; "default" is the
 released DeiT evaluation (r 16 on blocks 1..11, one-step-ahead attention, tau 1/20/40,
 bidirectional, attention-weighted pooling, proportional attention)."""
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 import tokenreduce
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.conftest import reduced_forward, tiny_vit
 from tokenreduce.methods.steps import Tokens, merged_tokens
 from tokenreduce.methods.tofu import ToFuStep, mlerp_tokens, pruned_tokens
 from tokenreduce.ops import Matching, bipartite_soft_matching, merge_tokens, merge_wavg
@@ -194,19 +193,6 @@ def test_overhead_counts_the_matching_and_the_norms():
 
 
 # --- against the OpenToMe re-implementation (float64) -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 def destinations(info, block: int) -> torch.Tensor:
