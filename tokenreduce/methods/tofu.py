@@ -27,7 +27,7 @@ from tokenreduce.methods.base import (
     register,
 )
 from tokenreduce.methods.steps import Tokens, carried, kept_rows, merged_tokens
-from tokenreduce.methods.tome import _check_r, clamped_r, parse_r
+from tokenreduce.methods.tome import _check_r, check_r_fits, clamped_r, parse_r
 from tokenreduce.ops import Matching, bipartite_soft_matching, merge_tokens
 from tokenreduce.ops.merging import order_index
 from tokenreduce.state import AttentionOutputs, TokenState
@@ -131,14 +131,7 @@ class ToFuConfig(MethodConfig[BlockRecord]):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
-        inflect_form = (
-            isinstance(self.r, tuple) and len(self.r) == 2 and isinstance(self.r[1], float)
-        )
-        if isinstance(self.r, (list, tuple)) and not inflect_form and len(self.r) > dims.depth:
-            raise InvalidOptionError(
-                f"tofu: option r has {len(self.r)} per-block values but the model has "
-                f"{dims.depth} blocks; accepted: at most {dims.depth} values"
-            )
+        check_r_fits(self.name, self.r, dims.depth)
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
         per_block = parse_r(dims.depth, self.r)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,6 +90,16 @@ def _check_r(r: object) -> None:
         )
 
 
+def check_r_fits(method: str, r: Any, depth: int) -> None:
+    """A per-block list of r no longer than the model's blocks (the (r, inflect) form fits any)."""
+    inflect_form = isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float)
+    if isinstance(r, (list, tuple)) and not inflect_form and len(r) > depth:
+        raise InvalidOptionError(
+            f"{method}: option r has {len(r)} per-block values but the model has "
+            f"{depth} blocks; accepted: at most {depth} values"
+        )
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
 class ToMeConfig(MethodConfig[BlockRecord]):
@@ -120,14 +130,7 @@ class ToMeConfig(MethodConfig[BlockRecord]):
 
     def validate(self, dims: ModelDims) -> None:
         super().validate(dims)
-        inflect_form = (
-            isinstance(self.r, tuple) and len(self.r) == 2 and isinstance(self.r[1], float)
-        )
-        if isinstance(self.r, (list, tuple)) and not inflect_form and len(self.r) > dims.depth:
-            raise InvalidOptionError(
-                f"tome: option r has {len(self.r)} per-block values but the model has "
-                f"{dims.depth} blocks; accepted: at most {dims.depth} values"
-            )
+        check_r_fits(self.name, self.r, dims.depth)
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
         per_block = parse_r(dims.depth, self.r)
