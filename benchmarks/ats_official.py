@@ -46,7 +46,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tokenreduce
-from tokenreduce.bench import median_ms, round_robin
+from tokenreduce import flops
+from tokenreduce.bench import side_by_side
 
 OFFICIAL_COMMIT = "9271257adc7ea9695c2ccd75e25e3a86432fd65a"
 SETTINGS = {
@@ -213,15 +214,14 @@ def timing(checkout: Path, model_name: str, batch_size: int, rounds: int) -> Non
         "ours": ours,
     }
     with torch.inference_mode():
-        for forward in forwards.values():
-            forward(images)
-        times = round_robin(forwards, [images], rounds)
-    median = median_ms(times)
-    counts = tokenreduce.last_info(ours).tokens_per_block.float().mean(dim=0)
+        ours(images)
+        # ATS keeps a different number of tokens per image: the ideal of the batch's mean GMACs
+        ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
+        counts = tokenreduce.last_info(ours).tokens_per_block.float().mean(dim=0)
+        lines = side_by_side(forwards, images, rounds, {"official": ideal, "ours": ideal})
     print(f"{model_name} batch {batch_size}, {rounds} rounds; mean tokens per block (ours):")
     print("  " + " ".join(f"{c:.1f}" for c in counts.tolist()))
-    for name in forwards:
-        print(f"  {name:9s} {median[name]:8.2f} ms {median['dense'] / median[name]:.3f}x")
+    print("\n".join(lines))
 
 
 def main() -> None:

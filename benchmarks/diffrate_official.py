@@ -49,7 +49,7 @@ import torch
 
 import tokenreduce
 from tokenreduce import flops
-from tokenreduce.bench import median_ms, round_robin
+from tokenreduce.bench import side_by_side
 from tokenreduce.runtime import precision_context
 
 # recorded settings: name -> (prune_kept_num, merge_kept_num) or the preset they come from
@@ -204,17 +204,12 @@ def main() -> None:
         ideal = flops.dense_gmacs(dense) / flops.gmacs(reduced, tokenreduce.last_info(reduced)).mean
     with precision_context(device, args.amp, torch.bfloat16):
         forwards = {"dense": dense, "official": official_forward, "ours": reduced}
-        round_robin(forwards, [images], 3)  # warm-up
-        times = round_robin(forwards, [images], args.rounds)
-    median = median_ms(times)
+        lines = side_by_side(forwards, images, args.rounds, {"official": ideal, "ours": ideal})
     print(
         f"{args.model} DiffRate {args.preset}, batch {args.batch_size}, {args.device}"
-        f"{' bf16' if args.amp else ''}: ideal {ideal:.2f}x; {args.rounds} rounds; "
-        f"logits max diff {worst:.1e}"
+        f"{' bf16' if args.amp else ''}, {args.rounds} rounds; logits max diff {worst:.1e}"
     )
-    for name, ms in median.items():
-        speedup = median["dense"] / ms
-        print(f"  {name:9s} {ms:7.2f} ms  {speedup:.3f}x  ({speedup / ideal:.0%} of ideal)")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

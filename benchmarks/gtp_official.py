@@ -54,7 +54,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tokenreduce
-from tokenreduce.bench import median_ms, round_robin
+from tokenreduce import flops
+from tokenreduce.bench import side_by_side
 
 OFFICIAL_COMMIT = "97a117814d0ff99edbbe34bec12e851db4be2eb5"
 
@@ -222,17 +223,16 @@ def time_side_by_side(
             worst = (official(images) - ours(images)).abs().max().item()
             if worst > 1e-3:
                 raise SystemExit(f"official and ours disagree: logits differ by {worst}")
+            ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
             forwards = {"dense": dense, "official": official, "ours": ours}
-            round_robin(forwards, [images], 3)  # warm-up
-            median = median_ms(round_robin(forwards, [images], rounds))
+            lines = side_by_side(forwards, images, rounds, {"official": ideal, "ours": ideal})
         finally:
             os.chdir(previous)
     print(
         f"{model_name} GTP {setting} {options}, batch {batch_size}, cpu float32, {rounds} "
         f"rounds; logits max diff {worst:.1e}"
     )
-    for name, ms in median.items():
-        print(f"  {name:9s} {ms:8.2f} ms  {median['dense'] / ms:.3f}x")
+    print("\n".join(lines))
 
 
 def main() -> None:

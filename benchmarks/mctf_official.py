@@ -41,7 +41,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tokenreduce
-from tokenreduce.bench import median_ms, round_robin
+from tokenreduce import flops
+from tokenreduce.bench import side_by_side
 
 RELEASED = {
     "r": 16,
@@ -178,15 +179,14 @@ def timing(checkout: Path, model_name: str, batch_size: int, rounds: int) -> Non
         worst = (run_official(images) - ours(images)).abs().max().item()
         if worst > 1e-4:
             raise SystemExit(f"official and ours disagree: logits differ by {worst}")
+        ideal = flops.dense_gmacs(dense) / flops.gmacs(ours, tokenreduce.last_info(ours)).mean
         forwards = {"dense": dense, "official": run_official, "ours": ours}
-        round_robin(forwards, [images], 3)  # warm-up
-        median = median_ms(round_robin(forwards, [images], rounds))
+        lines = side_by_side(forwards, images, rounds, {"official": ideal, "ours": ideal})
     print(
-        f"{model_name} MCTF (released setting), batch {batch_size}, cpu fp32: {rounds} rounds; "
+        f"{model_name} MCTF (released setting), batch {batch_size}, cpu fp32, {rounds} rounds; "
         f"logits max diff {worst:.1e}"
     )
-    for name, ms in median.items():
-        print(f"  {name:9s} {ms:8.2f} ms  {median['dense'] / ms:.3f}x")
+    print("\n".join(lines))
 
 
 def main() -> None:

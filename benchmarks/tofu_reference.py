@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 import tokenreduce
 from tokenreduce import flops
-from tokenreduce.bench import median_ms, round_robin
+from tokenreduce.bench import side_by_side
 
 SETTINGS = {"prune_r13": (13, True), "default_r13": (13, False), "default_r8": (8, False)}
 """Recorded settings: name -> (r, every block prunes)."""
@@ -159,16 +159,9 @@ def time_side_by_side(model_name: str, r: int, batch_size: int, rounds: int) -> 
                 flops.dense_gmacs(dense) / flops.gmacs(model, tokenreduce.last_info(model)).mean
             )
         forwards = {"dense": dense, "tome": tome, "tofu": tofu}
-        round_robin(forwards, [images], 3)  # warm-up
-        times = round_robin(forwards, [images], rounds)
-    median = median_ms(times)
+        lines = side_by_side(forwards, images, rounds, ideal)
     print(f"{model_name} r={r}, batch {batch_size}, cpu fp32, {rounds} rounds")
-    for name, ms in median.items():
-        speedup = median["dense"] / ms
-        print(
-            f"  {name:6s} {ms:8.2f} ms  {speedup:.3f}x  (ideal {ideal[name]:.2f}x, "
-            f"{speedup / ideal[name]:.0%})"
-        )
+    print("\n".join(lines))
 
 
 def main() -> None:

@@ -262,6 +262,28 @@ def round_robin(
     return times
 
 
+def side_by_side(
+    forwards: Mapping[str, Callable[[Any], Any]],
+    images: torch.Tensor,
+    rounds: int,
+    ideal: Mapping[str, float],
+) -> list[str]:
+    """Times `forwards` on one batch, interleaved (`round_robin` after 3 warm-up rounds), and
+    returns one line per forward: median ms, speedup over the first forward (the baseline) and,
+    for a name in `ideal` (its ideal speedup, dense GMACs / its GMACs), the share of it reached.
+    Run it under inference mode."""
+    round_robin(forwards, [images], 3)
+    median = median_ms(round_robin(forwards, [images], rounds))
+    baseline = median[next(iter(median))]
+    lines = []
+    for name, ms in median.items():
+        line = f"  {name:9s} {ms:8.2f} ms  {baseline / ms:.3f}x"
+        if name in ideal:
+            line += f"  (ideal {ideal[name]:.2f}x: {baseline / ms / ideal[name]:.0%})"
+        lines.append(line)
+    return lines
+
+
 def median_ms(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """Median milliseconds of each forward's calls (`round_robin`'s times)."""
     return {name: statistics.median(calls) * 1e3 for name, calls in times.items()}

@@ -126,8 +126,10 @@ def sparsify_attention(attn: torch.Tensor, sparsity: float) -> torch.Tensor:
     if k < 1:
         return attn
     flat = attn.reshape(batch, heads, tokens * tokens)
-    threshold = flat.kthvalue(k, dim=-1, keepdim=True).values.unsqueeze(-1)  # [B, H, 1, 1]
-    return attn.masked_fill(attn < threshold, 0.0)
+    # the largest of the k smallest is the k-th smallest; topk selects it faster than kthvalue
+    smallest = flat.topk(k, dim=-1, largest=False, sorted=False).values
+    threshold = smallest.amax(dim=-1, keepdim=True).unsqueeze(-1)  # [B, H, 1, 1]
+    return attn * (attn >= threshold)
 
 
 def received_attention(attn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
