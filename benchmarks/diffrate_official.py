@@ -16,6 +16,18 @@ and after every block i `owner_blk{i}` [4, 197] (int64: the row of the block's o
 holds original token j, from the official traced `source`; -1 once pruned) and `size_blk{i}`
 [4, T_i, 1] (the official `size`), in the official token order.
 
+With --record-search OUT_DIR: runs a few steps of the official search (the rates of
+`DiffRate/ddp.py`, the training branch of `DiffRate/patch/deit.py` and its FLOPs, the loop of
+`main.py`/`engine.py`) on the same model and images in float64 with fixed labels and writes
+diffrate_search_<setting>.safetensors per setting of `SEARCHES`: the initial rate logits
+(`prune_logits_init`, `merge_logits_init` [11, 49], blocks 1-11), and per step t the training
+forward's `logits_step{t}` [4, 1000], its final key mask `mask_step{t}` [4, 197] (the official
+`_diffrate_info["mask"]`), the rate logits after the step's update (`prune_logits_step{t}`,
+`merge_logits_step{t}`), their gradients at step 0 (`prune_grad_step0`, `merge_grad_step0`), and
+over the steps `loss`, `ce`, `gflops` [T] and the rounded `prune_kept`, `merge_kept` [T, 12]; the
+metadata holds the setting and the official GFLOPs of the dense model (`dense_gflops`: its
+patch-embedding and head terms differ from ours, a constant).
+
 Glue (no line of the official algorithm is changed; the official files are imported as they are):
 1. `timm.models.layers.helpers` no longer exists in timm 1.0; the official package imports
    `to_2tuple` from it (caformer.py, through `DiffRate/__init__.py`), so a module with timm's
@@ -27,6 +39,20 @@ Glue (no line of the official algorithm is changed; the official files are impor
 4. `torch.set_default_dtype(torch.float64)` while recording: the official size, mask and source
    are created by `torch.ones`/`torch.eye` without a dtype.
 5. Counts are set with the official `set_kept_num`, as its `main.py --load_compression_rate` does.
+Search only:
+6. The official rate modules are created in float32 (`torch.arange(...).float()`): the model is
+   cast to float64 after the patch. Its float32 casts for mixed precision (`softmax_with_policy`'s
+   `.to(torch.float32)`, `calculate_flop_training`'s `.float()`) keep float64 while recording:
+   the patch module's `torch` is a copy whose `float32` is `torch.float64`, and `Tensor.float`
+   leaves a float64 tensor as it is.
+7. The loop is `engine.train_one_epoch` without its logging, amp autocast and loss scaler (both
+   identities on the CPU): `loss = lamb * ((flops / 1e9) - target_flops) ** 2 + criterion(outputs,
+   targets)`, `optimizer.zero_grad()`, `loss.backward()`, `optimizer.step()`, with `main.py`'s
+   optimizer (`AdamW(arch_parameters(), lr=arch_lr, weight_decay=0)`), criterion
+   (`LabelSmoothingCrossEntropy(0.1)`: mixup off) and scheduler (`CosineLRScheduler(t_initial=
+   epochs, lr_min=arch_min_lr)`, `step(epoch)` after each epoch; timm 1.0 no longer takes
+   `decay_rate`, which acts between cycles only). The backbone is frozen as there: only the rates
+   are in the optimizer.
 Instrumentation only: a forward hook on each block reads `_diffrate_info["size"]` and
 `["source"]` (`trace_source=True`) after it.
 
@@ -35,12 +61,16 @@ Instrumentation only: a forward hook on each block reads `_diffrate_info["size"]
     python benchmarks/diffrate_official.py /tmp/diffrate --batch-size 32
     python benchmarks/diffrate_official.py /tmp/diffrate --record tests/methods/fixtures \
         --fixtures ../shared/data/fixtures
+    python benchmarks/diffrate_official.py /tmp/diffrate --record-search tests/methods/fixtures \
+        --fixtures ../shared/data/fixtures
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import timm
@@ -62,6 +92,27 @@ SETTINGS = {
     "t1.0": "ViT-T-DeiT/1.0",  # milder; block 7 keeps everything (merge 156 > 148 tokens)
     "custom": CUSTOM,  # pure merging (block 1) and pure pruning (blocks 2, 4, 6, 8, 10, 11)
 }
+
+
+# recorded searches: name -> settings. Initial logits: zeros (the official start), or a bump
+# around a kept patch count per searched block ("centres", rows prune and merge, blocks 1-11)
+# plus seeded noise, so that blocks prune and merge from the first step; block 4 only merges
+# (its prune count is above the tokens left), block 7 does nothing
+SEARCHES = {
+    "default": {  # the official start and recipe: lr 0.01 -> 0.001, lambda 5, 3 epochs
+        "centres": None, "noise": 0.0, "arch_lr": 0.01, "target_flops": 0.8, "lamb": 5.0,
+        "epochs": 3, "steps_per_epoch": 1,
+    },
+    "profile": {
+        "centres": (
+            (176, 162, 150, 196, 136, 124, 196, 110, 96, 80, 60),
+            (166, 150, 140, 130, 126, 112, 196, 100, 86, 70, 50),
+        ),
+        "noise": 0.3, "arch_lr": 0.05, "target_flops": 0.6, "lamb": 5.0,
+        "epochs": 3, "steps_per_epoch": 2,
+    },
+}  # fmt: skip
+SEARCH_LABELS = [3, 141, 592, 653]
 
 
 def import_official(checkout: Path) -> types.ModuleType:
@@ -160,6 +211,117 @@ def record(checkout: Path, fixtures: Path, out_dir: Path) -> None:
         print(f"{name}: tokens per block {tokens}")
 
 
+@contextlib.contextmanager
+def float64_casts(deit_module: types.ModuleType) -> Iterator[None]:
+    """The official search's float32 casts keep float64 tensors as they are (glue 6)."""
+    float_cast = torch.Tensor.float
+
+    def keep_float64(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self if self.dtype == torch.float64 else float_cast(self, *args, **kwargs)
+
+    deit_module.torch = types.SimpleNamespace(**{**vars(torch), "float32": torch.float64})
+    torch.Tensor.float = keep_float64
+    try:
+        yield
+    finally:
+        torch.Tensor.float = float_cast
+        deit_module.torch = torch
+
+
+def record_search(checkout: Path, fixtures: Path, out_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    package = import_official(checkout)
+    deit_module = sys.modules["DiffRate.patch.deit"]
+    torch.set_default_dtype(torch.float64)  # glue 4
+    weights = load_file(fixtures / "deit_tiny_random.safetensors")
+    images = load_file(fixtures / "images.safetensors")["x"].double()
+    labels = torch.tensor(SEARCH_LABELS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, setting in SEARCHES.items():
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        model.load_state_dict(weights)
+        package.patch.deit(model, prune_granularity=4, merge_granularity=4)
+        for block in model.blocks:
+            block.drop_path = block.drop_path1  # glue 2
+        model = model.double()  # glue 6
+        model.set_kept_num([197] * 12, [197] * 12)
+        dense_gflops = float(model.calculate_flop_inference()) / 1e9
+        searched = model.blocks[1:]
+        size = (len(searched), len(searched[0].prune_ddp.kept_token_candidate))
+        tensors: dict[str, torch.Tensor] = {}
+        candidates = searched[0].prune_ddp.kept_token_candidate.detach()
+        for row, (kind, seed) in enumerate((("prune", 1), ("merge", 2))):
+            noise = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+            init = noise * setting["noise"]
+            if setting["centres"] is not None:
+                centre = torch.tensor(setting["centres"][row], dtype=torch.float64)[:, None]
+                init = init - 0.5 * ((candidates[None] - centre) / 16) ** 2
+            tensors[f"{kind}_logits_init"] = init
+            with torch.no_grad():
+                for block, row in zip(searched, init, strict=True):
+                    getattr(block, f"{kind}_ddp").selected_probability.copy_(row)
+        optimizer = torch.optim.AdamW(
+            model.arch_parameters(), lr=setting["arch_lr"], weight_decay=0
+        )
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=setting["epochs"], lr_min=setting["arch_lr"] / 10
+        )
+        criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
+        rows: dict[str, list] = {key: [] for key in ("loss", "ce", "gflops", "lr")}
+        kept: dict[str, list] = {"prune": [], "merge": []}
+        model.train()
+        step = 0
+        with float64_casts(deit_module):
+            for epoch in range(setting["epochs"]):
+                for _ in range(setting["steps_per_epoch"]):
+                    outputs, flops = model(images)  # glue 7: the loop of engine.py
+                    loss_cls = criterion(outputs, labels)
+                    loss_flops = ((flops / 1e9) - setting["target_flops"]) ** 2
+                    loss = setting["lamb"] * loss_flops + loss_cls
+                    optimizer.zero_grad()
+                    loss.backward()
+                    rows["lr"].append(optimizer.param_groups[0]["lr"])
+                    optimizer.step()
+                    info = model._diffrate_info
+                    tensors[f"logits_step{step}"] = outputs.detach()
+                    tensors[f"mask_step{step}"] = info["mask"].detach()
+                    for kind in ("prune", "merge"):
+                        kept[kind].append([int(n) for n in info[f"{kind}_kept_num"]])
+                        ddps = [getattr(b, f"{kind}_ddp") for b in searched]
+                        logits = torch.stack([d.selected_probability.detach() for d in ddps])
+                        tensors[f"{kind}_logits_step{step}"] = logits.clone()
+                        if step == 0:
+                            grads = [d.selected_probability.grad for d in ddps]
+                            tensors[f"{kind}_grad_step0"] = torch.stack(grads).clone()
+                    rows["loss"].append(loss.item())
+                    rows["ce"].append(loss_cls.item())
+                    rows["gflops"].append(flops.item() / 1e9)
+                    step += 1
+                scheduler.step(epoch)
+        for key in ("loss", "ce", "gflops"):
+            tensors[key] = torch.tensor(rows[key])
+        for kind in ("prune", "merge"):
+            tensors[f"{kind}_kept"] = torch.tensor(kept[kind])
+        tensors["labels"] = labels
+        metadata = {
+            "official_commit": "91ae3e376e9c3f9f1e69f580fd902b61de5dfe0e",
+            "setting": json.dumps(setting),
+            "granularity": "4",
+            "dense_gflops": repr(dense_gflops),
+            "learning_rates": json.dumps(rows["lr"]),
+        }
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(out_dir / f"diffrate_search_{name}.safetensors"),
+            metadata,
+        )
+        print(f"{name}: prune kept per step {kept['prune']}, merge {kept['merge']}")
+        print(f"  loss {rows['loss']}, GFLOPs {rows['gflops']}, lr {rows['lr']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", type=Path, help="a clone of OpenGVLab/DiffRate")
@@ -170,10 +332,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--record", type=Path, default=None, help="write fixtures there")
+    parser.add_argument(
+        "--record-search", type=Path, default=None, help="write search fixtures there"
+    )
     parser.add_argument("--fixtures", type=Path, default=Path("../shared/data/fixtures"))
     args = parser.parse_args()
     if args.record is not None:
         record(args.checkout, args.fixtures, args.record)
+        return
+    if args.record_search is not None:
+        record_search(args.checkout, args.fixtures, args.record_search)
         return
     package = import_official(args.checkout)
     counts = official_counts(args.checkout, args.preset)

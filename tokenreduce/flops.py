@@ -18,7 +18,15 @@ from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.info import ReductionInfo
 
-__all__ = ["FlopsReport", "block_macs", "budget_fraction", "dense_gmacs", "gmacs", "network_macs"]
+__all__ = [
+    "FlopsReport",
+    "block_macs",
+    "budget_fraction",
+    "dense_gmacs",
+    "expected_gmacs",
+    "gmacs",
+    "network_macs",
+]
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,13 @@ def dense_gmacs(model: nn.Module) -> float:
     dims = describe(model)
     counts = torch.full((1, dims.depth), dims.num_tokens, dtype=torch.long)
     return float(network_macs(dims, dims.num_tokens, counts)[0]) / 1e9
+
+
+def expected_gmacs(dims: ModelDims, counts: torch.Tensor) -> torch.Tensor:
+    """Differentiable GMACs per image (0-d, float64) of a forward with `counts` [L] tokens after
+    each block (N0 entering the first; "mid" reductions), e.g. DiffRate's search, whose counts
+    carry straight-through gradients (docs/methods.md §3.9)."""
+    return network_macs(dims, dims.num_tokens, counts.unsqueeze(0))[0] / 1e9
 
 
 def gmacs(model: nn.Module, info: ReductionInfo) -> FlopsReport:

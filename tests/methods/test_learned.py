@@ -381,5 +381,5 @@ def test_train_writes_a_threshold_file(tmp_path):
     loaded = make_config("asvit", thresholds=str(result.path))
     assert loaded.thresholds == pytest.approx(result.config.thresholds)
     assert tokenreduce.patch.attached_engine(model) is None and not model.training
-    with pytest.raises(ValueError, match="no learned thresholds"):
+    with pytest.raises(ValueError, match="has nothing tokenreduce train learns"):
         train.train_thresholds(model, "tome", dataset, target_ratio=0.5, r=2)

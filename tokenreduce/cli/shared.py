@@ -105,7 +105,7 @@ def add_model_args(
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 64) -> None:
     """Batching, loading and preprocessing of an ImageFolder."""
     parser.add_argument(
         "-b", "--batch-size", type=int, default=batch_size, help="images per forward pass"

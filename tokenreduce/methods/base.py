@@ -38,6 +38,7 @@ __all__ = [
     "method_names",
     "register",
     "resolve_layers",
+    "trainable_method_names",
 ]
 
 
@@ -113,6 +114,14 @@ class MethodConfig(Generic[RecordT]):
     strength: ClassVar[Strength | None] = None
     learned: ClassVar[bool] = False
     """Whether the method has trainable thresholds and a soft-mask training forward."""
+    trainable: ClassVar[bool] = False
+    """Whether `tokenreduce train` learns it: its forward reads the parameters registered with
+    `Engine.set_trainable` (`trainable_steps`) and, in training mode, runs a soft-mask forward
+    (the learned methods, and DiffRate's rate search)."""
+    key_mask_softmax: ClassVar[str] = "masked"
+    """How the soft key mask of its training forward enters attention
+    (`patch.attention.AttentionCall.key_mask_softmax`): "masked" (LTMP, AS-ViT) or "policy"
+    (DiffRate)."""
     per_image_counts: ClassVar[bool] = False
     """Whether images of one batch may keep different counts (the engine then lays the batch out
     by `requested_batching`)."""
@@ -210,6 +219,11 @@ class MethodConfig(Generic[RecordT]):
         """
         raise NotImplementedError
 
+    def trainable_steps(self, steps: Sequence[Any | None], parameters: Any) -> list[Any | None]:
+        """A trainable method's schedule as one forward reads it from the `parameters` that
+        `Engine.set_trainable` registered (called once per forward)."""
+        raise NotImplementedError
+
     def reduce(
         self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: Any
     ) -> tuple[torch.Tensor, TokenState, RecordT]:
@@ -237,8 +251,13 @@ def method_names() -> list[str]:
 
 
 def learned_method_names() -> list[str]:
-    """Names of the methods whose thresholds `tokenreduce train` learns."""
+    """Names of the methods with learned per-image thresholds."""
     return sorted(name for name, cls in _REGISTRY.items() if cls.learned)
+
+
+def trainable_method_names() -> list[str]:
+    """Names of the methods `tokenreduce train` learns (thresholds, or DiffRate's rates)."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.trainable)
 
 
 def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:

@@ -2,16 +2,18 @@
 
 Official code: OpenGVLab/DiffRate at commit 91ae3e376e9c3f9f1e69f580fd902b61de5dfe0e,
 DiffRate/patch/deit.py (`DiffRateBlock.forward`, eval branch), DiffRate/merge.py
-(`get_merge_func`) and compression_rate.json (the published schedules, `PRESETS` below).
-docs/methods.md §3.9.
+(`get_merge_func`) and compression_rate.json (the published schedules, `PRESETS` below). The
+search of the counts (`tokenreduce train`) is in `diffrate_search`. docs/methods.md §3.9.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -26,8 +28,16 @@ from tokenreduce.methods.base import (
     class_attention_macs,
     register,
 )
+from tokenreduce.methods.diffrate_search import (
+    DEFAULT_GRANULARITY,
+    SearchRates,
+    SearchStep,
+    check_schedule_facts,
+    read_schedule_file,
+    search_reduce,
+)
 from tokenreduce.methods.steps import Tokens, carried, kept_tokens
-from tokenreduce.ops.merging import mean_position
+from tokenreduce.ops.merging import mean_position, most_similar_stayer
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
 
@@ -178,11 +188,7 @@ def similarity_merged(
     the stayers in input order.
     """
     x, size = tokens.x, tokens.size
-    metric = x.detach()
-    metric = metric / metric.norm(dim=-1, keepdim=True)  # official: no clamp
-    similarity = metric[:, keep:] @ metric[:, :keep].transpose(-1, -2)  # [B, N - keep, keep]
-    similarity[..., :num_prefix] = -math.inf
-    node_max, node_idx = similarity.max(dim=-1)
+    node_max, node_idx = most_similar_stayer(x, num_prefix, keep)
     index = node_idx.unsqueeze(-1)
 
     def merged(y: torch.Tensor, src: torch.Tensor, mode: str) -> torch.Tensor:
@@ -215,16 +221,24 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
 
     prune_kept_num, merge_kept_num: per-block token counts (class token included, one per
         block), as the official `set_kept_num`; both None (default): the schedule `preset`.
+    searched: a schedule file written by `tokenreduce train --method diffrate` (the searched
+        counts; refused on a model of another depth, patch or prefix count).
     preset: a published schedule, "<model>/<target GFLOPs>" of the official
         compression_rate.json (`PRESETS`), used when no counts are given; on a model other than
         a 12-block 197-token one it is carried over by kept fraction and relative depth
         (`kept_counts`).
     rate_scale: multiplies every block's removed fraction of the schedule (1: as given; 0:
         nothing removed); the strength `calibrate` varies.
+    granularity: patch tokens between two candidate counts of the search (`tokenreduce
+        train`; official `--granularity`, 4).
     """
 
     name: ClassVar[str] = "diffrate"
     requires_class_token: ClassVar[bool] = True
+    trainable: ClassVar[bool] = True
+    key_mask_softmax: ClassVar[str] = "policy"
+    train_lr: ClassVar[dict[str, float]] = {"rates": 0.01}
+    """Official `main.py --arch-lr` (README's search command)."""
     merges: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})
     sweep: ClassVar[tuple[dict, ...]] = tuple(
@@ -234,11 +248,34 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
 
     prune_kept_num: tuple[int, ...] | None = None
     merge_kept_num: tuple[int, ...] | None = None
+    searched: str | Path | None = None
     preset: str = DEFAULT_PRESET
     rate_scale: float = 1.0
+    granularity: int = DEFAULT_GRANULARITY
+    searched_for: str | None = field(default=None, repr=False, metadata={"internal": True})
+    """JSON of the schedule file's path and recorded model facts, set when the counts come from a
+    file; `validate` refuses a model with other facts."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.searched is not None:
+            if self.prune_kept_num is not None or self.merge_kept_num is not None:
+                raise InvalidOptionError(
+                    "diffrate: option searched sets prune_kept_num and merge_kept_num; accepted: "
+                    "searched alone, or the two count lists without searched"
+                )
+            if not isinstance(self.searched, (str, Path)):
+                raise InvalidOptionError(
+                    f"diffrate: option searched={self.searched!r} is not accepted; accepted: the "
+                    "path of a schedule file written by tokenreduce train --method diffrate"
+                )
+            prune, merge, facts = read_schedule_file(self.searched)
+            object.__setattr__(self, "prune_kept_num", prune)
+            object.__setattr__(self, "merge_kept_num", merge)
+            object.__setattr__(
+                self, "searched_for", json.dumps({"file": str(self.searched), **facts})
+            )
+            object.__setattr__(self, "searched", None)
         _check_counts("prune_kept_num", self.prune_kept_num)
         _check_counts("merge_kept_num", self.merge_kept_num)
         if (self.prune_kept_num is None) != (self.merge_kept_num is None):
@@ -265,12 +302,21 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
                 f"diffrate: option rate_scale={scale!r} is not accepted; accepted: a finite "
                 "number >= 0"
             )
+        granularity = self.granularity
+        if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+            raise InvalidOptionError(
+                f"diffrate: option granularity={granularity!r} is not accepted; accepted: an int "
+                ">= 1 (patch tokens between two candidate counts of the search)"
+            )
 
     @property
     def uses_prop_attn(self) -> bool:
         return True  # the official attention always adds log(size)
 
     def validate(self, dims: ModelDims) -> None:
+        if self.searched_for is not None:  # first: a file for another model fails the rest too
+            recorded = json.loads(self.searched_for)
+            check_schedule_facts(recorded.pop("file"), recorded, dims)
         super().validate(dims)
         for option in ("prune_kept_num", "merge_kept_num"):
             counts = getattr(self, option)
@@ -322,9 +368,43 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
             tokens = stay
         return steps
 
+    def check_searchable(self) -> None:
+        """The search (`tokenreduce train`) starts from the official uniform rates: refuse the
+        options that give a schedule, which it would ignore."""
+        given = ["searched"] if self.searched_for is not None else []
+        defaults = (("prune_kept_num", None), ("preset", DEFAULT_PRESET), ("rate_scale", 1.0))
+        if not given:
+            given = [option for option, value in defaults if getattr(self, option) != value]
+        if given:
+            raise InvalidOptionError(
+                f"train: diffrate searches its schedule from uniform rates, so option(s) "
+                f"{', '.join(given)} would be ignored; accepted: diffrate with granularity, "
+                "trace_source or rope_position only"
+            )
+
+    def search_rates(self, dims: ModelDims, dtype: torch.dtype) -> SearchRates:
+        """The learnable rates of the search on the model `dims` (zeros: uniform)."""
+        return SearchRates(dims.depth, dims.num_patches, dims.num_prefix, self.granularity, dtype)
+
+    def trainable_steps(
+        self, steps: Sequence[DiffRateStep | None], parameters: SearchRates
+    ) -> list[SearchStep | None]:
+        return parameters.steps()
+
     def reduce(
-        self, x: torch.Tensor, state: TokenState, attn: AttentionOutputs, step: DiffRateStep
+        self,
+        x: torch.Tensor,
+        state: TokenState,
+        attn: AttentionOutputs,
+        step: DiffRateStep | SearchStep,
     ) -> tuple[torch.Tensor, TokenState, BlockRecord]:
+        if isinstance(step, SearchStep):
+            if state.mask is not None:  # the search forward: masks, every token stays
+                x, state = search_reduce(x, state, attn, step)
+                return x, state, BlockRecord()
+            if step.stay == step.tokens_in:  # eval mode with the rates: their rounded counts
+                return x, state, BlockRecord()
+            step = DiffRateStep(step.kept, step.stay)
         num_prefix = state.num_prefix
         score = attn.cls_attn.mean(dim=1)[:, num_prefix:]
         tokens = carried(x, state, state.sizes_like(x))

@@ -247,6 +247,7 @@ class LearnedConfig(MethodConfig[RecordT]):
     """
 
     learned: ClassVar[bool] = True
+    trainable: ClassVar[bool] = True
     per_image_counts: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]]
     train_init: ClassVar[dict[str, float]]

@@ -16,6 +16,7 @@ __all__ = [
     "image_heads",
     "masked_softmax",
     "padding_bias",
+    "policy_softmax",
     "received_attention",
     "size_bias",
     "softmax_dtype",
@@ -113,6 +114,28 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) 
     shift = logits.detach().masked_fill(~kept, -torch.inf).amax(dim=-1, keepdim=True)
     weights = (logits - shift).clamp_max(0).exp() * mask[:, None, None, :]
     return (weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Attention with a soft key policy, as DiffRate searches (official `softmax_with_policy`,
+    DiffRate/patch/deit.py, after DynamicViT; docs/methods.md §3.9).
+
+    logits: [B, H, N, N] (size bias included); policy: [B, N] with values in [0, 1]. Key j weighs
+    policy_j, except that every query keeps itself (a masked token still attends to itself):
+    A = (exp(l - c) * w + eps / N) / (sum_j exp(l - c) * w + eps), w_ij = p_j + (1 - p_j) [i = j],
+    c the row maximum over all keys (with its gradient, as the official `torch.max`), the
+    exponentials and the sums in float32 or wider (the official casts to float32 for mixed
+    precision), the result in the logits' dtype.
+    """
+    batch, tokens = policy.shape
+    weight = policy.reshape(batch, 1, 1, tokens)
+    eye = torch.eye(tokens, dtype=weight.dtype, device=weight.device).view(1, 1, tokens, tokens)
+    weight = weight + (1.0 - weight) * eye
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    dtype = softmax_dtype(logits.dtype)
+    weights = shifted.to(dtype).exp() * weight.to(dtype)
+    attn = (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
+    return attn.to(logits.dtype)
 
 
 def sparsify_attention(attn: torch.Tensor, sparsity: float) -> torch.Tensor:

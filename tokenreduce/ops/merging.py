@@ -27,6 +27,7 @@ __all__ = [
     "merge_sum",
     "merge_tokens",
     "merge_wavg",
+    "most_similar_stayer",
     "order_index",
     "prefix_first_order",
     "rows_in_order",
@@ -269,6 +270,20 @@ def merge_positions(
         return merge_tokens(position, m, "destination")
     moment = position if size is None else position * size
     return mean_position(merge_tokens(moment, m, "sum"), merged_size)
+
+
+def most_similar_stayer(
+    x: torch.Tensor, num_prefix: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffRate's merge partners (official `get_merge_func`): each token after the first `keep`
+    of x [B, N, C] and the stayer (one of the first `keep`, never a prefix token) whose feature
+    has the largest cosine similarity with its own (x itself, no gradient; no clamp of the norms,
+    as the official). Returns (similarity [B, N - keep], stayer [B, N - keep])."""
+    metric = x.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric[:, keep:] @ metric[:, :keep].transpose(-1, -2)  # [B, N - keep, keep]
+    similarity[..., :num_prefix] = -math.inf
+    return similarity.max(dim=-1)
 
 
 def mean_position(moment: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tokenreduce.ops.attention import (
     fused_attention_by_image,
     fused_attention_with_key_bias,
     masked_softmax,
+    policy_softmax,
     received_attention,
     softmax_dtype,
     sparsify_attention,
@@ -63,7 +64,10 @@ class AttentionCall:
 
     bias: additive key bias [B, 1, 1, N] (log size, padding) or None. needs: the by-products the
     method asks for ("cls_attn", "key_mean", "values", "attn", "received"). key_mask: [B, N] soft
-    key mask of a learned method's training forward, or None. layout: the input is the flat
+    key mask of a training forward (a learned method's, DiffRate's search), or None.
+    key_mask_softmax: how the mask enters the softmax, the method's `MethodConfig.key_mask_softmax`
+    ("masked": `ops.attention.masked_softmax`, LTMP and AS-ViT; "policy":
+    `ops.attention.policy_softmax`, DiffRate). layout: the input is the flat
     [M, C] real tokens of this ragged batch (None: [B, N, C]). rope: the family's rotary
     embedding of the current tokens, or None. valid: [B, N] real slots of a padded batch (each
     image's real tokens first), None when every slot is real. sparsity: keep only the
@@ -78,6 +82,7 @@ class AttentionCall:
     bias: torch.Tensor | None = None
     needs: frozenset[str] = frozenset()
     key_mask: torch.Tensor | None = None
+    key_mask_softmax: str = "masked"
     layout: RaggedLayout | None = None
     rope: Any = None
     valid: torch.Tensor | None = None
@@ -129,14 +134,14 @@ def attend(
     paths pad them to the batch first. `spec` says how the model's attention module computes.
     With no bias the output equals timm's op for op. The fused path stays fused; the
     class-attention row then comes from `class_attention_row` (no N x N matrix). A key mask selects
-    the explicit masked softmax (docs/methods.md §2.7), a `sparsity` the explicit path with the
-    probabilities sparsified before they weight the values. "attn" and "received" need the explicit
-    path; on a CPU, for a batch of several images (ragged or unpadded) and only "received", it
-    runs one image at a time (`attention_by_image`: cache-resident, no work on padding). On a
-    CPU the fused kernel also runs one image at a time on the flat rows of a ragged batch
-    (`fused_attention_by_image`). On the GPU path (CUDA, or within `gpu_path()`) neither loop
-    runs, and a key bias enters the fused kernel as a head dimension
-    (`fused_attention_with_key_bias`).
+    the explicit masked softmax (docs/methods.md §2.7; DiffRate's policy softmax, §3.9), a
+    `sparsity` the explicit path with the probabilities sparsified before they weight the values.
+    "attn" and "received" need the explicit path; on a CPU, for a batch of several images
+    (ragged or unpadded) and only "received", it runs one image at a time (`attention_by_image`:
+    cache-resident, no work on padding). On a CPU the fused kernel also runs one image at a time
+    on the flat rows of a ragged batch (`fused_attention_by_image`). On the GPU path (CUDA, or
+    within `gpu_path()`) neither loop runs, and a key bias enters the fused kernel as a head
+    dimension (`fused_attention_with_key_bias`).
     metric_keys: the keys whose head mean is the merging metric (default k; rotary families pass
     the keys before rotation).
     With `call.probs` the output is probs @ v (no scores, no by-products); with `call.probe` the
@@ -224,6 +229,8 @@ def attend(
             ).unflatten(0, (batch, heads))
         if call.key_mask is None:
             full = scores.softmax(dim=-1)
+        elif call.key_mask_softmax == "policy":
+            full = policy_softmax(scores, call.key_mask.to(scores.dtype))
         else:
             full = masked_softmax(scores, call.key_mask.to(scores.dtype))
         if call.sparsity is not None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from tokenreduce.errors import InvalidOptionError, NotReadyError
 from tokenreduce.info import ReductionInfo
-from tokenreduce.methods.base import BlockRecord, MethodConfig
+from tokenreduce.methods.base import BlockRecord, MethodConfig, trainable_method_names
 from tokenreduce.ops.owners import held_features, record_exits
 from tokenreduce.ops.packing import RaggedLayout
 from tokenreduce.patch.attention import AttentionCall
@@ -73,17 +73,18 @@ class Engine:
         graph and can be captured as a CUDA graph."""
         return not self.config.per_image_counts or self.batching.static
 
-    # ---- training: the trainable parameters a learned method's forward reads ----------------
+    # ---- training: the parameters a trainable method's forward reads -----------------------
     def set_trainable(self, model: nn.Module, parameters: nn.Module | None) -> None:
-        """Make the learned method's forward read its thresholds from `parameters` (e.g.
-        `methods.learned.ThresholdParameters`); None removes them. They are registered as a
-        submodule of the module that runs the blocks (the model, or a wrapper's base model:
-        the innermost of `ModelAdapter.reduced_modules`), so that the model's optimisers, DDP
-        and state dict see them."""
-        if parameters is not None and not self.config.learned:
+        """Make a trainable method's forward read its parameters from `parameters` (e.g.
+        `methods.learned.ThresholdParameters`, `methods.diffrate_search.SearchRates`); None
+        removes them. They are registered as a submodule of the module that runs the blocks
+        (the model, or a wrapper's base model: the innermost of
+        `ModelAdapter.reduced_modules`), so that the model's optimisers, DDP and state dict see
+        them."""
+        if parameters is not None and not self.config.trainable:
             raise InvalidOptionError(
-                f"method {self.config.name!r} has no trainable thresholds; accepted: a method "
-                "with learned thresholds (ltmp, asvit)"
+                f"method {self.config.name!r} has no trainable parameters; accepted: a method "
+                f"tokenreduce train learns ({', '.join(trainable_method_names())})"
             )
         host = self.adapter.reduced_modules(model)[-1]
         host._modules.pop(TRAINABLE_NAME, None)
@@ -125,6 +126,7 @@ class Engine:
             bias=bias,
             needs=needs,
             key_mask=state.mask,
+            key_mask_softmax=config.key_mask_softmax,
             layout=layout,
             rope=rope,
             valid=state.valid,
@@ -148,7 +150,11 @@ class Engine:
             else:  # the block's own attention on the reduced tokens
                 bias = state.key_bias(config.uses_prop_attn, x.dtype)
                 call = AttentionCall(
-                    bias=bias, key_mask=state.mask, layout=layout, valid=state.valid
+                    bias=bias,
+                    key_mask=state.mask,
+                    key_mask_softmax=config.key_mask_softmax,
+                    layout=layout,
+                    valid=state.valid,
                 )
         x, byproducts = self.adapter.attention_half(block, x, call)
         if reduces_at == "mid":
@@ -202,9 +208,10 @@ class Engine:
         unreduced grid (with a `grid_size` (rows, columns)); each token then carries its position
         and the adapter's `rotary(index, state, rotary, moved)` gives the embedding per block.
         None otherwise.
-        A learned method in training mode (`model.training`) runs its soft-mask forward: every
-        token stays, a key mask removes them (docs/methods.md §2.7), and the kept fraction per
-        block is recorded with its gradient for the budget loss.
+        A learned method in training mode (`model.training`), and a trainable one whose
+        parameters are set (`set_trainable`: DiffRate's search), runs its soft-mask forward:
+        every token stays, a key mask removes them (docs/methods.md §2.7, §3.9), and the kept
+        fraction per block is recorded with its gradient for the budget loss.
         grid_blocks: indices of the blocks whose outputs come back as `PatchGrid`s (each original
         token gets the feature of the token holding it, or the one it had when its token left;
         `ops.owners`). last_block: stop after this block (None: run every block).
@@ -212,7 +219,8 @@ class Engine:
         """
         config = self.config
         batch = x.shape[0]
-        soft = config.learned and model.training
+        trainable = self.trainable_parameters(model)
+        soft = model.training and (config.learned or trainable is not None)
         if grid_blocks and soft:
             raise InvalidOptionError(
                 f"{config.name}: patch grids are not available in the soft-mask training forward "
@@ -240,7 +248,6 @@ class Engine:
         )
         state = config.initial_state(x, state, self.dims)
         steps = self.steps
-        trainable = self.trainable_parameters(model)
         if trainable is not None:
             steps = config.trainable_steps(self.steps, trainable)
         if last_block is not None:
