@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 import tokenreduce
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.flops import FlopsReport
+from tokenreduce.methods.base import make_config
 from tokenreduce.options import MethodSpec, format_options
 from tokenreduce.patch import attached_engine
 from tokenreduce.runtime import precision_context, timed_forward
@@ -29,12 +32,14 @@ __all__ = [
     "SpeedRow",
     "Timing",
     "bench_model",
+    "bench_onnxruntime",
     "compile_for_timing",
     "fastest_total",
     "image_batches",
     "measure_speedup",
     "median_ms",
     "noise_note",
+    "onnxruntime_forward",
     "round_robin",
 ]
 
@@ -165,6 +170,8 @@ class BenchResult:
     threads: int
     compiled: str
     """The torch.compile backend the two models were timed with; "" when eager."""
+    backend: str = "torch"
+    """What ran the two models: torch, or onnxruntime (their ONNX exports, CPU provider)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -382,39 +389,162 @@ def bench_model(
                 timed_dense, timed_reduced, batches, num_warm_iter, num_bench_iter, amp, amp_dtype
             )
             report = _mean_report(reduced, batches, amp, amp_dtype)
-            result = BenchResult(
-                model=model_name,
-                method=name,
-                options=format_options(options),
-                batch_size=batch_size,
-                gmacs=round(report.mean, 4),
-                gmacs_with_overhead=round(report.mean_total, 4),
-                dense_gmacs=round(dense_gmacs, 4),
-                ideal_speedup=round(dense_gmacs / report.mean, 3),
-                measured_speedup=round(timing.speedup, 3),
-                best_speedup=round(timing.best_speedup, 3),
-                dense_ms=round(timing.dense_s * 1e3, 2),
-                method_ms=round(timing.reduced_s * 1e3, 2),
-                dense_ms_min=round(min(timing.dense) * 1e3, 2),
-                dense_ms_max=round(max(timing.dense) * 1e3, 2),
-                method_ms_min=round(min(timing.reduced) * 1e3, 2),
-                method_ms_max=round(max(timing.reduced) * 1e3, 2),
-                noisy=timing.noisy,
-                method_img_per_s=round(batch_size / timing.reduced_s, 1),
+            result = _bench_result(
+                model_name,
+                (name, options),
+                batch_size,
+                report,
+                dense_gmacs,
+                timing,
                 device=device,
                 precision=precision,
-                threads=torch.get_num_threads(),
                 compiled=torch_compile or "",
             )
-            logger.info(
-                "  %s %s b=%d: %.2fx (fastest rounds %.2fx, ideal %.2fx)%s",
-                name,
-                result.options,
-                batch_size,
-                result.measured_speedup,
-                result.best_speedup,
-                result.ideal_speedup,
-                noise_note(timing),
-            )
             results.append(result)
+    return results
+
+
+def _bench_result(
+    model_name: str,
+    method: MethodSpec,
+    batch_size: int,
+    report: FlopsReport,
+    dense_gmacs: float,
+    timing: Timing,
+    **setting: str,
+) -> BenchResult:
+    """One row of the benchmark, logged as it is made.
+
+    Args:
+        model_name: the model as the user named it.
+        method: the method's name and options.
+        batch_size: images per timed forward.
+        report: the reduced model's GMACs over the timed batches.
+        dense_gmacs: the dense model's GMACs per image.
+        timing: the two models' timed rounds.
+        setting: device, precision, compiled and backend (`BenchResult`'s fields).
+    """
+    name, options = method
+    result = BenchResult(
+        model=model_name,
+        method=name,
+        options=format_options(options),
+        batch_size=batch_size,
+        gmacs=round(report.mean, 4),
+        gmacs_with_overhead=round(report.mean_total, 4),
+        dense_gmacs=round(dense_gmacs, 4),
+        ideal_speedup=round(dense_gmacs / report.mean, 3),
+        measured_speedup=round(timing.speedup, 3),
+        best_speedup=round(timing.best_speedup, 3),
+        dense_ms=round(timing.dense_s * 1e3, 2),
+        method_ms=round(timing.reduced_s * 1e3, 2),
+        dense_ms_min=round(min(timing.dense) * 1e3, 2),
+        dense_ms_max=round(max(timing.dense) * 1e3, 2),
+        method_ms_min=round(min(timing.reduced) * 1e3, 2),
+        method_ms_max=round(max(timing.reduced) * 1e3, 2),
+        noisy=timing.noisy,
+        method_img_per_s=round(batch_size / timing.reduced_s, 1),
+        threads=torch.get_num_threads(),
+        **setting,
+    )
+    logger.info(
+        "  %s %s b=%d: %.2fx (fastest rounds %.2fx, ideal %.2fx)%s",
+        name,
+        result.options,
+        batch_size,
+        result.measured_speedup,
+        result.best_speedup,
+        result.ideal_speedup,
+        noise_note(timing),
+    )
+    return result
+
+
+def onnxruntime_forward(path: Path, threads: int) -> Callable[[torch.Tensor], list[Any]]:
+    """A forward that runs the ONNX file in ONNX Runtime on the CPU execution provider, with
+    `threads` intra-op threads (one inter-op thread, as torch's CPU forward), on CPU tensors.
+
+    Args:
+        path: an ONNX file with one input.
+        threads: intra-op threads (`torch.get_num_threads()`, so that both backends get the same).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def forward(images: torch.Tensor) -> list[Any]:
+        return session.run(None, {input_name: images.numpy()})
+
+    return forward
+
+
+def bench_onnxruntime(
+    model: nn.Module,
+    model_name: str,
+    methods: Sequence[MethodSpec],
+    batch_sizes: Sequence[int],
+    num_warm_iter: int = 5,
+    num_bench_iter: int = 20,
+    images: torch.Tensor | None = None,
+) -> list[BenchResult]:
+    """`bench_model` in ONNX Runtime: the dense model and each reduced one exported to ONNX (a
+    temporary folder; dynamic batch) and timed interleaved in this process on the CPU execution
+    provider (`measure_speedup`), with as many threads as torch uses. GMACs come from the
+    PyTorch reduced model, which computes the same token counts.
+
+    Args:
+        model: the dense model (left unreduced); every method must be static (`export`).
+        model_name: the model as the user named it.
+        methods: the methods' names and options.
+        batch_sizes: images per timed forward.
+        num_warm_iter: untimed rounds before timing.
+        num_bench_iter: timed rounds, each one dense then one reduced forward.
+        images: real preprocessed images to time on (as `bench_model`'s), else one random batch.
+    """
+    from tokenreduce.export import check_exportable, check_onnx_packages, export
+
+    check_onnx_packages("--backend onnxruntime")
+    configs = [make_config(name, **options) for name, options in methods]
+    for config in configs:
+        check_exportable(config)
+    model = model.cpu().eval()
+    img_size = tokenreduce.describe(model).input_size
+    dense_gmacs = tokenreduce.flops.dense_gmacs(model)
+    threads = torch.get_num_threads()
+    example = None if images is None else images[:2]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tokenreduce-onnx-") as folder:
+        start = time.perf_counter()
+        dense = onnxruntime_forward(export(model, Path(folder) / "dense.onnx", example), threads)
+        logger.info("  exported dense to ONNX: %.0f s", time.perf_counter() - start)
+        for index, ((name, options), config) in enumerate(zip(methods, configs, strict=True)):
+            reduced_model = tokenreduce.apply(copy.deepcopy(model), config)
+            start = time.perf_counter()
+            path = export(reduced_model, Path(folder) / f"{index}_{name}.onnx", example)
+            reduced = onnxruntime_forward(path, threads)
+            logger.info("  exported %s to ONNX: %.0f s", name, time.perf_counter() - start)
+            for batch_size in batch_sizes:
+                if images is None:
+                    batches = [torch.randn(batch_size, 3, *img_size)]
+                else:
+                    batches = image_batches(images.cpu(), batch_size)
+                timing = measure_speedup(dense, reduced, batches, num_warm_iter, num_bench_iter)
+                report = _mean_report(reduced_model, batches, False, torch.float32)
+                result = _bench_result(
+                    model_name,
+                    (name, options),
+                    batch_size,
+                    report,
+                    dense_gmacs,
+                    timing,
+                    device="cpu",
+                    precision="fp32",
+                    compiled="",
+                    backend="onnxruntime",
+                )
+                results.append(result)
     return results

@@ -10,6 +10,7 @@ static reduction exports (every fixed-count method; LTMP and AS-ViT with batchin
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,22 @@ from torch import nn
 
 from tokenreduce.api import describe
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
+from tokenreduce.methods.base import MethodConfig
 from tokenreduce.patch import attached_engine
 from tokenreduce.patch.attention import gpu_path
 
 __all__ = [
     "FORMATS",
     "MIN_OPSET",
+    "ONNX_PACKAGES",
     "TRANSLATIONS",
+    "check_exportable",
+    "check_onnx_packages",
+    "check_suffix",
     "export",
     "exported_program",
     "onnx_max_difference",
+    "program_max_difference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,19 +43,64 @@ logger = logging.getLogger(__name__)
 FORMATS = {".onnx": "ONNX", ".pt2": "torch.export ExportedProgram"}
 """File suffix -> what is written."""
 
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+"""The `export` extra: writing ONNX (onnx, onnxscript) and running it (onnxruntime)."""
+
 MIN_OPSET = 18
 """The oldest ONNX opset written (the translations below use opset-18 operators)."""
 
 
-def _check_static(model: nn.Module) -> None:
-    engine = attached_engine(model)
-    if engine is not None and not engine.static:
+def check_exportable(config: MethodConfig) -> None:
+    """Refuse, in one line saying why, a reduction whose shapes follow the data: a per-image
+    method (LTMP, AS-ViT, ...) on a batching that reads each image's count on the host.
+
+    Args:
+        config: the method's config, before or after it is put on a model.
+    """
+    batching = config.requested_batching()
+    if config.per_image_counts and not batching.static:
         raise InvalidOptionError(
-            f"export: {engine.config.name} with batching={engine.batching.value!r} reads each "
+            f"export: {config.name} with batching={batching.value!r} reads each "
             "image's token count on the host, so its shapes follow the data and cannot be "
             "exported as one graph; accepted: batching='masked' (its static path), or a "
             "fixed-count method"
         )
+
+
+def check_suffix(path: str | Path, option: str = "export") -> None:
+    """Refuse in one line a file whose suffix picks no format (`FORMATS`).
+
+    Args:
+        path: the file to write.
+        option: what names the file in the message (the function, or a CLI option).
+    """
+    given = Path(path).suffix
+    if given not in FORMATS:
+        raise InvalidOptionError(
+            f"{option}: {str(path)!r} has suffix {given!r}; accepted: "
+            + ", ".join(f"{suffix} ({what})" for suffix, what in FORMATS.items())
+        )
+
+
+def check_onnx_packages(purpose: str) -> None:
+    """Refuse in one line when a package of the `export` extra (onnx, onnxscript, onnxruntime)
+    is missing, before any work.
+
+    Args:
+        purpose: what needs them, for the message (e.g. "export to ONNX").
+    """
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingFileError(
+            f"{purpose} needs {', '.join(missing)}, not installed; accepted: install them with "
+            'pip install "tokenreduce[export]"'
+        )
+
+
+def _check_static(model: nn.Module) -> None:
+    engine = attached_engine(model)
+    if engine is not None:
+        check_exportable(engine.config)
 
 
 def _example(model: nn.Module, images: torch.Tensor | None) -> torch.Tensor:
@@ -134,11 +186,7 @@ def export(
     Returns the path written.
     """
     path = Path(path)
-    if path.suffix not in FORMATS:
-        raise InvalidOptionError(
-            f"export: {str(path)!r} has suffix {path.suffix!r}; accepted: "
-            + ", ".join(f"{suffix} ({what})" for suffix, what in FORMATS.items())
-        )
+    check_suffix(path)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise InvalidOptionError(
             f"export: opset={opset!r} is not accepted; accepted: an int >= {MIN_OPSET}"
@@ -186,4 +234,16 @@ def onnx_max_difference(path: str | Path, model: nn.Module, images: torch.Tensor
     return max(
         float((torch.from_numpy(got) - want.float().cpu()).abs().max())
         for got, want in zip(outputs, expected, strict=True)
+    )
+
+
+def program_max_difference(path: str | Path, model: nn.Module, images: torch.Tensor) -> float:
+    """The largest absolute difference between the ExportedProgram file (.pt2) loaded back with
+    `torch.export.load` and the model in PyTorch, on `images`."""
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        got = torch.utils._pytree.tree_leaves(loaded(images))
+        expected = torch.utils._pytree.tree_leaves(model(images))
+    return max(
+        float((a.float() - b.float()).abs().max()) for a, b in zip(got, expected, strict=True)
     )

@@ -9,10 +9,11 @@ import torch
 from tokenreduce import bench, data
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
+from tokenreduce.export import check_exportable, check_onnx_packages
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.options import parse_method
 
-__all__ = ["COLUMNS", "add_parser", "check_one_cuda_graph", "run"]
+__all__ = ["BACKENDS", "COLUMNS", "add_parser", "check_one_cuda_graph", "check_onnxruntime", "run"]
 
 
 COLUMNS = (
@@ -20,6 +21,9 @@ COLUMNS = (
     "method_ms dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"
 )
 """The table's columns on stdout (the results file has every field)."""
+
+BACKENDS = ("torch", "onnxruntime")
+"""What runs the timed models (--backend)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,8 +50,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     shared.add_timing_args(parser, warm=5, bench=20)
     parser.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu, cuda or cuda:N",
+        default=None,
+        help="cpu, cuda or cuda:N; default: cuda when this machine has a GPU, else cpu (always "
+        "cpu with --backend onnxruntime)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKENDS,
+        help="what runs the models: torch (eager, or --compile), or onnxruntime (dense and "
+        "reduced models exported to ONNX, CPU execution provider, as many threads as torch)",
     )
     shared.add_results_args(parser)
     parser.add_argument(
@@ -80,6 +92,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.check_timing(args)
     shared.check_needs(args, [("num_images", "data")])
+    onnxruntime = args.backend == "onnxruntime"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not onnxruntime else "cpu"
     shared.check_device("--device", args.device)
     shared.check_results_file(args)
     specs = args.method or bench.DEFAULT_METHODS
@@ -88,6 +103,8 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
     shared.warn_untrained(configs, specs)
     if args.compile == "cudagraphs":
         check_one_cuda_graph(args.device, configs, specs)
+    if onnxruntime:
+        check_onnxruntime(args, configs, specs)
     model = shared.load_model(args)
     if args.batch_size is None:
         args.batch_size = [1, 8, 32] if args.data else [1, 32]
@@ -99,26 +116,38 @@ def run(args: argparse.Namespace) -> list[bench.BenchResult]:
         folder = data.ImageFolder(args.data, transform, args.num_images)
         images = shared.readable_images(folder, range(len(folder)), "the timing")
     shared.logger.info(
-        "benchmark: %s (%s), %s, %d threads%s",
+        "benchmark: %s (%s), %s, %d threads%s%s",
         args.model,
         shared.weights_label(args),
         args.device,
         torch.get_num_threads(),
         f", torch.compile ({args.compile})" if args.compile else "",
+        ", ONNX Runtime (CPU execution provider)" if onnxruntime else "",
     )
-    results = bench.bench_model(
-        model,
-        args.model,
-        methods,
-        args.batch_size,
-        num_warm_iter=args.num_warm_iter,
-        num_bench_iter=args.num_bench_iter,
-        amp=args.amp,
-        amp_dtype=shared.amp_dtype(args),
-        device=args.device,
-        images=images,
-        torch_compile=args.compile,
-    )
+    if onnxruntime:
+        results = bench.bench_onnxruntime(
+            model,
+            args.model,
+            methods,
+            args.batch_size,
+            num_warm_iter=args.num_warm_iter,
+            num_bench_iter=args.num_bench_iter,
+            images=images,
+        )
+    else:
+        results = bench.bench_model(
+            model,
+            args.model,
+            methods,
+            args.batch_size,
+            num_warm_iter=args.num_warm_iter,
+            num_bench_iter=args.num_bench_iter,
+            amp=args.amp,
+            amp_dtype=shared.amp_dtype(args),
+            device=args.device,
+            images=images,
+            torch_compile=args.compile,
+        )
     shared.print_results(
         [r.as_dict() for r in results], COLUMNS, args.results_file, args.results_format
     )
@@ -137,3 +166,27 @@ def check_one_cuda_graph(device: str, configs: list[MethodConfig], specs: list[s
                 "host and cannot be one CUDA graph; accepted: fixed-count methods, or "
                 "batching=masked for ltmp and asvit (or --compile inductor)"
             )
+
+
+def check_onnxruntime(
+    args: argparse.Namespace, configs: list[MethodConfig], specs: list[str]
+) -> None:
+    """`--backend onnxruntime` times ONNX exports in float32 on the CPU execution provider: no
+    --amp, --compile or CUDA device, and only methods that export (static shapes)."""
+    for flag, value in (("--amp", args.amp), ("--compile", args.compile)):
+        if value:
+            raise InvalidOptionError(
+                f"{flag} with --backend onnxruntime: ONNX Runtime runs the float32 export as it "
+                f"is; accepted: {flag} with --backend torch, or no {flag}"
+            )
+    if args.device != "cpu":
+        raise InvalidOptionError(
+            f"--device={args.device} with --backend onnxruntime: it runs on the CPU execution "
+            "provider; accepted: --device cpu"
+        )
+    check_onnx_packages("--backend onnxruntime")
+    for config, spec in zip(configs, specs, strict=True):
+        try:
+            check_exportable(config)
+        except InvalidOptionError as err:
+            raise InvalidOptionError(f"--method {spec}: {err}") from err
