@@ -107,8 +107,19 @@ def test_export_writes_an_exported_program_equal_to_the_reduced_model(files, tmp
             ["--out", "m.onnx", "--num-images", "2"],
             "--num-images=2 acts only with --data, which is not given",
         ),
+        (
+            ["--out", "m.pt2", "--opset", "18"],
+            "--opset=18 acts only with a .onnx --out, not {tmp}/m.pt2; accepted: no --opset, or "
+            "a .onnx file",
+        ),
     ],
-    ids=["learned-method-on-its-ragged-path", "suffix", "opset", "num-images-without-data"],
+    ids=[
+        "learned-method-on-its-ragged-path",
+        "suffix",
+        "opset",
+        "num-images-without-data",
+        "opset-with-pt2",
+    ],
 )
 def test_export_refusals_are_one_line_before_any_work(args, message, files, tmp_path, capsys):
     args = [str(tmp_path / a) if a.startswith("m.") else a for a in args]
@@ -161,6 +172,8 @@ def test_bench_onnxruntime_times_dense_and_reduced_exports(files, tmp_path, caps
         assert (row["backend"], row["device"], row["precision"]) == ("onnxruntime", "cpu", "fp32")
         assert row["gmacs"] == round(gmacs, 4) and row["dense_gmacs"] == round(dense_gmacs, 4)
         assert row["dense_ms"] > 0 and row["method_ms"] > 0
+        share = row["measured_speedup"] / row["ideal_speedup"]  # both rounded to 3 decimals
+        assert row["of_ideal"] == pytest.approx(share, rel=2e-3, abs=1e-3)
 
 
 @pytest.mark.parametrize(

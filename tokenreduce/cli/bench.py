@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "COLUMNS", "add_parser", "check_one_cuda_graph", "check_o
 
 
 COLUMNS = (
-    "method options batch_size gmacs ideal_speedup measured_speedup best_speedup dense_ms "
+    "method options batch_size gmacs ideal_speedup measured_speedup of_ideal best_speedup dense_ms "
     "method_ms dense_ms_min dense_ms_max method_ms_min method_ms_max noisy"
 )
 """The table's columns on stdout (the results file has every field)."""

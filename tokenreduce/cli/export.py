@@ -12,6 +12,7 @@ from torch import nn
 from tokenreduce import data
 from tokenreduce.api import apply
 from tokenreduce.cli import shared
+from tokenreduce.errors import InvalidOptionError
 from tokenreduce.export import (
     FORMATS,
     MIN_OPSET,
@@ -68,10 +69,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="evenly spaced images taken from --data (default with --data: 8)",
     )
     parser.add_argument(
-        "--opset", type=int, default=MIN_OPSET, help="ONNX opset (with a .onnx --out)"
-    )
-    parser.add_argument(
-        "--max-batch", type=int, default=4096, help="largest batch the written model accepts"
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset, at least {MIN_OPSET} (with a .onnx --out; default: {MIN_OPSET})",
     )
     parser.set_defaults(run=run)
 
@@ -79,10 +80,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Check every option before any work, then load, reduce, write and check the model."""
     shared.check_needs(args, [("num_images", "data")])
-    shared.check_at_least(args, {"num_images": 1, "max_batch": 1, "opset": MIN_OPSET})
+    shared.check_at_least(args, {"num_images": 1, "opset": MIN_OPSET})
     check_suffix(args.out, "--out")
     check_output_file("--out", args.out)
     onnx = Path(args.out).suffix == ".onnx"
+    if args.opset is not None and not onnx:
+        raise InvalidOptionError(
+            f"--opset={args.opset} acts only with a .onnx --out, not {args.out}; accepted: no "
+            "--opset, or a .onnx file"
+        )
     if onnx:
         check_onnx_packages(f"--out {args.out}")
     method = parse_method(args.method) if args.method else None
@@ -91,26 +97,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         check_exportable(config)
         shared.warn_untrained([config], [args.method])
     model = shared.load_model(args)
-    images = _check_images(args, model)
+    images = _real_images(args, model)
     if method is not None:
         apply(model, config)
     described = format_spec(*method) if method is not None else "dense"
     shared.logger.info(
         "export: %s (%s), %s -> %s", args.model, shared.weights_label(args), described, args.out
     )
-    path = export(model, args.out, images, opset=args.opset, max_batch=args.max_batch)
-    if onnx:  # the whole batch and one image: the batch dimension is dynamic
-        difference = max(
-            onnx_max_difference(path, model, images),
-            onnx_max_difference(path, model, images[:1]),
-        )
-        checked_in = "ONNX Runtime (CPU)"
-    else:
-        difference = max(
-            program_max_difference(path, model, images),
-            program_max_difference(path, model, images[:1]),
-        )
-        checked_in = "torch.export.load"
+    path = export(model, args.out, images, opset=args.opset or MIN_OPSET)
+    # the whole batch and one image: the batch dimension is dynamic
+    compare = onnx_max_difference if onnx else program_max_difference
+    difference = max(compare(path, model, batch) for batch in (images, images[:1]))
+    checked_in = "ONNX Runtime (CPU)" if onnx else "torch.export.load"
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({FORMATS[path.suffix]}, {size_mb:.1f} MB): {args.model}, {described}")
     print(
@@ -126,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {"path": path, "bytes": path.stat().st_size, "max_difference": difference}
 
 
-def _check_images(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+def _real_images(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
     """Real images preprocessed for `model`: --data's, or the packaged photographs."""
     if args.data is None:
         return data.load_images(data.packaged_photos(), model)[0]
