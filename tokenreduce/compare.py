@@ -8,7 +8,7 @@ speedup vs GMACs against the ideal (dense GMACs / GMACs).
 `compare_matched` sets every method to the same fractions of the dense GMACs
 (`calibrate.match_gmacs`, as the demo does) and measures each on the same images: accuracy,
 feature cosine and saliency CC to the dense model, and measured speed at several batch sizes
-(docs/measurement.md §5).
+(docs/measurement.md §3, "Every method at matched cost").
 """
 
 from __future__ import annotations
