@@ -535,13 +535,18 @@ def plot_matched(result: MatchedResult, out_dir: str | Path, title: str) -> list
         panels.append(
             ("saliency_cc", "saliency CC to dense", 1.0, "matched_saliency_cc_vs_gmacs.png")
         )
+    colours = plt.get_cmap("tab20").colors  # 13 methods: the default cycle repeats after 10
     written = []
     for field_name, ylabel, dense_value, file_name in panels:
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
-        for method in methods:
+        for k, method in enumerate(methods):
             sel = sorted((r for r in reached if r.method == method), key=lambda r: r.gmacs)
             ax.plot(
-                [r.gmacs for r in sel], [getattr(r, field_name) for r in sel], "o-", label=method
+                [r.gmacs for r in sel],
+                [getattr(r, field_name) for r in sel],
+                marker="osD^v"[k % 5],
+                color=colours[(2 * k) % 20 + (2 * k) // 20],
+                label=method,
             )
         ax.plot([result.dense_gmacs], [dense_value], "k*", ms=12, label="dense")
         path = out_dir / file_name
