@@ -11,7 +11,13 @@ from typing import Any
 
 from tokenreduce.errors import InvalidOptionError
 
-__all__ = ["check_output_dir", "check_output_file", "format_table", "write_results"]
+__all__ = [
+    "check_output_dir",
+    "check_output_file",
+    "format_table",
+    "markdown_table",
+    "write_results",
+]
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -92,3 +98,10 @@ def _check_parent_is_folder(option: str, path: Path) -> None:
     base = _first_existing(path.parent if not path.is_dir() else path)
     if not base.is_dir():
         raise InvalidOptionError(f"{option}={path}: {base} is a file, not a folder")
+
+
+def markdown_table(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A markdown table: a header of `columns`, then one line per row of `cells` (text)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
