@@ -179,8 +179,12 @@ class TuneResult:
         option = "--" + self.target.kind.replace("_", "-")
         measured = [r for r in self.rows if r.measured_speedup is not None]
         if self.target.kind == "gmacs_ratio":
-            best = min((r.gmacs_ratio for r in measured), default=None)
-            reached = f"the lowest ratio reached is {best}" if best else "none could be matched"
+            low = min(measured, key=lambda r: r.gmacs_ratio, default=None)
+            reached = (
+                f"the lowest is {low.method} {low.options} at {low.gmacs_ratio:.3f} of dense"
+                if low
+                else "no method could be measured"
+            )
         else:
             top = max(measured, key=lambda r: r.measured_speedup, default=None)
             reached = (
@@ -371,6 +375,13 @@ def _search_speed(
     return chosen, tried
 
 
+def _missed(target: Target, best: Candidate) -> str:
+    """Why a method's best setting misses the target, in a few words."""
+    if target.kind == "gmacs_ratio":
+        return f"its strongest setting costs {best.gmacs_ratio:.3f} of dense"
+    return f"best reached {best.speedup:.3f}x ± {best.spread:.3f}"
+
+
 def _skip_reason(config: MethodConfig) -> str:
     if isinstance(config, LearnedConfig) and not config.has_thresholds:
         return (
@@ -508,15 +519,11 @@ def _tune_one(
         chosen = candidate if met else None
         tried = [candidate]
     elif speedup is None:
-        try:
-            matched = calibrate.match_gmacs(search.model, config, target.value, search.calib)
-        except UnreachableTargetError as err:
-            logger.info("      %s", err)
-            return TuneRow(
-                config.name, describe_options(config), "unreached", reason=str(err)
-            ), None
-        chosen = search.measure(matched.config, matched.ratio)
-        tried = [chosen]
+        matched, achieved = search.match(config, target.value)
+        candidate = search.measure(matched, achieved)
+        met = achieved <= target.value * (1 + calibrate.UNREACHABLE)
+        chosen = candidate if met else None
+        tried = [candidate]
     else:
         chosen, tried = _search_speed(search, config, speedup, max_measurements)
     shown = chosen or max(tried, key=lambda c: c.speedup)
@@ -532,7 +539,7 @@ def _tune_one(
         measurements=len(tried),
         dense_ms=round(shown.dense_ms, 2),
         method_ms=round(shown.method_ms, 2),
-        reason="" if chosen else f"best reached {shown.speedup:.3f}x ± {shown.spread:.3f}",
+        reason="" if chosen else _missed(target, shown),
     )
     logger.info(
         "      %s %s: %.3fx ± %.3f (%s)",
