@@ -1,6 +1,6 @@
 """Recipes: a tuned method setting in a JSON file, with the model it was tuned for.
 
-`tokenreduce tune --out recipe.json` writes one (docs/measurement.md §7); `tokenreduce.apply(model,
+`tokenreduce tune --out recipe.json` writes one (docs/measurement.md §6); `tokenreduce.apply(model,
 "recipe.json")` and `--method recipe.json` on every command load it. A recipe records the
 model's identity the way threshold files do (`methods.learned.model_facts`), and one tuned for
 another model is refused.

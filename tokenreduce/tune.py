@@ -1,5 +1,5 @@
 """Find, for every method, the weakest setting that meets a speed or cost target, and how close
-it stays to the dense model there (docs/measurement.md §7).
+it stays to the dense model there (docs/measurement.md §6).
 
 A target is a measured speedup over the dense model at a batch size, a latency (turned into a
 speedup by the dense model's measured latency), or a GMACs ratio. For a speed target the GMACs
@@ -53,6 +53,10 @@ TARGET_KINDS = ("speedup", "latency_ms", "gmacs_ratio")
 FIDELITY_METRICS = ("accuracy", "cosine", "patch_cosine")
 """accuracy: top-1 (%) on labelled images; cosine: pooled features against the dense model's;
 patch_cosine: every patch's final feature (`patch_features`) against the dense model's."""
+
+MATCH_TOLERANCE = 5e-3
+"""How close (relative) a continuous strength's GMACs are matched to a ratio: finer than the
+timing can tell apart."""
 
 CLOSE_ENOUGH = 0.01
 """A search stops when the two ratios that bracket the target are this close."""
@@ -261,7 +265,8 @@ class _Search:
     def measure(self, config: MethodConfig, gmacs_ratio: float | None = None) -> Candidate:
         """`config` timed interleaved with the dense model."""
         if gmacs_ratio is None:
-            gmacs_ratio = calibrate.mean_gmacs(self.model, config, self.calib) / self.dense_gmacs
+            gmacs = calibrate.mean_gmacs(self.model, config, self.images_for(config))
+            gmacs_ratio = gmacs / self.dense_gmacs
             tokenreduce.remove(self.model)
         reduced = tokenreduce.apply(copy.deepcopy(self.model), config)
         timing = bench.measure_speedup(
@@ -303,18 +308,29 @@ class _Search:
             )["dense"][self.num_warm_iter :]
         return statistics.median(times) * 1e3
 
+    def images_for(self, config: MethodConfig) -> torch.Tensor:
+        """The images `config`'s GMACs are measured on: one when every image keeps the same
+        counts (its GMACs are the same on any image), else all the calibration images."""
+        return self.calib if config.per_image_counts else self.calib[:1]
+
     def match(self, config: MethodConfig, ratio: float) -> tuple[MethodConfig, float]:
         """`config` with its strength set to cost `ratio` x dense GMACs (or its strongest setting
         when that is as far as it goes), and the ratio it costs."""
         try:
-            found = calibrate.match_gmacs(self.model, config, min(ratio, 1.0), self.calib)
+            found = calibrate.match_gmacs(
+                self.model,
+                config,
+                min(ratio, 1.0),
+                self.images_for(config),
+                tolerance=MATCH_TOLERANCE,
+            )
         except UnreachableTargetError:
             strength = type(config).strength
             low, high = strength.bounds(tokenreduce.describe(self.model))
             strongest = make_config(
                 config, **{strength.option: high if strength.larger_reduces_more else low}
             )
-            cost = calibrate.mean_gmacs(self.model, strongest, self.calib)
+            cost = calibrate.mean_gmacs(self.model, strongest, self.images_for(config))
             tokenreduce.remove(self.model)
             return strongest, cost / self.dense_gmacs
         return found.config, found.ratio

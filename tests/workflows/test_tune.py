@@ -47,7 +47,7 @@ def test_gmacs_target_is_each_methods_matched_strength(model, images):
         progress=False,
     )  # fmt: skip
     for row in result.rows:
-        matched = calibrate.match_gmacs(model, row.method, 0.6, images[:8])
+        matched = calibrate.match_gmacs(model, row.method, 0.6, images[:1], tolerance=5e-3)
         assert row.status == "ok"
         assert row.gmacs_ratio == pytest.approx(matched.ratio, abs=1e-4)
         assert row.options == tokenreduce.options.describe_options(matched.config)

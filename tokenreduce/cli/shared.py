@@ -218,7 +218,9 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
     adapter_for(model)  # an unsupported model is refused before any work
-    check_recipes(getattr(args, "method", None) or [], model)
+    # method specs: --method, and compare's --config
+    specs = [*(getattr(args, "method", None) or []), *(getattr(args, "config", None) or [])]
+    check_recipes(specs, model)
     return model
 
 
