@@ -371,16 +371,16 @@ def _search_speed(
             above = min(bracket, key=lambda c: c.gmacs_ratio)
             if above.gmacs_ratio - weakest.gmacs_ratio < CLOSE_ENOUGH:
                 break
-            # the secant of speedup over ratio between the two sides of the target
             slope = (weakest.speedup - above.speedup) / (weakest.gmacs_ratio - above.gmacs_ratio)
-            ratio = above.gmacs_ratio + (speedup - above.speedup) / slope if slope < 0 else 0
+            if slope >= 0:
+                break  # the noise has the weaker setting as fast: no secant to follow
+            # the secant of speedup over ratio between the two sides of the target
+            ratio = above.gmacs_ratio + (speedup - above.speedup) / slope
             ratio = min(max(ratio, weakest.gmacs_ratio), above.gmacs_ratio)
         else:
             # measured = efficiency x ideal (1 / ratio): the ratio that this efficiency needs
-            efficiency = candidate.speedup * candidate.gmacs_ratio
-            ratio = efficiency / speedup
-            if weakest is None and achieved < ratio * (1 - CLOSE_ENOUGH):
-                break  # its strongest setting is already tried
+            # (a method already at its strongest setting gets it again, and the search stops)
+            ratio = candidate.speedup * candidate.gmacs_ratio / speedup
     meeting = [c for c in tried if _meets(c, speedup)]
     chosen = max(meeting, key=lambda c: c.gmacs_ratio, default=None)
     if chosen is not None:

@@ -219,3 +219,18 @@ def test_tune_cli_errors_are_one_line(args, message, folder):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_learned_methods_are_measured_as_given_or_skipped(model, images):
+    given = ("ltmp", {"merge_thresholds": 0.5, "prune_thresholds": 0.0})
+    result = tune(
+        model, images, Target("gmacs_ratio", 0.9), [given, "asvit"], num_bench_iter=2,
+        progress=False,
+    )  # fmt: skip
+    ltmp, asvit = result.rows
+    ratio = calibrate.mean_gmacs(model, make_config(*given[:1], **given[1]), images[:8])
+    tokenreduce.remove(model)
+    assert ltmp.gmacs_ratio == pytest.approx(ratio / tokenreduce.flops.dense_gmacs(model), abs=1e-4)
+    assert ltmp.status == ("ok" if ltmp.gmacs_ratio <= 0.9 * 1.02 else "unreached")
+    assert "merge_thresholds=0.5" in ltmp.options and ltmp.measurements == 1
+    assert asvit.status == "skipped" and "asvit:thresholds=FILE" in asvit.reason
