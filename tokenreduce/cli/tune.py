@@ -30,7 +30,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="every method's weakest setting that meets a speed or cost target, by fidelity",
         description="For each method, the weakest strength whose measured speedup over the dense "
         "model (or GMACs ratio) meets the target, and its fidelity to the dense model on the "
-        "images: top-1 with --head, else pooled-feature cosine (--dense: every patch's feature).",
+        "images: top-1 with --head or --class-map, else pooled-feature cosine (--dense: every "
+        "patch's feature).",
     )
     shared.add_model_args(parser, shared.DEMO_MODEL)
     goal = parser.add_mutually_exclusive_group(required=True)
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> TuneResult:
     specs = [parse_method(spec) for spec in args.method] if args.method else None
     model = shared.load_model(args).to(args.device).eval()
     transform, _ = data.eval_transform(model)
-    labelled = bool(args.head) and not args.dense
+    # the folder's labels are the model's classes when a head or a class map says so
+    labelled = bool(args.head or args.class_map) and not args.dense
     if labelled:
         classes = data.read_class_map(args.class_map) if args.class_map else None
         folder = data.ImageFolder(args.data, transform, args.num_images, classes)
