@@ -17,7 +17,7 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -506,28 +506,27 @@ def tune(
         bar.set_postfix_str(config.name)
         logger.info("%s:", config.name)
         row, chosen = _tune_one(search, config, target, speedup, max_measurements)
-        if chosen is not None:
+        if row.status == "ok":  # fidelity compares methods at the target, not beside it
             reduced = tokenreduce.apply(copy.deepcopy(model), chosen)
-            row = TuneRow(
-                **{
-                    **row.as_dict(),
-                    "fidelity": round(fidelity(model, reduced, images, metric, labels), 4),
-                    "fidelity_metric": metric,
-                }
-            )
+            score = fidelity(model, reduced, images, metric, labels)
+            row = replace(row, fidelity=round(score, 4), fidelity_metric=metric)
         found.append((row, chosen))
         bar.update()
     bar.close()
-    order = {"ok": 0, "unreached": 1, "skipped": 2}
-    found.sort(
-        key=lambda pair: (
-            order[pair[0].status],
-            -(pair[0].fidelity if pair[0].fidelity is not None else 0),
-        )
-    )
+    found.sort(key=lambda pair: _rank(pair[0]))
     rows = [row for row, _ in found]
     configs = [config if row.status == "ok" else None for row, config in found]
     return TuneResult(target, speedup, rows, configs, dense_fidelity, device)
+
+
+def _rank(row: TuneRow) -> tuple[int, float]:
+    """Sort key: the rows that met the target by fidelity (best first), then those that missed
+    it by speed (fastest first), then the skipped ones."""
+    if row.status == "ok":
+        return 0, -(row.fidelity if row.fidelity is not None else float("-inf"))
+    if row.status == "unreached":
+        return 1, -(row.measured_speedup if row.measured_speedup is not None else 0.0)
+    return 2, 0.0
 
 
 def _tune_one(

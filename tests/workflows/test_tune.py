@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tokenreduce
 from tests.conftest import make_image_folder, run_cli
@@ -18,7 +19,7 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import model_facts
 from tokenreduce.patch import attached_engine
-from tokenreduce.tune import Target, speedup_spread, tune
+from tokenreduce.tune import Target, fidelity, speedup_spread, tune
 
 TINY = ("-m", "test_vit", "--weights", "random", "--num-classes", "3")
 FAST = ("--num-warm-iter", "0", "--num-bench-iter", "2", "--no-progress")
@@ -234,3 +235,15 @@ def test_learned_methods_are_measured_as_given_or_skipped(model, images):
     assert ltmp.status == ("ok" if ltmp.gmacs_ratio <= 0.9 * 1.02 else "unreached")
     assert "merge_thresholds=0.5" in ltmp.options and ltmp.measurements == 1
     assert asvit.status == "skipped" and "asvit:thresholds=FILE" in asvit.reason
+
+
+def test_dense_fidelity_is_the_cosine_of_every_patchs_feature(model, images):
+    unreduced = tokenreduce.apply(copy.deepcopy(model), "tome", r=0)
+    assert fidelity(model, unreduced, images[:3], "patch_cosine") == pytest.approx(1.0)
+    reduced = tokenreduce.apply(copy.deepcopy(model), "evit", keep_rate=0.5)
+    with torch.inference_mode():
+        ours = tokenreduce.patch_features(reduced, images[:3])
+        dense = model.forward_features(images[:3])
+    per_image = F.cosine_similarity(ours.double(), dense.double(), dim=-1).mean(1)
+    value = fidelity(model, reduced, images[:3], "patch_cosine", chunk=2)
+    assert value == pytest.approx(per_image.mean().item()) and value < 0.999
