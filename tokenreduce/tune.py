@@ -95,15 +95,28 @@ class Target:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One measured setting: its config, GMACs ratio and measured speedup with its spread."""
+    """One measured setting: its config, GMACs ratio and the timing against the dense model."""
 
     config: MethodConfig
     gmacs_ratio: float
-    speedup: float
-    spread: float
-    dense_ms: float
-    method_ms: float
-    rounds: int
+    timing: bench.Timing
+
+    @property
+    def speedup(self) -> float:
+        return self.timing.speedup
+
+    @property
+    def spread(self) -> float:
+        return speedup_spread(self.timing)
+
+    def pooled(self, other: Candidate) -> Candidate:
+        """The same setting with the rounds of another timing of it added."""
+        timing = bench.Timing(
+            self.timing.dense + other.timing.dense,
+            self.timing.reduced + other.timing.reduced,
+            inputs=self.timing.inputs,
+        )
+        return Candidate(self.config, self.gmacs_ratio, timing)
 
 
 @dataclass(frozen=True)
@@ -263,41 +276,26 @@ class _Search:
         self.dense_gmacs = tokenreduce.flops.dense_gmacs(model)
 
     def measure(self, config: MethodConfig, gmacs_ratio: float | None = None) -> Candidate:
-        """`config` timed interleaved with the dense model."""
+        """`config` timed interleaved with the dense model; timed again (rounds pooled) when
+        the spread of one timing is above `bench.NOISY_SPREAD` of its speedup (a busy
+        machine)."""
         if gmacs_ratio is None:
             gmacs = calibrate.mean_gmacs(self.model, config, self.images_for(config))
             gmacs_ratio = gmacs / self.dense_gmacs
             tokenreduce.remove(self.model)
         reduced = tokenreduce.apply(copy.deepcopy(self.model), config)
-        timing = bench.measure_speedup(
-            self.model, reduced, self.batches, self.num_warm_iter, self.num_bench_iter
-        )
-        return self._candidate(config, gmacs_ratio, timing)
+        candidate = Candidate(config, gmacs_ratio, self._timing(reduced))
+        if candidate.spread > bench.NOISY_SPREAD * candidate.speedup:
+            candidate = candidate.pooled(Candidate(config, gmacs_ratio, self._timing(reduced)))
+        return candidate
 
     def remeasure(self, candidate: Candidate) -> Candidate:
         """`candidate` timed once more; its rounds pooled with the earlier ones."""
-        again = self.measure(candidate.config, candidate.gmacs_ratio)
-        rounds = candidate.rounds + again.rounds
-        weight = candidate.rounds / rounds
-        return Candidate(
-            config=candidate.config,
-            gmacs_ratio=candidate.gmacs_ratio,
-            speedup=weight * candidate.speedup + (1 - weight) * again.speedup,
-            spread=max(candidate.spread, again.spread, abs(candidate.speedup - again.speedup) / 2),
-            dense_ms=weight * candidate.dense_ms + (1 - weight) * again.dense_ms,
-            method_ms=weight * candidate.method_ms + (1 - weight) * again.method_ms,
-            rounds=rounds,
-        )
+        return candidate.pooled(self.measure(candidate.config, candidate.gmacs_ratio))
 
-    def _candidate(self, config: MethodConfig, ratio: float, timing: bench.Timing) -> Candidate:
-        return Candidate(
-            config=config,
-            gmacs_ratio=ratio,
-            speedup=timing.speedup,
-            spread=speedup_spread(timing),
-            dense_ms=timing.dense_s * 1e3,
-            method_ms=timing.reduced_s * 1e3,
-            rounds=len(timing.dense),
+    def _timing(self, reduced: nn.Module) -> bench.Timing:
+        return bench.measure_speedup(
+            self.model, reduced, self.batches, self.num_warm_iter, self.num_bench_iter
         )
 
     def dense_ms(self) -> float:
@@ -570,8 +568,8 @@ def _tune_one(
         measured_speedup=round(shown.speedup, 3),
         speedup_spread=round(shown.spread, 3),
         measurements=len(tried),
-        dense_ms=round(shown.dense_ms, 2),
-        method_ms=round(shown.method_ms, 2),
+        dense_ms=round(shown.timing.dense_s * 1e3, 2),
+        method_ms=round(shown.timing.reduced_s * 1e3, 2),
         reason="" if chosen else _missed(target, shown),
     )
     logger.info(
