@@ -15,6 +15,7 @@ from tokenreduce.patch import adapter_for, attached_engine
 from tokenreduce.patch.attach import attach, detach
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_images, check_pruned_rule
+from tokenreduce.recipe import is_recipe_path, recipe_config
 
 __all__ = ["apply", "compile", "describe", "last_info", "methods", "patch_features", "remove"]
 
@@ -22,10 +23,13 @@ __all__ = ["apply", "compile", "describe", "last_info", "methods", "patch_featur
 def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
     """Add a token reduction to `model` in place and return it.
 
-    method: a registered name ("tome", "evit", "topk", "ppt", ...) or a config dataclass;
-    options override config fields. A reduction applied earlier is replaced (and kept when the
-    new one is refused).
+    method: a registered name ("tome", "evit", "topk", "ppt", ...), a config dataclass, or a
+    recipe file from `tokenreduce tune --out` (refused when tuned for another model); options
+    override config fields. A reduction applied earlier is replaced (and kept when the new one
+    is refused).
     """
+    if is_recipe_path(method):
+        method = recipe_config(method, describe(model))
     config = make_config(method, **options)
     adapter_class = adapter_for(model)
     config.validate(adapter_class.describe(model))  # a refused config leaves the model as it was

