@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import pickle
 import socket
@@ -568,6 +569,11 @@ def _hf_class(name: str, path: Path, config: Any) -> type[nn.Module]:
     return model_class
 
 
+def _hf_weights_file(folder: Path) -> Path:
+    """The weight file transformers reads from `folder` (its first of HF_WEIGHT_FILES)."""
+    return next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), folder)
+
+
 def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
     """A Hugging Face transformers vision model from a local directory (config.json, weights
     and optionally preprocessor_config.json), its class from the config's `architectures`, with
@@ -619,6 +625,13 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
             config._attn_implementation = "sdpa"
             model, info = model_class(config), {}
     except (*HF_READ_ERRORS, SafetensorError) as err:
+        if pretrained and isinstance(err, pickle.UnpicklingError):  # a weights file torch refused
+            files = ", ".join(str(f) for f in sorted(folder.glob("*.bin"))) or str(folder)
+            raise InvalidOptionError(
+                f"model {name!r}: {files} is not a torch checkpoint of tensors "
+                f"(torch.load: {unpickling_reason(err)}); accepted: the weights save_pretrained "
+                "writes"
+            ) from err
         raise InvalidOptionError(
             f"model {name!r}: the {'weights' if pretrained else 'config'} in {folder} cannot be "
             f"read as {model_class.__name__}: {first_line(err)}"
@@ -626,32 +639,90 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
     mismatch = _count_keys(
         {
             "missing": sorted(info.get("missing_keys", [])),
+            "unexpected": sorted(info.get("unexpected_keys", [])),
             "of another shape": sorted(key for key, *_ in info.get("mismatched_keys", [])),
         }
     )
     if mismatch:  # transformers would leave these weights random
         raise InvalidOptionError(
-            f"model {name!r}: the weights in {folder} do not fit its config.json's "
-            f"{model_class.__name__}: {mismatch}; accepted: the weights save_pretrained wrote "
-            "with this config"
+            f"model {name!r}: the weights in {_hf_weights_file(folder)} do not fit its "
+            f"config.json's {model_class.__name__}: {mismatch}; accepted: the weights "
+            "save_pretrained wrote with this config"
         )
     # the model's name in threshold files: the same folder, however the path was typed
     model.config._name_or_path = str(folder.resolve())
     vision = getattr(config, "vision_config", config)
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
-    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
-    processor = folder / "preprocessor_config.json"
-    if processor.is_file():
-        settings = _read_json(
-            name,
-            processor,
-            "the preprocessor_config.json an image processor's save_pretrained writes, or none",
-        )
-        mean = settings.get("image_mean", mean)
-        std = settings.get("image_std", std)
-        interpolation = {2: "bilinear", 3: "bicubic"}.get(settings.get("resample"), interpolation)
-    model.pretrained_cfg = _preprocessing(size, mean, std, interpolation)
+    model.pretrained_cfg = _preprocessing(size, *_hf_normalisation(name, folder))
     return model
+
+
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+"""preprocessor_config.json's `resample` (a PIL resampling filter) as timm's interpolation."""
+
+
+def _hf_channel_values(
+    name: str, path: Path, key: str, value: object, positive: bool
+) -> tuple[float, float, float]:
+    """An image_mean / image_std value as three finite numbers (one number: every channel)."""
+    values = value if isinstance(value, list) else [value]
+    numbers = [
+        v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]  # fmt: skip
+    ok = len(numbers) == len(values) in (1, 3) and all(
+        math.isfinite(v) and (v > 0 or not positive) for v in numbers
+    )
+    if not ok:
+        sign = "positive " if positive else ""
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has {key}={value!r}; accepted: a list of 3 finite "
+            f"{sign}numbers (one per RGB channel) or one such number"
+        )
+    return tuple(float(v) for v in numbers * (3 // len(numbers)))  # type: ignore[return-value]
+
+
+def _hf_normalisation(name: str, folder: Path) -> tuple[Any, Any, str]:
+    """(mean, std, interpolation) of the folder's preprocessor_config.json (ImageNet's and
+    bicubic without one), its keys checked: a wrong value is refused, not left to fail later."""
+    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return mean, std, interpolation
+    accepted = "the preprocessor_config.json an image processor's save_pretrained writes, or none"
+    settings = _read_json(name, path, accepted)
+    if not isinstance(settings, dict):
+        raise InvalidOptionError(
+            f"model {name!r}: {path} holds a JSON {type(settings).__name__}, not an object; "
+            f"accepted: {accepted}"
+        )
+    for key in ("do_normalize", "do_resize", "do_rescale"):
+        if key in settings and not isinstance(settings[key], bool):
+            raise InvalidOptionError(
+                f"model {name!r}: {path} has {key}={settings[key]!r}; accepted: true or false"
+            )
+    size = settings.get("size")
+    sizes = list(size.values()) if isinstance(size, dict) else [size]
+    if "size" in settings and not (
+        sizes and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    ):
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has size={size!r}; accepted: an int > 0 or an object of "
+            'them (e.g. {"height": 224, "width": 224})'
+        )
+    resample = settings.get("resample", 3)
+    if isinstance(resample, bool) or resample not in PIL_RESAMPLE:
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has resample={resample!r}; accepted: a PIL resampling "
+            f"filter, one of {PIL_RESAMPLE} (number: name)"
+        )
+    interpolation = PIL_RESAMPLE[resample]
+    if "image_mean" in settings:
+        mean = _hf_channel_values(name, path, "image_mean", settings["image_mean"], False)
+    if "image_std" in settings:
+        std = _hf_channel_values(name, path, "image_std", settings["image_std"], True)
+    if settings.get("do_normalize") is False:  # the processor feeds [0, 1] pixels as they are
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return mean, std, interpolation
 
 
 OPEN_CLIP_LOAD_ERRORS: tuple[type[BaseException], ...] = (
