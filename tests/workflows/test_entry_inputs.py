@@ -205,3 +205,27 @@ def test_an_image_size_the_patches_do_not_tile_is_refused_unless_padded():
         dynamic_img_size=True,
     )
     assert padded(torch.randn(1, 3, 63, 63)).shape == (1, 1000)
+
+
+def test_a_dynamic_size_model_takes_multiples_of_its_patch_only():
+    """timm's dynamic_img_size models take any multiple of the patch (their PatchEmbed asserts
+    it): other sizes and empty images are one line before any work, in the forward and in
+    patch_features; with dynamic_img_pad every size of at least a pixel runs."""
+    dynamic = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True)
+    tokenreduce.apply(dynamic, "tome", r=2)
+    match = r"size 40x32 .*multiples of its patch 16x16; accepted: .*positive multiple of 16"
+    for entry in (dynamic, lambda x: tokenreduce.patch_features(dynamic, x)):
+        with pytest.raises(InvalidOptionError, match=match) as caught:
+            entry(torch.randn(1, 3, 40, 32))
+        assert caught.traceback[-1].path.name == "grids.py"
+        with pytest.raises(InvalidOptionError, match=r"8x8 .*multiples"):
+            entry(torch.randn(1, 3, 8, 8))
+        with pytest.raises(InvalidOptionError, match=r"\(1, 3, 0, 16\) .*no pixels"):
+            entry(torch.randn(1, 3, 0, 16))
+    with torch.no_grad():
+        assert tokenreduce.patch_features(dynamic, torch.randn(1, 3, 32, 48)).shape == (1, 7, 192)
+    padded = tiny_vit(
+        "vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True, dynamic_img_pad=True
+    )
+    with torch.no_grad():
+        assert padded(torch.randn(1, 3, 8, 8)).shape == (1, 1000)
