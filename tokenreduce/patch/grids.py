@@ -129,7 +129,9 @@ def check_images(
             "the images, or use a model built for their size)"
         )
     multiple = patch_multiple(model) if size is None else None
-    if multiple is not None and any(n % p or n < p for n, p in zip(shape[2:], multiple)):
+    if multiple is not None and any(
+        n % p or n < p for n, p in zip(shape[2:], multiple, strict=True)
+    ):
         raise InvalidOptionError(
             f"images of size {shape[2]}x{shape[3]} are not accepted by this model, whose patch "
             f"embedding takes sizes that are multiples of its patch {multiple[0]}x{multiple[1]}; "
