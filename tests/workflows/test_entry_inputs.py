@@ -229,3 +229,58 @@ def test_a_dynamic_size_model_takes_multiples_of_its_patch_only():
     )
     with torch.no_grad():
         assert padded(torch.randn(1, 3, 8, 8)).shape == (1, 1000)
+
+
+def rewritten(path, **changes: str):
+    """The threshold file at `path` with metadata entries replaced (a file edited by hand)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata()) | changes
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    path.write_bytes(save(tensors, metadata=metadata))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("model_facts", "{not json", r"metadata 'model_facts' is not valid JSON"),
+        ("model_facts", "[1, 2]", r"metadata 'model_facts' holds a JSON list, not an object"),
+        ("options", "nope", r"metadata 'options' is not valid JSON"),
+        ("options", '"text"', r"metadata 'options' holds a JSON str, not an object"),
+        ("options", '{"layers": "3"}', r"metadata 'options' has layers='3'; accepted: a list"),
+    ],
+)
+def test_threshold_file_metadata_of_the_wrong_kind_is_named(tmp_path, key, value, match):
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    config = make_config("asvit", thresholds=0.5)
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
+    rewritten(path, **{key: value})
+    with pytest.raises(InvalidOptionError, match=match) as caught:
+        tokenreduce.apply(model, "asvit", thresholds=str(path))
+    assert "t.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_threshold_file_layers_other_than_those_asked_are_refused(tmp_path):
+    """A file trained at layers (1, 2, 3) is not used at layers (0, 1, 2) as given; left out, the
+    file's layers apply; transfer=True uses its thresholds at the layers asked."""
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    config = make_config("asvit", thresholds=0.5, layers=(1, 2, 3))
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
+    match = r"layers=\(0, 1, 2\) differs from the layers \(1, 2, 3\) threshold file .*t\.safet"
+    with pytest.raises(InvalidOptionError, match=match):
+        tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(0, 1, 2))
+    engine = tokenreduce.patch.attached_engine
+    tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(3, 1, 2))  # the same set
+    tokenreduce.apply(model, "asvit", thresholds=str(path))
+    assert engine(model).config.layers == (1, 2, 3)
+    tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(0, 1, 2), transfer=True)
+    assert engine(model).config.layers == (0, 1, 2)

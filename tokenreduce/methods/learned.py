@@ -178,6 +178,29 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
     return values, metadata
 
 
+def metadata_object(
+    path: str | Path,
+    metadata: dict[str, str],
+    key: str,
+    what: str = "threshold file",
+    written: str = "a file written by tokenreduce train",
+) -> dict[str, Any]:
+    """A safetensors file's metadata entry `key` read as a JSON object ({} where absent), or
+    InvalidOptionError naming the file (as `what`), the key and what is accepted (`written`)."""
+    try:
+        value = json.loads(metadata.get(key, "{}"))
+    except json.JSONDecodeError as err:
+        raise InvalidOptionError(
+            f"{what} {str(path)!r}: metadata {key!r} is not valid JSON ({err}); accepted: {written}"
+        ) from err
+    if not isinstance(value, dict):
+        raise InvalidOptionError(
+            f"{what} {str(path)!r}: metadata {key!r} holds a JSON {type(value).__name__}, not "
+            f"an object; accepted: {written}"
+        )
+    return value
+
+
 def write_threshold_file(
     path: str | Path, config: LearnedConfig, dims: ModelDims, metadata: dict[str, Any]
 ) -> Path:
@@ -309,11 +332,27 @@ class LearnedConfig(MethodConfig[RecordT]):
         if isinstance(source, (str, Path)):
             vectors, metadata = read_threshold_file(source, self.name, self.kinds)
             updates: dict[str, Any] = dict(vectors)
-            facts = json.loads(metadata.get("model_facts", "{}"))
+            facts = metadata_object(source, metadata, "model_facts")
             updates["trained_for"] = json.dumps({"file": str(source), **facts})
-            layers = json.loads(metadata.get("options", "{}")).get("layers")
+            layers = metadata_object(source, metadata, "options").get("layers")
+            if layers is not None and not (
+                isinstance(layers, list)
+                and layers
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            ):
+                raise InvalidOptionError(
+                    f"threshold file {str(source)!r}: metadata 'options' has layers={layers!r}; "
+                    "accepted: a list of block indices (a file written by tokenreduce train)"
+                )
             if self.layers is None and layers is not None:
                 updates["layers"] = tuple(layers)
+            elif layers is not None and sorted(self.layers) != sorted(layers) and not self.transfer:
+                raise InvalidOptionError(
+                    f"{self.name}: option layers={tuple(self.layers)!r} differs from the layers "
+                    f"{tuple(layers)!r} threshold file {str(source)!r} was trained for; accepted: "
+                    "layers left out (the file's), the file's layers, or transfer=True to use its "
+                    "thresholds at other layers"
+                )
             return updates
         if isinstance(source, torch.Tensor):
             # exact shapes only: a reshape would silently interleave a transposed tensor
