@@ -369,6 +369,7 @@ def load(
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    given = dict(kwargs)  # the user's options to timm, before the offline source's own
     source = offline_sources().get(name)
     arch = source.architecture if source else name
     if source is None:
@@ -391,7 +392,16 @@ def load(
     try:
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except TypeError as err:  # a keyword timm's model does not take
-        raise InvalidTypeError(f"model {name!r} does not take the options {kwargs}: {err}") from err
+        raise InvalidTypeError(
+            f"model {name!r} does not take the options {given}: {first_line(err)}"
+        ) from err
+    except TIMM_OPTION_ERRORS as err:
+        if not given:  # no option of the user's: timm's or our failure, not a user mistake
+            raise
+        raise InvalidOptionError(
+            f"model {name!r} cannot be built with the options {given}: {type(err).__name__} "
+            f"{first_line(err)[:200]}; accepted: values timm's {arch} takes"
+        ) from err
     if img_size is not None:
         _check_patch_multiple(model, name, img_size)
     if checkpoint is not None:
@@ -425,6 +435,16 @@ def _check_patch_multiple(model: nn.Module, name: str, img_size: int) -> None:
             f"a multiple of {step}, e.g. {accepted}"
         )
 
+
+TIMM_OPTION_ERRORS: tuple[type[BaseException], ...] = (
+    AssertionError,
+    ValueError,
+    RuntimeError,
+    ZeroDivisionError,
+)
+"""What a timm model's constructor raises for option values it refuses (each seen): an assert
+(global_pool, embed_dim not divisible by num_heads), torch's checks (a dropout rate above 1, a
+negative depth), a division by a patch size of 0."""
 
 TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
 """Prefixes timm resolves itself (a hub repository, a local timm folder)."""
