@@ -107,6 +107,20 @@ def test_threshold_tensors_of_the_accepted_shapes_apply():
         )
 
 
+@pytest.mark.parametrize(
+    ("method", "option", "value"),
+    [("asvit", "thresholds", torch.ones(3, dtype=torch.bool)),
+     ("asvit", "thresholds", np.array([True, False, True])),
+     ("ltmp", "thresholds", torch.ones(2, 4, dtype=torch.bool)),
+     ("ltmp", "merge_thresholds", torch.ones(4, dtype=torch.int64))],
+)  # fmt: skip
+def test_threshold_tensors_that_are_not_floating_are_refused(method, option, value):
+    """A bool mask's 0/1 used to be taken as thresholds."""
+    match = rf"option {option} is a tensor of dtype torch\.(bool|int64); accepted: a floating"
+    with pytest.raises(InvalidOptionError, match=match):
+        tokenreduce.apply(tiny_vit(depth=4), method, **{option: value})
+
+
 def test_a_threshold_tensor_of_the_wrong_length_is_named_as_the_tensor():
     """Its rows become merge_thresholds and prune_thresholds, which the user never set."""
     named = r"option thresholds is a tensor of shape \(2, 3\) but the method reduces in 4 blocks"

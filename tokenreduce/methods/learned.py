@@ -81,6 +81,11 @@ def check_threshold_values(method: str, option: str, value: object) -> float | t
                 f"{method}: option {option} is a tensor of shape {tuple(value.shape)}; accepted: "
                 "a number or a 1-d tensor with one threshold per reducing layer"
             )
+        if not value.is_floating_point():  # a bool mask's 0/1 are no thresholds
+            raise InvalidOptionError(
+                f"{method}: option {option} is a tensor of dtype {value.dtype}; accepted: a "
+                "floating-point tensor of thresholds (e.g. torch.tensor([0.5, 0.3]))"
+            )
         value = value.detach().double().cpu().tolist()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
