@@ -93,3 +93,18 @@ def test_every_method_runs_without_a_class_token_or_refuses_in_one_line(method):
     tokenreduce.apply(model, method)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_a_config_takes_its_options_by_keyword_only(method):
+    """Every config is keyword-only: a positional value or an unknown keyword is one line
+    naming the config and its options (not the dataclass __init__'s TypeError)."""
+    from tokenreduce.errors import InvalidOptionError, InvalidTypeError
+    from tokenreduce.methods.base import _REGISTRY
+
+    config_class = _REGISTRY[method]
+    with pytest.raises(InvalidTypeError, match=rf"{config_class.__name__}\(8,\): options are gi"):
+        config_class(8)
+    with pytest.raises(InvalidOptionError, match=r"option\(s\) bogus are not options of method"):
+        config_class(bogus=1)
+    assert config_class() == make_config(method)

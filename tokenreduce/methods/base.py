@@ -133,6 +133,25 @@ class MethodConfig(Generic[RecordT]):
     trace_source: bool = False
     rope_position: str = "mean"
 
+    def __new__(cls, *args: Any, **options: Any) -> MethodConfig:
+        # the dataclass __init__ would say only "takes 1 positional argument" or "unexpected
+        # keyword argument": name the config, the value and its options instead
+        accepted = [
+            f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")
+        ]
+        if args:
+            raise InvalidTypeError(
+                f"{cls.__name__}{args!r}: options are given by keyword; accepted: "
+                f"{cls.__name__}(OPTION=VALUE, ...) with OPTION one of {', '.join(accepted)}"
+            )
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls) if f.init})
+        if unknown:
+            raise InvalidOptionError(
+                f"{cls.__name__}: option(s) {', '.join(unknown)} are not options of method "
+                f"{cls.name!r}; accepted: {', '.join(accepted)}"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         check_bool(self.name, "trace_source", self.trace_source)
         if self.rope_position not in ROPE_POSITIONS:
