@@ -87,8 +87,12 @@ def test_every_method_runs_without_a_class_token_or_refuses_in_one_line(method):
     if type(make_config(method)).requires_class_token:
         with pytest.raises(
             ValueError, match=f"method '{method}'.*needs a model with a class token"
-        ):
+        ) as refused:
             tokenreduce.apply(model, method)
+        # the methods it suggests are those that run here (the other branch of this test)
+        runs = [m for m in method_names() if not type(make_config(m)).requires_class_token]
+        assert str(refused.value).endswith(f"a method that needs none: {', '.join(runs)}")
+        assert runs == ["gtp", "ltmp", "mctf", "pitome", "tofu", "tome"]
         return
     tokenreduce.apply(model, method)
     with torch.no_grad():

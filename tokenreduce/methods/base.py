@@ -209,7 +209,9 @@ class MethodConfig(Generic[RecordT]):
             raise InvalidOptionError(
                 f"{self.name}: option rope_position='destination' acts on merged tokens, and "
                 f"{self.name} merges none (its fused tokens take the mean position); accepted: "
-                "the default 'mean', or a merging method (tome, ppt, bat, ltmp)"
+                "the default 'mean', or a merging method ("
+                + ", ".join(n for n, c in sorted(_REGISTRY.items()) if c.merges)
+                + ")"
             )
         if self.rope_position != "mean" and not dims.rotary:
             raise InvalidOptionError(
@@ -221,7 +223,8 @@ class MethodConfig(Generic[RecordT]):
             raise InvalidOptionError(
                 f"method {self.name!r} scores tokens by class attention and needs a model with a "
                 "class token (model.cls_token is not None); this model has none. Accepted: a model "
-                "with a class token, or method 'tome'."
+                "with a class token, or a method that needs none: "
+                + ", ".join(n for n, c in sorted(_REGISTRY.items()) if not c.requires_class_token)
             )
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
