@@ -183,7 +183,7 @@ def load_head(model: nn.Module, path: str | Path) -> None:
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
         raise InvalidOptionError(
             f"head file {path} must hold exactly a 2-d 'weight' and a 'bias' (optionally "
-            f"prefixed 'head.'); it holds {sorted(state)}"
+            f"prefixed 'head.'); it holds {len(state)} keys ({_examples(sorted(state), 5)})"
         )
     if state["bias"].shape != state["weight"].shape[:1]:
         raise InvalidOptionError(

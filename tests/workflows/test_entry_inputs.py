@@ -298,3 +298,20 @@ def test_threshold_file_layers_other_than_those_asked_are_refused(tmp_path):
     assert engine(model).config.layers == (1, 2, 3)
     tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(0, 1, 2), transfer=True)
     assert engine(model).config.layers == (0, 1, 2)
+
+
+def test_an_empty_threshold_path_is_named_empty_not_the_current_folder():
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    with pytest.raises(InvalidOptionError, match=r"threshold file '' is an empty path"):
+        tokenreduce.apply(model, "asvit", thresholds="")
+    with pytest.raises(InvalidOptionError, match=r"schedule file '' is an empty path"):
+        tokenreduce.apply(model, "diffrate", searched="")
+
+
+def test_a_head_file_holding_a_whole_model_is_one_short_line(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(tiny_vit("vit_tiny_patch16_224", depth=2).state_dict(), path)
+    with pytest.raises(InvalidOptionError) as caught:
+        models.load_head(tiny_vit("vit_tiny_patch16_224", depth=2), path)
+    message = str(caught.value)
+    assert "it holds 28 keys (bias, blocks.0.attn.proj.bias, " in message and len(message) < 400

@@ -328,6 +328,8 @@ def read_schedule_file(path: str | Path) -> tuple[tuple[int, ...], tuple[int, ..
 
     written = "a schedule file (.safetensors) written by tokenreduce train --method diffrate"
     accepted = f"accepted: {written}"
+    if str(path) == "":  # Path("") is the current folder
+        raise InvalidOptionError(f"diffrate: schedule file '' is an empty path; {accepted}")
     path = Path(path)
     if path.is_dir():
         raise InvalidOptionError(f"diffrate: schedule file {str(path)!r} is a folder; {accepted}")

@@ -134,6 +134,11 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
     """Threshold vectors {kind: tuple} and metadata of a file written by `tokenreduce train`."""
     from safetensors import SafetensorError, safe_open
 
+    if str(path) == "":  # Path("") is the current folder
+        raise InvalidOptionError(
+            "threshold file '' is an empty path; accepted: the path of a threshold file "
+            "(.safetensors) written by tokenreduce train"
+        )
     path = Path(path)
     if path.is_dir():
         files = sorted(entry.name for entry in path.glob("*.safetensors"))
