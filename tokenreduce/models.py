@@ -518,10 +518,12 @@ HF_READ_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     pickle.UnpicklingError,
     RuntimeError,
+    ZeroDivisionError,
 )
 """What transformers raises for a folder's unreadable file: a missing or corrupt file (OSError,
 EOFError, UnpicklingError), a config it cannot build (ValueError), a weight it cannot convert
-(RuntimeError); safetensors' own error is added when transformers is imported."""
+(RuntimeError), a config value its modules divide by (ZeroDivisionError: patch_size 0);
+safetensors' own error is added when transformers is imported."""
 
 
 @contextlib.contextmanager
@@ -561,9 +563,13 @@ def _hf_config(name: str, folder: Path) -> Any:
             f"model {name!r}: {path} has no 'model_type'; accepted: the config.json "
             "save_pretrained writes"
         )
+    try:  # a field of the wrong type: huggingface_hub's strict dataclasses raise their own error
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: no strict dataclasses
+        StrictDataclassError = ValueError  # noqa: N806
     try:
         return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
         raise InvalidOptionError(
             f"model {name!r}: transformers cannot read {path} (model_type "
             f"{settings['model_type']!r}): {first_line(err)}"
@@ -652,9 +658,10 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
                 f"(torch.load: {unpickling_reason(err)}); accepted: the weights save_pretrained "
                 "writes"
             ) from err
+        weights = pretrained and not isinstance(err, ZeroDivisionError)  # else its config's
         raise InvalidOptionError(
-            f"model {name!r}: the {'weights' if pretrained else 'config'} in {folder} cannot be "
-            f"read as {model_class.__name__}: {first_line(err)}"
+            f"model {name!r}: the {'weights' if weights else 'config'} in {folder} cannot be "
+            f"read as {model_class.__name__}: {type(err).__name__} {first_line(err)}"
         ) from err
     mismatch = _count_keys(
         {

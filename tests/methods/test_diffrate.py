@@ -207,6 +207,7 @@ def test_batch_equals_each_image_alone(fixture_model, images):
         ({"rate_scale": -0.5}, r"rate_scale=-0.5 is not accepted; accepted: a finite number"),
         ({"rate_scale": True}, r"rate_scale=True"),
         ({"rate_scale": float("inf")}, r"rate_scale=inf"),
+        ({"preset": []}, r"preset=\[\] is not accepted; accepted: ViT-T"),
     ],
 )
 def test_bad_options(options, pattern):

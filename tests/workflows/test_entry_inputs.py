@@ -112,11 +112,13 @@ def test_threshold_tensors_of_the_accepted_shapes_apply():
     [("asvit", "thresholds", torch.ones(3, dtype=torch.bool)),
      ("asvit", "thresholds", np.array([True, False, True])),
      ("ltmp", "thresholds", torch.ones(2, 4, dtype=torch.bool)),
-     ("ltmp", "merge_thresholds", torch.ones(4, dtype=torch.int64))],
+     ("ltmp", "merge_thresholds", torch.ones(4, dtype=torch.int64)),
+     ("asvit", "thresholds", np.array(["a", "b", "c"]))],
 )  # fmt: skip
 def test_threshold_tensors_that_are_not_floating_are_refused(method, option, value):
     """A bool mask's 0/1 used to be taken as thresholds."""
-    match = rf"option {option} is a tensor of dtype torch\.(bool|int64); accepted: a floating"
+    match = rf"(option {option} is a tensor of dtype torch\.(bool|int64)|array of dtype <U1.*);"
+    match += " accepted: (a floating|numbers)"
     with pytest.raises(InvalidOptionError, match=match):
         tokenreduce.apply(tiny_vit(depth=4), method, **{option: value})
 
@@ -236,6 +238,8 @@ def test_a_dynamic_size_model_takes_multiples_of_its_patch_only():
             entry(torch.randn(1, 3, 8, 8))
         with pytest.raises(InvalidOptionError, match=r"\(1, 3, 0, 16\) .*no pixels"):
             entry(torch.randn(1, 3, 0, 16))
+    with pytest.raises(InvalidOptionError, match=r"shape \(0, 3, 64, 64\) .*B >= 1"):
+        dynamic(torch.randn(0, 3, 64, 64))  # timm's dynamic position embedding cannot take it
     with torch.no_grad():
         assert tokenreduce.patch_features(dynamic, torch.randn(1, 3, 32, 48)).shape == (1, 7, 192)
     padded = tiny_vit(

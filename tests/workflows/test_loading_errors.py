@@ -86,6 +86,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     shutil.copy(deeper / "model.safetensors", made["deeper_weights"] / "model.safetensors")
     made["garbage_bin"] = Path(shutil.copytree(made["no_weights"], root / "garbage_bin"))
     (made["garbage_bin"] / "pytorch_model.bin").write_bytes(b"garbage" * 10)
+    for key, changes in (("patch_0", {"patch_size": 0}), ("hidden_text", {"hidden_size": "x"})):
+        made[key] = Path(shutil.copytree(good, root / key))
+        edit_config(made[key], **changes)
     for key, processor in PROCESSORS.items():
         made[key] = Path(shutil.copytree(good, root / key))
         (made[key] / "preprocessor_config.json").write_text(processor)
@@ -113,6 +116,9 @@ API_CASES = [
     ("hf:{processor_size}", {}, InvalidOptionError, "size={'height': '224'}; accepted: an int"),
     ("hf:{processor_resample}", {}, InvalidOptionError, "resample=9; accepted: a PIL resampling"),
     ("hf:{processor_normalize}", {}, InvalidOptionError, "do_normalize='no'; accepted: true or"),
+    ("hf:{patch_0}", {}, InvalidOptionError, "the config in"),
+    ("hf:{patch_0}", {"pretrained": False}, InvalidOptionError, "ZeroDivisionError integer div"),
+    ("hf:{hidden_text}", {}, InvalidOptionError, "transformers cannot read"),
     ("hf:{bert}", {}, UnsupportedModelError, "names BertModel (model_type 'bert'), not a vision"),
     ("hf:{convnext}", {}, UnsupportedModelError, "names ConvNextForImageClassification"),
     ("hf:{convnext}", {"pretrained": False}, UnsupportedModelError, "supported: ViTModel"),

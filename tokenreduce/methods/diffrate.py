@@ -310,7 +310,7 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
         for option in ("prune_kept_num", "merge_kept_num"):  # lists in, hashable tuples kept
             if isinstance(getattr(self, option), list):
                 object.__setattr__(self, option, tuple(getattr(self, option)))
-        if self.preset not in PRESETS:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise InvalidOptionError(
                 f"diffrate: option preset={self.preset!r} is not accepted; accepted: "
                 f"{', '.join(PRESETS)}"

@@ -66,7 +66,13 @@ def _as_tensor_if_array(value: object) -> object:
     """A numpy array or scalar (anything with `__array__` but a tensor) as a tensor; other values
     as they are, so that arrays are accepted wherever tensors are."""
     if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
-        tensor = torch.as_tensor(value)
+        try:
+            tensor = torch.as_tensor(value)
+        except TypeError as err:  # an array of strings or objects
+            raise InvalidOptionError(
+                f"thresholds: an array of dtype {getattr(value, 'dtype', '?')} is not accepted; "
+                "accepted: numbers, or a floating-point array or tensor of them"
+            ) from err
         return tensor.item() if tensor.dim() == 0 else tensor
     return value
 
