@@ -44,6 +44,7 @@ __all__ = [
     "ThresholdValues",
     "check_threshold_values",
     "describe_facts",
+    "metadata_object",
     "model_facts",
     "read_threshold_file",
     "write_threshold_file",
