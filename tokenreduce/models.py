@@ -370,6 +370,12 @@ def load(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     given = dict(kwargs)  # the user's options to timm, before the offline source's own
+    in_chans = given.get("in_chans", 3)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        # timm builds a model of zero-channel images, which it then cannot embed
+        raise InvalidOptionError(
+            f"in_chans={in_chans!r} is not accepted; accepted: an int >= 1 (image channels)"
+        )
     source = offline_sources().get(name)
     arch = source.architecture if source else name
     if source is None:

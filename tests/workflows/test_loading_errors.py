@@ -143,6 +143,12 @@ API_CASES = [
         InvalidOptionError,
         "{'embed_dim': 7}: AssertionError dim should be divisible by num_heads; accepted: values",
     ),
+    (
+        "vit_tiny_patch16_224",
+        {"pretrained": False, "in_chans": 0},
+        InvalidOptionError,
+        "in_chans=0 is not accepted; accepted: an int >= 1",
+    ),
     ("test_vit", {"checkpoint": "{root}/garbage.pt"}, InvalidOptionError, "not a torch checkp"),
     ("test_vit", {"checkpoint": "{root}/other_model.pt"}, InvalidOptionError, "1 unexpected (foo)"),
     ("test_vit", {"checkpoint": "{root}/garbage.safetensors"}, InvalidOptionError, "safetensors"),
