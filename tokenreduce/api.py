@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,7 +97,21 @@ def compile(model: nn.Module, mode: str | None = "auto", backend: str = "inducto
     if mode == "auto":
         on_cuda = any(p.is_cuda for p in model.parameters())
         mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
-    return torch.compile(model, fullgraph=True, mode=mode, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, mode=mode, backend=backend)
+    # the reduced forward's own image check would raise inside the graph, where dynamo reports
+    # its failure to trace the raise instead; a hook of the wrapper runs before the graph
+    compiled.register_forward_pre_hook(partial(_check_compiled_images, model), with_kwargs=True)
+    return compiled
+
+
+def _check_compiled_images(
+    model: nn.Module, compiled: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> None:
+    """The reduced forward's image check, run on a compiled model's call before its graph."""
+    images = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
+    interpolated = kwargs.get("interpolate_pos_encoding")  # transformers: any size then
+    size = None if interpolated else adapter_for(model).fixed_input_size(model)
+    check_images(model, images, size, min_batch=0)
 
 
 def describe(model: nn.Module) -> ModelDims:

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import pickle
 import socket
@@ -182,7 +183,7 @@ def load_head(model: nn.Module, path: str | Path) -> None:
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
         raise InvalidOptionError(
             f"head file {path} must hold exactly a 2-d 'weight' and a 'bias' (optionally "
-            f"prefixed 'head.'); it holds {sorted(state)}"
+            f"prefixed 'head.'); it holds {len(state)} keys ({_examples(sorted(state), 5)})"
         )
     if state["bias"].shape != state["weight"].shape[:1]:
         raise InvalidOptionError(
@@ -368,6 +369,13 @@ def load(
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    given = dict(kwargs)  # the user's options to timm, before the offline source's own
+    in_chans = given.get("in_chans", 3)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        # timm builds a model of zero-channel images, which it then cannot embed
+        raise InvalidOptionError(
+            f"in_chans={in_chans!r} is not accepted; accepted: an int >= 1 (image channels)"
+        )
     source = offline_sources().get(name)
     arch = source.architecture if source else name
     if source is None:
@@ -390,7 +398,16 @@ def load(
     try:
         model = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except TypeError as err:  # a keyword timm's model does not take
-        raise InvalidTypeError(f"model {name!r} does not take the options {kwargs}: {err}") from err
+        raise InvalidTypeError(
+            f"model {name!r} does not take the options {given}: {first_line(err)}"
+        ) from err
+    except TIMM_OPTION_ERRORS as err:
+        if not given:  # no option of the user's: timm's or our failure, not a user mistake
+            raise
+        raise InvalidOptionError(
+            f"model {name!r} cannot be built with the options {given}: {type(err).__name__} "
+            f"{first_line(err)[:200]}; accepted: values timm's {arch} takes"
+        ) from err
     if img_size is not None:
         _check_patch_multiple(model, name, img_size)
     if checkpoint is not None:
@@ -424,6 +441,16 @@ def _check_patch_multiple(model: nn.Module, name: str, img_size: int) -> None:
             f"a multiple of {step}, e.g. {accepted}"
         )
 
+
+TIMM_OPTION_ERRORS: tuple[type[BaseException], ...] = (
+    AssertionError,
+    ValueError,
+    RuntimeError,
+    ZeroDivisionError,
+)
+"""What a timm model's constructor raises for option values it refuses (each seen): an assert
+(global_pool, embed_dim not divisible by num_heads), torch's checks (a dropout rate above 1, a
+negative depth), a division by a patch size of 0."""
 
 TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
 """Prefixes timm resolves itself (a hub repository, a local timm folder)."""
@@ -497,10 +524,12 @@ HF_READ_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     pickle.UnpicklingError,
     RuntimeError,
+    ZeroDivisionError,
 )
 """What transformers raises for a folder's unreadable file: a missing or corrupt file (OSError,
 EOFError, UnpicklingError), a config it cannot build (ValueError), a weight it cannot convert
-(RuntimeError); safetensors' own error is added when transformers is imported."""
+(RuntimeError), a config value its modules divide by (ZeroDivisionError: patch_size 0);
+safetensors' own error is added when transformers is imported."""
 
 
 @contextlib.contextmanager
@@ -540,9 +569,13 @@ def _hf_config(name: str, folder: Path) -> Any:
             f"model {name!r}: {path} has no 'model_type'; accepted: the config.json "
             "save_pretrained writes"
         )
+    try:  # a field of the wrong type: huggingface_hub's strict dataclasses raise their own error
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: no strict dataclasses
+        StrictDataclassError = ValueError  # noqa: N806
     try:
         return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
         raise InvalidOptionError(
             f"model {name!r}: transformers cannot read {path} (model_type "
             f"{settings['model_type']!r}): {first_line(err)}"
@@ -566,6 +599,11 @@ def _hf_class(name: str, path: Path, config: Any) -> type[nn.Module]:
             f"{served} (hf:PATH), or timm and open_clip models"
         )
     return model_class
+
+
+def _hf_weights_file(folder: Path) -> Path:
+    """The weight file transformers reads from `folder` (its first of HF_WEIGHT_FILES)."""
+    return next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), folder)
 
 
 def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool) -> nn.Module:
@@ -619,39 +657,105 @@ def load_transformers(path: str, checkpoint: str | Path | None, pretrained: bool
             config._attn_implementation = "sdpa"
             model, info = model_class(config), {}
     except (*HF_READ_ERRORS, SafetensorError) as err:
+        if pretrained and isinstance(err, pickle.UnpicklingError):  # a weights file torch refused
+            files = ", ".join(str(f) for f in sorted(folder.glob("*.bin"))) or str(folder)
+            raise InvalidOptionError(
+                f"model {name!r}: {files} is not a torch checkpoint of tensors "
+                f"(torch.load: {unpickling_reason(err)}); accepted: the weights save_pretrained "
+                "writes"
+            ) from err
+        weights = pretrained and not isinstance(err, ZeroDivisionError)  # else its config's
         raise InvalidOptionError(
-            f"model {name!r}: the {'weights' if pretrained else 'config'} in {folder} cannot be "
-            f"read as {model_class.__name__}: {first_line(err)}"
+            f"model {name!r}: the {'weights' if weights else 'config'} in {folder} cannot be "
+            f"read as {model_class.__name__}: {type(err).__name__} {first_line(err)}"
         ) from err
     mismatch = _count_keys(
         {
             "missing": sorted(info.get("missing_keys", [])),
+            "unexpected": sorted(info.get("unexpected_keys", [])),
             "of another shape": sorted(key for key, *_ in info.get("mismatched_keys", [])),
         }
     )
     if mismatch:  # transformers would leave these weights random
         raise InvalidOptionError(
-            f"model {name!r}: the weights in {folder} do not fit its config.json's "
-            f"{model_class.__name__}: {mismatch}; accepted: the weights save_pretrained wrote "
-            "with this config"
+            f"model {name!r}: the weights in {_hf_weights_file(folder)} do not fit its "
+            f"config.json's {model_class.__name__}: {mismatch}; accepted: the weights "
+            "save_pretrained wrote with this config"
         )
     # the model's name in threshold files: the same folder, however the path was typed
     model.config._name_or_path = str(folder.resolve())
     vision = getattr(config, "vision_config", config)
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
-    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
-    processor = folder / "preprocessor_config.json"
-    if processor.is_file():
-        settings = _read_json(
-            name,
-            processor,
-            "the preprocessor_config.json an image processor's save_pretrained writes, or none",
-        )
-        mean = settings.get("image_mean", mean)
-        std = settings.get("image_std", std)
-        interpolation = {2: "bilinear", 3: "bicubic"}.get(settings.get("resample"), interpolation)
-    model.pretrained_cfg = _preprocessing(size, mean, std, interpolation)
+    model.pretrained_cfg = _preprocessing(size, *_hf_normalisation(name, folder))
     return model
+
+
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+"""preprocessor_config.json's `resample` (a PIL resampling filter) as timm's interpolation."""
+
+
+def _hf_channel_values(
+    name: str, path: Path, key: str, value: object, positive: bool
+) -> tuple[float, float, float]:
+    """An image_mean / image_std value as three finite numbers (one number: every channel)."""
+    values = value if isinstance(value, list) else [value]
+    numbers = [
+        v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]  # fmt: skip
+    ok = len(numbers) == len(values) in (1, 3) and all(
+        math.isfinite(v) and (v > 0 or not positive) for v in numbers
+    )
+    if not ok:
+        sign = "positive " if positive else ""
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has {key}={value!r}; accepted: a list of 3 finite "
+            f"{sign}numbers (one per RGB channel) or one such number"
+        )
+    return tuple(float(v) for v in numbers * (3 // len(numbers)))  # type: ignore[return-value]
+
+
+def _hf_normalisation(name: str, folder: Path) -> tuple[Any, Any, str]:
+    """(mean, std, interpolation) of the folder's preprocessor_config.json (ImageNet's and
+    bicubic without one), its keys checked: a wrong value is refused, not left to fail later."""
+    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return mean, std, interpolation
+    accepted = "the preprocessor_config.json an image processor's save_pretrained writes, or none"
+    settings = _read_json(name, path, accepted)
+    if not isinstance(settings, dict):
+        raise InvalidOptionError(
+            f"model {name!r}: {path} holds a JSON {type(settings).__name__}, not an object; "
+            f"accepted: {accepted}"
+        )
+    for key in ("do_normalize", "do_resize", "do_rescale"):
+        if key in settings and not isinstance(settings[key], bool):
+            raise InvalidOptionError(
+                f"model {name!r}: {path} has {key}={settings[key]!r}; accepted: true or false"
+            )
+    size = settings.get("size")
+    sizes = list(size.values()) if isinstance(size, dict) else [size]
+    if "size" in settings and not (
+        sizes and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    ):
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has size={size!r}; accepted: an int > 0 or an object of "
+            'them (e.g. {"height": 224, "width": 224})'
+        )
+    resample = settings.get("resample", 3)
+    if isinstance(resample, bool) or resample not in PIL_RESAMPLE:
+        raise InvalidOptionError(
+            f"model {name!r}: {path} has resample={resample!r}; accepted: a PIL resampling "
+            f"filter, one of {PIL_RESAMPLE} (number: name)"
+        )
+    interpolation = PIL_RESAMPLE[resample]
+    if "image_mean" in settings:
+        mean = _hf_channel_values(name, path, "image_mean", settings["image_mean"], False)
+    if "image_std" in settings:
+        std = _hf_channel_values(name, path, "image_std", settings["image_std"], True)
+    if settings.get("do_normalize") is False:  # the processor feeds [0, 1] pixels as they are
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return mean, std, interpolation
 
 
 OPEN_CLIP_LOAD_ERRORS: tuple[type[BaseException], ...] = (

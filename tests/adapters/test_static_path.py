@@ -15,6 +15,7 @@ import torch
 import tokenreduce
 from tests.conftest import peaky_vit
 from tests.methods.test_learned import VARIABLE
+from tokenreduce.errors import InvalidOptionError, InvalidTypeError
 from tokenreduce.patch.attention import gpu_path
 from tokenreduce.profiling import host_syncs
 
@@ -111,6 +112,16 @@ def test_tokenreduce_compile_compiles_a_static_reduction_and_refuses_the_rest():
     compiled = tokenreduce.compile(model, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
+    # bad images are our one line, checked before the graph (not dynamo's failure to trace it)
+    for bad, error, match in (
+        (images[:, :, :8], InvalidOptionError, f"size 8x{size} .*takes {size}x{size} only"),
+        (images[0], InvalidOptionError, r"one image: images\[None\]"),
+        (images.long(), InvalidOptionError, "dtype torch.int64"),
+        (images.tolist(), InvalidTypeError, "of type list"),
+    ):
+        with pytest.raises(error, match=match) as caught:
+            compiled(bad)
+        assert caught.traceback[-1].path.name == "grids.py"
 
 
 FUSED = [(m, options) for m, options in STATIC if m not in ("ltmp", "mctf", "gtp")]

@@ -30,6 +30,15 @@ CASES = [
     ("gtp", {"num_prop": 8}, {"num_prop": (8, 7, 0, 0)}, "num_prop=(8, 7, 0, 0)"),
     ("gtp", {"num_prop": 2, "num_neighbours": 20}, {"num_prop": 2, "num_neighbours": 15},
      "num_neighbours=15"),
+    ("diffrate", {"prune_kept_num": [30, 15, 10, 5], "merge_kept_num": [17, 12, 8, 4]},
+     {"prune_kept_num": [17, 15, 10, 5], "merge_kept_num": [17, 12, 8, 4]},
+     "prune_kept_num=(17, 15, 10, 5)"),
+    ("diffrate", {"prune_kept_num": [17, 15, 16, 5], "merge_kept_num": [17, 12, 8, 4]},
+     {"prune_kept_num": [17, 15, 12, 5], "merge_kept_num": [17, 12, 8, 4]},
+     "prune_kept_num=(17, 15, 12, 5)"),  # more than block 2 receives
+    ("diffrate", {"prune_kept_num": [17, 15, 10, 5], "merge_kept_num": [17, 16, 8, 4]},
+     {"prune_kept_num": [17, 15, 10, 5], "merge_kept_num": [17, 15, 8, 4]},
+     "merge_kept_num=(17, 15, 8, 4)"),  # a merge keeping more than its pruning kept
 ]  # fmt: skip
 MASKED = {"batching": "masked", "merge_thresholds": 0.5, "prune_thresholds": 0.05}
 CASES += [
@@ -73,7 +82,7 @@ def test_a_value_the_model_cannot_honour_is_clamped_with_one_warning(
     [("tome", {}), ("ppt", {}), ("bat", {}), ("asvit", {}), ("ltmp", {}),
      ("tome", {"r": 98}), ("bat", {"clusters": 58, "attentive_matches": 69, "neighbours": 57}),
      ("asvit", {"min_keep": 196}), ("ltmp", {"batching": "masked", "max_tokens": 2}),
-     ("diffrate", {}),
+     ("diffrate", {}), ("diffrate", {"rate_scale": 2.0}),
      ("gtp", {}), ("gtp", {"num_prop": 48, "num_neighbours": 195})],
 )  # fmt: skip
 def test_values_the_model_honours_give_no_warning(caplog, method, options):

@@ -207,6 +207,7 @@ def test_batch_equals_each_image_alone(fixture_model, images):
         ({"rate_scale": -0.5}, r"rate_scale=-0.5 is not accepted; accepted: a finite number"),
         ({"rate_scale": True}, r"rate_scale=True"),
         ({"rate_scale": float("inf")}, r"rate_scale=inf"),
+        ({"preset": []}, r"preset=\[\] is not accepted; accepted: ViT-T"),
     ],
 )
 def test_bad_options(options, pattern):
@@ -236,6 +237,26 @@ def test_counts_below_prefix_and_one_patch_are_clamped(caplog):
         )
     torch.testing.assert_close(clamped, used, atol=0, rtol=0)
     assert info.tokens_per_block[0].tolist() == [100, 3]
+
+
+def test_a_rate_scale_that_clears_the_first_reducing_block_warns_with_the_counts(caplog):
+    """rate_scale so large that the first block that reduces would keep no patch token: every
+    block keeps one, and the warning names the counts that run, which given run the same."""
+    model = tiny_vit("vit_tiny_patch16_224", depth=4, img_size=64)  # 17 tokens
+    x = torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="tokenreduce"):
+        scaled, _ = reduced_forward(model, x, "diffrate", rate_scale=1e6)
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert message.startswith("diffrate: option rate_scale=1000000.0 removes more than all")
+    assert message.endswith("using prune_kept_num=(17, 2, 2, 2), merge_kept_num=(17, 2, 2, 2) "
+                            "instead")  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tokenreduce"):
+        given, _ = reduced_forward(
+            model, x, "diffrate", prune_kept_num=[17, 2, 2, 2], merge_kept_num=[17, 2, 2, 2]
+        )
+    assert not caplog.records
+    torch.testing.assert_close(scaled, given, atol=0, rtol=0)
 
 
 def test_gmacs_match_flop_counter_on_every_family():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 import tokenreduce
 from tests.conftest import make_image_folder, peaky_vit, run_cli, tiny_vit
@@ -259,6 +259,14 @@ def test_schedule_file_for_another_model_is_refused(searched, tmp_path):
         DiffRateConfig(searched=str(other))
     with pytest.raises(ValueError, match="format None"):
         DiffRateConfig(searched=str(OURS / "diffrate_s2.9.safetensors"))
+    for facts, match in (("[6]", "holds a JSON list, not an object"), ("{x", "is not valid JSON")):
+        write_schedule_file(other, [17] * 6, [17] * 6, dims, {})
+        with safe_open(str(other), framework="pt") as handle:
+            header = dict(handle.metadata()) | {"model_facts": facts}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        other.write_bytes(save(tensors, metadata=header))
+        with pytest.raises(ValueError, match=f"other.safetensors'.*'model_facts' {match}"):
+            DiffRateConfig(searched=str(other))
     with pytest.raises(ValueError, match="searched alone"):
         DiffRateConfig(
             searched=str(result.path), prune_kept_num=[17] * 12, merge_kept_num=[17] * 12

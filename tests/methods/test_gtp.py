@@ -194,6 +194,9 @@ def test_sparsity_acts_in_blocks_that_do_not_reduce():
         ({"num_neighbours": 0}, "num_neighbours=0 is not accepted"),
         ({"sparsity": 0.0}, r"sparsity=0.0 is not accepted; accepted: a number in \(0, 1\]"),
         ({"alpha": "x"}, "alpha='x' is not accepted"),
+        ({"alpha": float("inf")}, "alpha=inf is not accepted; accepted: a finite number"),
+        ({"alpha": float("nan")}, "alpha=nan is not accepted; accepted: a finite number"),
+        ({"sparsity": float("-inf")}, "sparsity=-inf is not accepted; accepted: a finite"),
         ({"token_scale": 1}, "token_scale=1 must be True or False"),
     ],
 )

@@ -348,8 +348,11 @@ def test_threshold_file_round_trip_and_bad_files(tmp_path):
         make_config("ltmp", thresholds=str(garbage))
     with pytest.raises(ValueError, match="holds thresholds of method 'ltmp', not 'asvit'"):
         make_config("asvit", thresholds=str(path))
-    with pytest.raises(ValueError, match="2 thresholds but the method reduces in 3 blocks"):
+    # layers other than the file's: refused naming both (used to be blamed on the count)
+    with pytest.raises(ValueError, match=r"layers=\(1, 2, 3\) differs from the layers \(1, 5\)"):
         tokenreduce.apply(model, "ltmp", thresholds=str(path), layers=(1, 2, 3))
+    with pytest.raises(ValueError, match="2 thresholds but the method reduces in 3 blocks"):
+        tokenreduce.apply(model, "ltmp", thresholds=str(path), layers=(1, 2, 3), transfer=True)
     with pytest.raises(ValueError, match="thresholds alone"):
         make_config("ltmp", thresholds=str(path), merge_thresholds=0.5)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -188,6 +188,10 @@ def test_nothing_fused_is_the_dense_model():
         ({"bidirection": 1}, "bidirection=1 must be True or False"),
         ({"activate_layer": (1, -2)}, "option activate_layer=\\(1, -2\\) is not accepted"),
         ({"activate_layer": (12,)}, "names a block the model does not have"),
+        (
+            {"activate_layer": (3, 3, 6)},
+            r"activate_layer=\(3, 3, 6\) is not accepted; accepted: None or a tuple of distinct",
+        ),
     ],
 )
 def test_bad_options_are_refused_in_one_line(options, match):

@@ -87,9 +87,28 @@ def test_every_method_runs_without_a_class_token_or_refuses_in_one_line(method):
     if type(make_config(method)).requires_class_token:
         with pytest.raises(
             ValueError, match=f"method '{method}'.*needs a model with a class token"
-        ):
+        ) as refused:
             tokenreduce.apply(model, method)
+        # the methods it suggests are those that run here (the other branch of this test)
+        runs = [m for m in method_names() if not type(make_config(m)).requires_class_token]
+        assert str(refused.value).endswith(f"a method that needs none: {', '.join(runs)}")
+        assert runs == ["gtp", "ltmp", "mctf", "pitome", "tofu", "tome"]
         return
     tokenreduce.apply(model, method)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_a_config_takes_its_options_by_keyword_only(method):
+    """Every config is keyword-only: a positional value or an unknown keyword is one line
+    naming the config and its options (not the dataclass __init__'s TypeError)."""
+    from tokenreduce.errors import InvalidOptionError, InvalidTypeError
+    from tokenreduce.methods.base import _REGISTRY
+
+    config_class = _REGISTRY[method]
+    with pytest.raises(InvalidTypeError, match=rf"{config_class.__name__}\(8,\): options are gi"):
+        config_class(8)
+    with pytest.raises(InvalidOptionError, match=r"option\(s\) bogus are not options of method"):
+        config_class(bogus=1)
+    assert config_class() == make_config(method)

@@ -249,6 +249,15 @@ def test_an_empty_batch_gives_an_empty_output(method):
     assert flops.gmacs(model, tokenreduce.last_info(model)).gmacs.shape == (0,)
 
 
+def test_an_empty_batch_of_an_open_clip_tower_is_one_line():
+    """open_clip's own embedding cannot take an empty batch (the dense tower fails inside it)."""
+    open_clip = pytest.importorskip("open_clip", reason="tokenreduce[openclip] not installed")
+    tower = tokenreduce.apply(open_clip.create_model("ViT-S-32").visual.eval(), "tome", r=2)
+    with pytest.raises(InvalidOptionError, match=r"shape \(0, 3, 224, 224\) .*B >= 1") as caught:
+        tower(torch.randn(0, 3, 224, 224))
+    assert caught.traceback[-1].path.name == "grids.py"
+
+
 def test_gmacs_needs_the_info_of_a_forward():
     model = tokenreduce.apply(tiny_vit(), "tome")
     with pytest.raises(InvalidTypeError, match="info must be the ReductionInfo"):

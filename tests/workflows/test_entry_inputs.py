@@ -107,6 +107,22 @@ def test_threshold_tensors_of_the_accepted_shapes_apply():
         )
 
 
+@pytest.mark.parametrize(
+    ("method", "option", "value"),
+    [("asvit", "thresholds", torch.ones(3, dtype=torch.bool)),
+     ("asvit", "thresholds", np.array([True, False, True])),
+     ("ltmp", "thresholds", torch.ones(2, 4, dtype=torch.bool)),
+     ("ltmp", "merge_thresholds", torch.ones(4, dtype=torch.int64)),
+     ("asvit", "thresholds", np.array(["a", "b", "c"]))],
+)  # fmt: skip
+def test_threshold_tensors_that_are_not_floating_are_refused(method, option, value):
+    """A bool mask's 0/1 used to be taken as thresholds."""
+    match = rf"(option {option} is a tensor of dtype torch\.(bool|int64)|array of dtype <U1.*);"
+    match += " accepted: (a floating|numbers)"
+    with pytest.raises(InvalidOptionError, match=match):
+        tokenreduce.apply(tiny_vit(depth=4), method, **{option: value})
+
+
 def test_a_threshold_tensor_of_the_wrong_length_is_named_as_the_tensor():
     """Its rows become merge_thresholds and prune_thresholds, which the user never set."""
     named = r"option thresholds is a tensor of shape \(2, 3\) but the method reduces in 4 blocks"
@@ -205,3 +221,101 @@ def test_an_image_size_the_patches_do_not_tile_is_refused_unless_padded():
         dynamic_img_size=True,
     )
     assert padded(torch.randn(1, 3, 63, 63)).shape == (1, 1000)
+
+
+def test_a_dynamic_size_model_takes_multiples_of_its_patch_only():
+    """timm's dynamic_img_size models take any multiple of the patch (their PatchEmbed asserts
+    it): other sizes and empty images are one line before any work, in the forward and in
+    patch_features; with dynamic_img_pad every size of at least a pixel runs."""
+    dynamic = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True)
+    tokenreduce.apply(dynamic, "tome", r=2)
+    match = r"size 40x32 .*multiples of its patch 16x16; accepted: .*positive multiple of 16"
+    for entry in (dynamic, lambda x: tokenreduce.patch_features(dynamic, x)):
+        with pytest.raises(InvalidOptionError, match=match) as caught:
+            entry(torch.randn(1, 3, 40, 32))
+        assert caught.traceback[-1].path.name == "grids.py"
+        with pytest.raises(InvalidOptionError, match=r"8x8 .*multiples"):
+            entry(torch.randn(1, 3, 8, 8))
+        with pytest.raises(InvalidOptionError, match=r"\(1, 3, 0, 16\) .*no pixels"):
+            entry(torch.randn(1, 3, 0, 16))
+    with pytest.raises(InvalidOptionError, match=r"shape \(0, 3, 64, 64\) .*B >= 1"):
+        dynamic(torch.randn(0, 3, 64, 64))  # timm's dynamic position embedding cannot take it
+    with torch.no_grad():
+        assert tokenreduce.patch_features(dynamic, torch.randn(1, 3, 32, 48)).shape == (1, 7, 192)
+    padded = tiny_vit(
+        "vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True, dynamic_img_pad=True
+    )
+    with torch.no_grad():
+        assert padded(torch.randn(1, 3, 8, 8)).shape == (1, 1000)
+
+
+def rewritten(path, **changes: str):
+    """The threshold file at `path` with metadata entries replaced (a file edited by hand)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata()) | changes
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    path.write_bytes(save(tensors, metadata=metadata))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("model_facts", "{not json", r"metadata 'model_facts' is not valid JSON"),
+        ("model_facts", "[1, 2]", r"metadata 'model_facts' holds a JSON list, not an object"),
+        ("options", "nope", r"metadata 'options' is not valid JSON"),
+        ("options", '"text"', r"metadata 'options' holds a JSON str, not an object"),
+        ("options", '{"layers": "3"}', r"metadata 'options' has layers='3'; accepted: a list"),
+    ],
+)
+def test_threshold_file_metadata_of_the_wrong_kind_is_named(tmp_path, key, value, match):
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    config = make_config("asvit", thresholds=0.5)
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
+    rewritten(path, **{key: value})
+    with pytest.raises(InvalidOptionError, match=match) as caught:
+        tokenreduce.apply(model, "asvit", thresholds=str(path))
+    assert "t.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_threshold_file_layers_other_than_those_asked_are_refused(tmp_path):
+    """A file trained at layers (1, 2, 3) is not used at layers (0, 1, 2) as given; left out, the
+    file's layers apply; transfer=True uses its thresholds at the layers asked."""
+    from tokenreduce.methods.base import make_config
+    from tokenreduce.methods.learned import write_threshold_file
+
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    config = make_config("asvit", thresholds=0.5, layers=(1, 2, 3))
+    path = write_threshold_file(tmp_path / "t.safetensors", config, tokenreduce.describe(model), {})
+    match = r"layers=\(0, 1, 2\) differs from the layers \(1, 2, 3\) threshold file .*t\.safet"
+    with pytest.raises(InvalidOptionError, match=match):
+        tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(0, 1, 2))
+    engine = tokenreduce.patch.attached_engine
+    tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(3, 1, 2))  # the same set
+    tokenreduce.apply(model, "asvit", thresholds=str(path))
+    assert engine(model).config.layers == (1, 2, 3)
+    tokenreduce.apply(model, "asvit", thresholds=str(path), layers=(0, 1, 2), transfer=True)
+    assert engine(model).config.layers == (0, 1, 2)
+
+
+def test_an_empty_threshold_path_is_named_empty_not_the_current_folder():
+    model = tiny_vit("vit_tiny_patch16_224", img_size=64, depth=4)
+    with pytest.raises(InvalidOptionError, match=r"threshold file '' is an empty path"):
+        tokenreduce.apply(model, "asvit", thresholds="")
+    with pytest.raises(InvalidOptionError, match=r"schedule file '' is an empty path"):
+        tokenreduce.apply(model, "diffrate", searched="")
+
+
+def test_a_head_file_holding_a_whole_model_is_one_short_line(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(tiny_vit("vit_tiny_patch16_224", depth=2).state_dict(), path)
+    with pytest.raises(InvalidOptionError) as caught:
+        models.load_head(tiny_vit("vit_tiny_patch16_224", depth=2), path)
+    message = str(caught.value)
+    assert "it holds 32 keys (bias, blocks.0.attn.proj.bias, " in message and len(message) < 400

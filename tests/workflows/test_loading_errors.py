@@ -25,9 +25,9 @@ from tokenreduce.errors import (
 transformers = pytest.importorskip("transformers", reason="tokenreduce[hf] not installed")
 
 
-def tiny_vit_config(width: int = 32) -> transformers.ViTConfig:
+def tiny_vit_config(width: int = 32, layers: int = 2) -> transformers.ViTConfig:
     return transformers.ViTConfig(
-        hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
         image_size=32, patch_size=8, num_labels=3,
     )  # fmt: skip
 
@@ -38,6 +38,18 @@ def edit_config(folder: Path, **changes: object) -> None:
     for key in [k for k, v in changes.items() if v is None]:
         settings.pop(key)
     (folder / "config.json").write_text(json.dumps(settings))
+
+
+# folder name -> the preprocessor_config.json it holds (each wrong in one key)
+PROCESSORS = {
+    "processor_list": "[1, 2]",
+    "processor_mean_text": '{"image_mean": "abc"}',
+    "processor_mean_two": '{"image_mean": [0.5, 0.5]}',
+    "processor_std_zero": '{"image_std": [0.5, 0, 0.5]}',
+    "processor_size": '{"size": {"height": "224"}}',
+    "processor_resample": '{"resample": 9}',
+    "processor_normalize": '{"do_normalize": "no"}',
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +80,18 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     convnext = transformers.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])
     transformers.ConvNextForImageClassification(convnext).save_pretrained(root / "convnext")
     made |= {"bert": root / "bert", "convnext": root / "convnext", "root": root}
+    deeper = root / "deeper"  # 3 blocks: its weights have keys the 2-block config lacks
+    transformers.ViTForImageClassification(tiny_vit_config(layers=3)).save_pretrained(deeper)
+    made["deeper_weights"] = Path(shutil.copytree(good, root / "deeper_weights"))
+    shutil.copy(deeper / "model.safetensors", made["deeper_weights"] / "model.safetensors")
+    made["garbage_bin"] = Path(shutil.copytree(made["no_weights"], root / "garbage_bin"))
+    (made["garbage_bin"] / "pytorch_model.bin").write_bytes(b"garbage" * 10)
+    for key, changes in (("patch_0", {"patch_size": 0}), ("hidden_text", {"hidden_size": "x"})):
+        made[key] = Path(shutil.copytree(good, root / key))
+        edit_config(made[key], **changes)
+    for key, processor in PROCESSORS.items():
+        made[key] = Path(shutil.copytree(good, root / key))
+        (made[key] / "preprocessor_config.json").write_text(processor)
     (root / "garbage.pt").write_bytes(b"garbage" * 10)
     (root / "garbage.safetensors").write_bytes(b"garbage" * 10)
     torch.save({"foo": torch.zeros(3)}, root / "other_model.pt")
@@ -82,6 +106,19 @@ API_CASES = [
     ("hf:{no_weights}", {}, MissingFileError, "no weights in"),
     ("hf:{truncated}", {}, InvalidOptionError, "cannot be read as ViTForImageClassification"),
     ("hf:{other_weights}", {}, InvalidOptionError, "do not fit its config.json's ViTForImage"),
+    ("hf:{deeper_weights}", {}, InvalidOptionError, "model.safetensors do not fit its config"),
+    ("hf:{deeper_weights}", {}, InvalidOptionError, "16 unexpected (vit.layers.2.attention"),
+    ("hf:{garbage_bin}", {}, InvalidOptionError, "pytorch_model.bin is not a torch checkpoint"),
+    ("hf:{processor_list}", {}, InvalidOptionError, "holds a JSON list, not an object"),
+    ("hf:{processor_mean_text}", {}, InvalidOptionError, "image_mean='abc'; accepted: a list"),
+    ("hf:{processor_mean_two}", {}, InvalidOptionError, "image_mean=[0.5, 0.5]; accepted"),
+    ("hf:{processor_std_zero}", {}, InvalidOptionError, "3 finite positive numbers"),
+    ("hf:{processor_size}", {}, InvalidOptionError, "size={'height': '224'}; accepted: an int"),
+    ("hf:{processor_resample}", {}, InvalidOptionError, "resample=9; accepted: a PIL resampling"),
+    ("hf:{processor_normalize}", {}, InvalidOptionError, "do_normalize='no'; accepted: true or"),
+    ("hf:{patch_0}", {}, InvalidOptionError, "the config in"),
+    ("hf:{patch_0}", {"pretrained": False}, InvalidOptionError, "ZeroDivisionError integer div"),
+    ("hf:{hidden_text}", {}, InvalidOptionError, "transformers cannot read"),
     ("hf:{bert}", {}, UnsupportedModelError, "names BertModel (model_type 'bert'), not a vision"),
     ("hf:{convnext}", {}, UnsupportedModelError, "names ConvNextForImageClassification"),
     ("hf:{convnext}", {"pretrained": False}, UnsupportedModelError, "supported: ViTModel"),
@@ -94,6 +131,24 @@ API_CASES = [
     ("{good}", {}, InvalidOptionError, "is a transformers folder; accepted: hf:"),
     ("vit_smal_patch16_224", {}, InvalidOptionError, "did you mean vit_small_patch16_224"),
     ("deit_small_patch16_224.nope", {}, InvalidOptionError, "TAG one of ['fb_in1k']"),
+    (
+        "vit_tiny_patch16_224",
+        {"pretrained": False, "global_pool": "bogus"},
+        InvalidOptionError,
+        "the options {'global_pool': 'bogus'}: AssertionError Only avg",
+    ),
+    (
+        "vit_tiny_patch16_224",
+        {"pretrained": False, "embed_dim": 7},
+        InvalidOptionError,
+        "{'embed_dim': 7}: AssertionError dim should be divisible by num_heads; accepted: values",
+    ),
+    (
+        "vit_tiny_patch16_224",
+        {"pretrained": False, "in_chans": 0},
+        InvalidOptionError,
+        "in_chans=0 is not accepted; accepted: an int >= 1",
+    ),
     ("test_vit", {"checkpoint": "{root}/garbage.pt"}, InvalidOptionError, "not a torch checkp"),
     ("test_vit", {"checkpoint": "{root}/other_model.pt"}, InvalidOptionError, "1 unexpected (foo)"),
     ("test_vit", {"checkpoint": "{root}/garbage.safetensors"}, InvalidOptionError, "safetensors"),
@@ -111,6 +166,22 @@ def test_a_loading_failure_is_one_line_naming_the_cause(folders, name, kwargs, e
     text = str(caught.value)
     assert message in text and "\n" not in text, text
     assert "hub is not reachable" not in text  # the name is at fault, not the network
+    assert "weights_only" not in text  # torch's advice on untrusted pickles does not apply
+
+
+def test_a_preprocessor_config_sets_the_normalisation(folders, tmp_path):
+    """One number is every channel's; do_normalize false feeds [0, 1] pixels; resample 2 is
+    bilinear."""
+    folder = Path(shutil.copytree(folders["good"], tmp_path / "processor"))
+    processor = {"image_mean": 0.5, "image_std": [0.25, 0.5, 1], "resample": 2}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    config = models.load(f"hf:{folder}").pretrained_cfg
+    assert (config["mean"], config["std"]) == ((0.5,) * 3, (0.25, 0.5, 1.0))
+    assert config["interpolation"] == "bilinear"
+    processor["do_normalize"] = False
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    config = models.load(f"hf:{folder}").pretrained_cfg
+    assert (config["mean"], config["std"]) == ((0.0,) * 3, (1.0,) * 3)
 
 
 OPEN_CLIP_CASES = [
@@ -148,7 +219,11 @@ def test_cli_refuses_a_mismatched_folder_in_one_line_without_the_load_report(fol
     assert "keys: " in line and "of another shape" in line, line
 
 
-@pytest.mark.parametrize("folder", ["bert", "convnext", "bad_json", "no_weights"])
+@pytest.mark.parametrize(
+    "folder",
+    ["bert", "convnext", "bad_json", "no_weights", "garbage_bin", "deeper_weights"]
+    + ["processor_list", "processor_mean_text"],
+)
 def test_cli_exits_2_with_one_line(folders, folder, capsys):
     assert main(["eval", str(folders["root"]), "-m", f"hf:{folders[folder]}"]) == 2
     err = capsys.readouterr().err

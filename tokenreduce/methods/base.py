@@ -133,6 +133,25 @@ class MethodConfig(Generic[RecordT]):
     trace_source: bool = False
     rope_position: str = "mean"
 
+    def __new__(cls, *args: Any, **options: Any) -> MethodConfig:
+        # the dataclass __init__ would say only "takes 1 positional argument" or "unexpected
+        # keyword argument": name the config, the value and its options instead
+        accepted = [
+            f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")
+        ]
+        if args:
+            raise InvalidTypeError(
+                f"{cls.__name__}{args!r}: options are given by keyword; accepted: "
+                f"{cls.__name__}(OPTION=VALUE, ...) with OPTION one of {', '.join(accepted)}"
+            )
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls) if f.init})
+        if unknown:
+            raise InvalidOptionError(
+                f"{cls.__name__}: option(s) {', '.join(unknown)} are not options of method "
+                f"{cls.name!r}; accepted: {', '.join(accepted)}"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         check_bool(self.name, "trace_source", self.trace_source)
         if self.rope_position not in ROPE_POSITIONS:
@@ -190,7 +209,9 @@ class MethodConfig(Generic[RecordT]):
             raise InvalidOptionError(
                 f"{self.name}: option rope_position='destination' acts on merged tokens, and "
                 f"{self.name} merges none (its fused tokens take the mean position); accepted: "
-                "the default 'mean', or a merging method (tome, ppt, bat, ltmp)"
+                "the default 'mean', or a merging method ("
+                + ", ".join(n for n, c in sorted(_REGISTRY.items()) if c.merges)
+                + ")"
             )
         if self.rope_position != "mean" and not dims.rotary:
             raise InvalidOptionError(
@@ -202,7 +223,8 @@ class MethodConfig(Generic[RecordT]):
             raise InvalidOptionError(
                 f"method {self.name!r} scores tokens by class attention and needs a model with a "
                 "class token (model.cls_token is not None); this model has none. Accepted: a model "
-                "with a class token, or method 'tome'."
+                "with a class token, or a method that needs none: "
+                + ", ".join(n for n, c in sorted(_REGISTRY.items()) if not c.requires_class_token)
             )
 
     def clamped_options(self, dims: ModelDims) -> list[str]:

@@ -41,7 +41,14 @@ from tokenreduce.ops.merging import mean_position, most_similar_stayer
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["PRESETS", "DiffRateConfig", "DiffRateStep", "kept_counts", "similarity_merged"]
+__all__ = [
+    "PRESETS",
+    "DiffRateConfig",
+    "DiffRateStep",
+    "kept_counts",
+    "running_counts",
+    "similarity_merged",
+]
 
 PRESET_TOKENS = 197
 """Tokens (class token included) of the models the presets were searched on (224², patch 16)."""
@@ -162,6 +169,22 @@ def _check_counts(option: str, value: object) -> None:
             f"diffrate: option {option}={value!r} is not accepted; accepted: None (use `preset`) "
             "or a list of per-block token counts, ints >= 2 (class token included)"
         )
+
+
+def running_counts(
+    prune: Sequence[int], merge: Sequence[int], floor: int, tokens: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The per-block counts a model of `tokens` tokens runs for the counts given: each at least
+    `floor` (the prefix and one patch token), and at most what its step receives (the official
+    `x[:, :prune]` keeps every token of a block given more): prune_i <= the tokens block i
+    receives (N0, then merge_{i-1}), merge_i <= prune_i."""
+    prune_used, merge_used = [], []
+    for pruned, merged in zip(prune, merge, strict=True):
+        tokens = min(max(pruned, floor), tokens)
+        prune_used.append(tokens)
+        tokens = min(max(merged, floor), tokens)
+        merge_used.append(tokens)
+    return tuple(prune_used), tuple(merge_used)
 
 
 @dataclass(frozen=True)
@@ -287,7 +310,7 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
         for option in ("prune_kept_num", "merge_kept_num"):  # lists in, hashable tuples kept
             if isinstance(getattr(self, option), list):
                 object.__setattr__(self, option, tuple(getattr(self, option)))
-        if self.preset not in PRESETS:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise InvalidOptionError(
                 f"diffrate: option preset={self.preset!r} is not accepted; accepted: "
                 f"{', '.join(PRESETS)}"
@@ -328,19 +351,51 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
 
     def clamped_options(self, dims: ModelDims) -> list[str]:
         lines = []
-        floor = dims.num_prefix + 1
-        for option in ("prune_kept_num", "merge_kept_num"):
-            counts = getattr(self, option)
-            if counts is not None and min(counts) < floor:
-                lines.append(
-                    clamped(
-                        self.name, option, counts,
-                        f"keeps fewer tokens than the {dims.num_prefix} prefix tokens and one "
-                        "patch token",
-                        tuple(max(c, floor) for c in counts),
-                    )
-                )  # fmt: skip
+        if self.prune_kept_num is not None:
+            floor = dims.num_prefix + 1
+            used = running_counts(
+                self.prune_kept_num, self.merge_kept_num, floor, dims.num_tokens
+            )  # fmt: skip
+            why = (
+                f"keeps fewer tokens than the {dims.num_prefix} prefix tokens and one patch "
+                f"token, or more than its block receives (the model's {dims.num_tokens} tokens, "
+                "then the tokens the block before kept, merge_kept_num[i] at most "
+                "prune_kept_num[i])"
+            )
+            for option, counts in zip(("prune_kept_num", "merge_kept_num"), used, strict=True):
+                if counts != getattr(self, option):
+                    lines.append(clamped(self.name, option, getattr(self, option), why, counts))
+        cleared = self._cleared_block(dims)
+        if cleared is not None:
+            prune, merge = self.kept_nums(dims)
+            lines.append(
+                f"diffrate: option rate_scale={self.rate_scale!r} removes more than all patch "
+                f"tokens in block {cleared}, the first that reduces, so every block keeps one "
+                f"patch token where the scaled schedule would keep none; using prune_kept_num="
+                f"{tuple(prune)!r}, merge_kept_num={tuple(merge)!r} instead"
+            )
         return lines
+
+    def _cleared_block(self, dims: ModelDims) -> int | None:
+        """The first reducing block of the schedule where rate_scale removes more than all the
+        patch tokens (its kept fraction 1 - rate_scale * (1 - f) below 0), else None."""
+        if self.prune_kept_num is None:
+            prune, merge = PRESETS[self.preset]
+            prefix, patches = 1, PRESET_TOKENS - 1
+        else:
+            prune, merge = self.prune_kept_num, self.merge_kept_num
+            prefix, patches = dims.num_prefix, dims.num_patches
+        unscaled = kept_counts(merge, prefix, patches, dims, 1.0)
+        first = next((i for i, kept in enumerate(unscaled) if kept < dims.num_tokens), None)
+        if first is None:
+            return None
+        counts = (prune, merge)
+        fractions = [
+            _interpolated([Fraction(max(c - prefix, 1), patches) for c in kind], dims.depth)[first]
+            for kind in counts
+        ]
+        scale = Fraction(self.rate_scale)
+        return first if any(1 - scale * (1 - f) < 0 for f in fractions) else None
 
     def kept_nums(self, dims: ModelDims) -> tuple[list[int], list[int]]:
         """The per-block (prune_kept_num, merge_kept_num) this model runs, prefix included."""
@@ -349,8 +404,9 @@ class DiffRateConfig(MethodConfig[BlockRecord]):
             prefix, patches = 1, PRESET_TOKENS - 1
         else:
             floor = dims.num_prefix + 1
-            prune = [max(c, floor) for c in self.prune_kept_num]
-            merge = [max(c, floor) for c in self.merge_kept_num]
+            prune, merge = running_counts(
+                self.prune_kept_num, self.merge_kept_num, floor, dims.num_tokens
+            )
             prefix, patches = dims.num_prefix, dims.num_patches
         return (
             kept_counts(prune, prefix, patches, dims, self.rate_scale),

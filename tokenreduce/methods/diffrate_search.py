@@ -27,6 +27,7 @@ from torch import nn
 
 from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, MissingFileError
+from tokenreduce.methods.learned import metadata_object
 from tokenreduce.methods.steps import Tokens, carried, kept_rows
 from tokenreduce.ops.merging import mean_position, most_similar_stayer
 from tokenreduce.state import AttentionOutputs, TokenState
@@ -327,6 +328,8 @@ def read_schedule_file(path: str | Path) -> tuple[tuple[int, ...], tuple[int, ..
 
     written = "a schedule file (.safetensors) written by tokenreduce train --method diffrate"
     accepted = f"accepted: {written}"
+    if str(path) == "":  # Path("") is the current folder
+        raise InvalidOptionError(f"diffrate: schedule file '' is an empty path; {accepted}")
     path = Path(path)
     if path.is_dir():
         raise InvalidOptionError(f"diffrate: schedule file {str(path)!r} is a folder; {accepted}")
@@ -345,7 +348,7 @@ def read_schedule_file(path: str | Path) -> tuple[tuple[int, ...], tuple[int, ..
             f"diffrate: schedule file {str(path)!r} has format {metadata.get('format')!r}; "
             f"accepted: {SCHEDULE_FORMAT!r} ({written})"
         )
-    facts = json.loads(metadata.get("model_facts", "{}"))
+    facts = metadata_object(path, metadata, "model_facts", "diffrate: schedule file", written)
     counts = []
     for key in ("prune_kept_num", "merge_kept_num"):
         tensor = tensors.get(key)

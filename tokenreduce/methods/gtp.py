@@ -6,6 +6,7 @@ Official code: Ackesnal/GTP-ViT, models_v3.py (`select`, `propagate`, `Attention
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -273,9 +274,10 @@ class GTPConfig(MethodConfig[GTPRecord]):
                 f"gtp: option num_neighbours={n!r} is not accepted; accepted: an int >= 1"
             )
         for option, value in (("sparsity", self.sparsity), ("alpha", self.alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value)):  # inf gives inf - inf = NaN features
                 raise InvalidOptionError(
-                    f"gtp: option {option}={value!r} is not accepted; accepted: a number"
+                    f"gtp: option {option}={value!r} is not accepted; accepted: a finite number"
                 )
         if not 0 < self.sparsity <= 1:
             raise InvalidOptionError(

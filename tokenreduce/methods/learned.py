@@ -44,6 +44,7 @@ __all__ = [
     "ThresholdValues",
     "check_threshold_values",
     "describe_facts",
+    "metadata_object",
     "model_facts",
     "read_threshold_file",
     "write_threshold_file",
@@ -66,7 +67,13 @@ def _as_tensor_if_array(value: object) -> object:
     """A numpy array or scalar (anything with `__array__` but a tensor) as a tensor; other values
     as they are, so that arrays are accepted wherever tensors are."""
     if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
-        tensor = torch.as_tensor(value)
+        try:
+            tensor = torch.as_tensor(value)
+        except TypeError as err:  # an array of strings or objects
+            raise InvalidOptionError(
+                f"thresholds: an array of dtype {getattr(value, 'dtype', '?')} is not accepted; "
+                "accepted: numbers, or a floating-point array or tensor of them"
+            ) from err
         return tensor.item() if tensor.dim() == 0 else tensor
     return value
 
@@ -80,6 +87,11 @@ def check_threshold_values(method: str, option: str, value: object) -> float | t
             raise InvalidOptionError(
                 f"{method}: option {option} is a tensor of shape {tuple(value.shape)}; accepted: "
                 "a number or a 1-d tensor with one threshold per reducing layer"
+            )
+        if not value.is_floating_point():  # a bool mask's 0/1 are no thresholds
+            raise InvalidOptionError(
+                f"{method}: option {option} is a tensor of dtype {value.dtype}; accepted: a "
+                "floating-point tensor of thresholds (e.g. torch.tensor([0.5, 0.3]))"
             )
         value = value.detach().double().cpu().tolist()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -129,6 +141,11 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
     """Threshold vectors {kind: tuple} and metadata of a file written by `tokenreduce train`."""
     from safetensors import SafetensorError, safe_open
 
+    if str(path) == "":  # Path("") is the current folder
+        raise InvalidOptionError(
+            "threshold file '' is an empty path; accepted: the path of a threshold file "
+            "(.safetensors) written by tokenreduce train"
+        )
     path = Path(path)
     if path.is_dir():
         files = sorted(entry.name for entry in path.glob("*.safetensors"))
@@ -176,6 +193,29 @@ def read_threshold_file(path: str | Path, method: str, kinds: Sequence[str]) -> 
             )
         values[kind] = tuple(tensor.double().tolist())
     return values, metadata
+
+
+def metadata_object(
+    path: str | Path,
+    metadata: dict[str, str],
+    key: str,
+    what: str = "threshold file",
+    written: str = "a file written by tokenreduce train",
+) -> dict[str, Any]:
+    """A safetensors file's metadata entry `key` read as a JSON object ({} where absent), or
+    InvalidOptionError naming the file (as `what`), the key and what is accepted (`written`)."""
+    try:
+        value = json.loads(metadata.get(key, "{}"))
+    except json.JSONDecodeError as err:
+        raise InvalidOptionError(
+            f"{what} {str(path)!r}: metadata {key!r} is not valid JSON ({err}); accepted: {written}"
+        ) from err
+    if not isinstance(value, dict):
+        raise InvalidOptionError(
+            f"{what} {str(path)!r}: metadata {key!r} holds a JSON {type(value).__name__}, not "
+            f"an object; accepted: {written}"
+        )
+    return value
 
 
 def write_threshold_file(
@@ -309,11 +349,27 @@ class LearnedConfig(MethodConfig[RecordT]):
         if isinstance(source, (str, Path)):
             vectors, metadata = read_threshold_file(source, self.name, self.kinds)
             updates: dict[str, Any] = dict(vectors)
-            facts = json.loads(metadata.get("model_facts", "{}"))
+            facts = metadata_object(source, metadata, "model_facts")
             updates["trained_for"] = json.dumps({"file": str(source), **facts})
-            layers = json.loads(metadata.get("options", "{}")).get("layers")
+            layers = metadata_object(source, metadata, "options").get("layers")
+            if layers is not None and not (
+                isinstance(layers, list)
+                and layers
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            ):
+                raise InvalidOptionError(
+                    f"threshold file {str(source)!r}: metadata 'options' has layers={layers!r}; "
+                    "accepted: a list of block indices (a file written by tokenreduce train)"
+                )
             if self.layers is None and layers is not None:
                 updates["layers"] = tuple(layers)
+            elif layers is not None and sorted(self.layers) != sorted(layers) and not self.transfer:
+                raise InvalidOptionError(
+                    f"{self.name}: option layers={tuple(self.layers)!r} differs from the layers "
+                    f"{tuple(layers)!r} threshold file {str(source)!r} was trained for; accepted: "
+                    "layers left out (the file's), the file's layers, or transfer=True to use its "
+                    "thresholds at other layers"
+                )
             return updates
         if isinstance(source, torch.Tensor):
             # exact shapes only: a reshape would silently interleave a transposed tensor

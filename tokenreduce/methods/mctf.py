@@ -302,11 +302,14 @@ class MCTFConfig(MethodConfig[BlockRecord]):
             )
         layers = self.activate_layer
         if layers is not None and not (
-            isinstance(layers, (list, tuple)) and len(layers) > 0 and all(map(_is_count, layers))
+            isinstance(layers, (list, tuple))
+            and len(layers) > 0
+            and all(map(_is_count, layers))
+            and len(set(layers)) == len(layers)  # a block listed twice still reduces once
         ):
             raise InvalidOptionError(
                 f"mctf: option activate_layer={layers!r} is not accepted; accepted: None or a "
-                "tuple of block indices >= 0"
+                "tuple of distinct block indices >= 0"
             )
         for option in ("tau_sim", "tau_info", "tau_size"):
             if not _is_tau(getattr(self, option)):

@@ -21,6 +21,7 @@ __all__ = [
     "check_pruned_rule",
     "grid_positions",
     "grid_tokens",
+    "patch_multiple",
     "strict_patch_embed_size",
 ]
 
@@ -66,6 +67,19 @@ def strict_patch_embed_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def patch_multiple(model: nn.Module) -> tuple[int, int] | None:
+    """The patch size (h, w) that a model's images must be multiples of, where a module of it
+    takes any such size but no other (timm's PatchEmbed with `dynamic_img_size` and without
+    `dynamic_img_pad`, which asserts it), else None."""
+    for module in model.modules():
+        sized = getattr(module, "img_size", None) is not None
+        dynamic = getattr(module, "strict_img_size", True) is False
+        if sized and dynamic and getattr(module, "dynamic_img_pad", True) is False:
+            patch = module.patch_size
+            return tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return None
+
+
 def check_images(
     model: nn.Module, images: object, size: tuple[int, int] | None, min_batch: int = 1
 ) -> None:
@@ -86,6 +100,10 @@ def check_images(
     if images.dim() != 4 or shape[0] < min_batch or shape[1] != channels:
         hint = " (one image: images[None])" if images.dim() == 3 else ""
         raise InvalidOptionError(f"images of shape {shape} are not accepted; {accepted}{hint}")
+    if 0 in shape[2:]:
+        raise InvalidOptionError(
+            f"images of shape {shape} are not accepted: they have no pixels; {accepted}, H, W >= 1"
+        )
     if not images.is_floating_point():
         raise InvalidOptionError(
             f"images of dtype {images.dtype} are not accepted; {accepted} (pixel values after "
@@ -109,6 +127,16 @@ def check_images(
             f"images of size {shape[2]}x{shape[3]} are not accepted by this model, which takes "
             f"{size[0]}x{size[1]} only; accepted: [B, {channels}, {size[0]}, {size[1]}] (resize "
             "the images, or use a model built for their size)"
+        )
+    multiple = patch_multiple(model) if size is None else None
+    if multiple is not None and any(
+        n % p or n < p for n, p in zip(shape[2:], multiple, strict=True)
+    ):
+        raise InvalidOptionError(
+            f"images of size {shape[2]}x{shape[3]} are not accepted by this model, whose patch "
+            f"embedding takes sizes that are multiples of its patch {multiple[0]}x{multiple[1]}; "
+            f"accepted: [B, {channels}, H, W] with H a positive multiple of {multiple[0]} and W "
+            f"of {multiple[1]} (resize or crop the images)"
         )
 
 

@@ -192,7 +192,9 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
         def forward(self: VisionTransformer, x: torch.Tensor) -> Any:
-            check_images(self, x, OpenCLIPAdapter.fixed_input_size(self), min_batch=0)
+            # B >= 1: open_clip's own embedding cannot reshape an empty batch (nor can the dense
+            # tower's forward), so an empty batch is refused here rather than failing inside it
+            check_images(self, x, OpenCLIPAdapter.fixed_input_size(self))
             engine = engine_of(self)
             x = engine.run_blocks(self, self._embeds(x))
             pooled, tokens = size_aware_pool(self, x, engine.final_state(), engine)
