@@ -1,6 +1,9 @@
 """tokenreduce: token pruning and merging for pretrained Vision Transformers (timm, Hugging Face
 transformers, open_clip)."""
 
+import importlib
+from typing import Any
+
 from tokenreduce import flops
 from tokenreduce.api import (
     apply,
@@ -31,12 +34,30 @@ __all__ = [
     "ReductionInfo",
     "ToMeConfig",
     "TopKConfig",
+    "TuneTarget",
     "apply",
     "compile",
     "describe",
+    "export",
     "flops",
     "last_info",
     "methods",
     "patch_features",
     "remove",
+    "tune",
 ]
+
+_WORKFLOWS = {
+    "export": ("tokenreduce.exporting", "export"),
+    "tune": ("tokenreduce.tuning", "tune"),
+    "TuneTarget": ("tokenreduce.tuning", "Target"),
+}
+"""Workflows reachable as `tokenreduce.NAME`, imported on first use: they import the package's
+measuring and export machinery, which must not load with `import tokenreduce`."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WORKFLOWS:
+        raise AttributeError(f"module 'tokenreduce' has no attribute {name!r}")
+    module, attribute = _WORKFLOWS[name]
+    return getattr(importlib.import_module(module), attribute)

@@ -508,7 +508,7 @@ def bench_onnxruntime(
         num_bench_iter: timed rounds, each one dense then one reduced forward.
         images: real preprocessed images to time on (as `bench_model`'s), else one random batch.
     """
-    from tokenreduce.export import check_exportable, check_onnx_packages, export
+    from tokenreduce.exporting import check_exportable, check_onnx_packages, export
 
     check_onnx_packages("--backend onnxruntime")
     configs = [make_config(name, **options) for name, options in methods]

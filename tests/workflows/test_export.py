@@ -10,7 +10,7 @@ import torch
 import tokenreduce
 from tests.conftest import EVERY_METHOD_SMALL
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError
-from tokenreduce.export import export, onnx_max_difference
+from tokenreduce.exporting import export, onnx_max_difference
 
 pytest.importorskip("onnxruntime", reason="tokenreduce[export] not installed")
 pytest.importorskip("onnxscript", reason="tokenreduce[export] not installed")

@@ -15,7 +15,7 @@ import tokenreduce
 from tests.conftest import make_image_folder
 from tokenreduce import models
 from tokenreduce.cli import main
-from tokenreduce.export import onnx_max_difference
+from tokenreduce.exporting import onnx_max_difference
 from tokenreduce.options import parse_method
 
 pytest.importorskip("onnxruntime", reason="tokenreduce[export] not installed")

@@ -19,7 +19,7 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import model_facts
 from tokenreduce.patch import attached_engine
-from tokenreduce.tune import Target, fidelity, speedup_spread, tune
+from tokenreduce.tuning import Target, fidelity, speedup_spread, tune
 
 TINY = ("-m", "test_vit", "--weights", "random", "--num-classes", "3")
 FAST = ("--num-warm-iter", "0", "--num-bench-iter", "2", "--no-progress")

@@ -9,7 +9,7 @@ import torch
 from tokenreduce import bench, data
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.export import check_exportable, check_onnx_packages
+from tokenreduce.exporting import check_exportable, check_onnx_packages
 from tokenreduce.methods.base import MethodConfig, make_config
 from tokenreduce.options import parse_method
 

@@ -13,7 +13,7 @@ from tokenreduce import data
 from tokenreduce.api import apply
 from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.export import (
+from tokenreduce.exporting import (
     FORMATS,
     MIN_OPSET,
     check_exportable,

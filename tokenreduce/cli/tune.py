@@ -12,7 +12,7 @@ from tokenreduce.cli import shared
 from tokenreduce.errors import InvalidOptionError, UnreachableTargetError
 from tokenreduce.options import parse_method
 from tokenreduce.report import check_output_file
-from tokenreduce.tune import Target, TuneResult, tune
+from tokenreduce.tuning import Target, TuneResult, tune
 
 __all__ = ["COLUMNS", "add_parser", "run"]
 
