@@ -8,6 +8,7 @@ per-image choice) are matched on the data they will see.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from tokenreduce.patch import attached_engine
 
 __all__ = ["UNREACHABLE", "Calibration", "match_gmacs", "mean_gmacs"]
 
+
+logger = logging.getLogger(__name__)
 
 UNREACHABLE = 0.02
 """How far (relative) above the target the strongest setting may cost before the target counts
@@ -118,7 +121,18 @@ def match_gmacs(
         best = int(best) if strength.integer else float(best)
         config = make_config(base, **{strength.option: best})
         gmacs = cost(best)
-        strongest = high if strength.larger_reduces_more else low
+        strongest, weakest = (high, low) if strength.larger_reduces_more else (low, high)
+        if best == weakest and gmacs < target * (1 - UNREACHABLE):
+            # cheaper than asked is still usable: the one convention's clamp, said once
+            logger.warning(
+                "ratio=%s of the dense GMACs is more than %s keeps at its weakest: "
+                "%s=%s runs, costing %.3f of dense on these images",
+                ratio,
+                base.name,
+                strength.option,
+                best,
+                gmacs / dense,
+            )
         if best == strongest and gmacs > target * (1 + UNREACHABLE):
             raise UnreachableTargetError(
                 f"ratio={ratio} of the dense GMACs cannot be reached by {base.name}: its "

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import tokenreduce
 from tests.conftest import make_image_folder, peaky_vit, tiny_vit
-from tokenreduce import data, flops, train
+from tokenreduce import calibrate, data, flops, train
 from tokenreduce.bench import Timing, noise_note
 from tokenreduce.cli import build_parser, main
 from tokenreduce.cli.shared import print_results
@@ -158,6 +158,17 @@ def test_gmacs_ratio_says_what_it_replaces(paths, caplog):
     argv = ["eval", paths["data"], *TINY, "--method", "tome:r=3", "--gmacs-ratio", "0.8"]
     assert main([*argv, "-j", "0", "--no-progress"]) == 0
     assert "--gmacs-ratio 0.8 replaces r (--method tome:r=3)" in caplog.text
+
+
+def test_a_ratio_above_a_methods_weakest_cost_runs_its_weakest_setting_with_a_warning(caplog):
+    # ATS samples with replacement: even its whole budget keeps fewer tokens than the model has
+    model = tiny_vit()
+    images = torch.randn(2, 3, 224, 224)
+    caplog.set_level(logging.WARNING, logger="tokenreduce")
+    matched = calibrate.match_gmacs(model, "ats", 0.99, images)
+    weakest = tokenreduce.describe(model).num_tokens
+    assert matched.config.num_tokens == weakest and matched.ratio < 0.99 * 0.98
+    assert f"more than ats keeps at its weakest: num_tokens={weakest} runs" in caplog.text
 
 
 def test_gmacs_ratio_says_it_replaces_a_threshold_file(paths, tmp_path, caplog):
