@@ -278,9 +278,10 @@ def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
     for option, minimum in minimums.items():
         value = getattr(args, option, None)
         values = value if isinstance(value, list) else [value]
-        if any(v is not None and v < minimum for v in values):
+        bad = next((v for v in values if v is not None and v < minimum), None)
+        if bad is not None:
             raise InvalidOptionError(
-                f"--{option.replace('_', '-')}={value} is not accepted; accepted: >= {minimum}"
+                f"--{option.replace('_', '-')}={bad} is not accepted; accepted: >= {minimum}"
             )
 
 
