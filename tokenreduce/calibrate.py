@@ -8,7 +8,9 @@ per-image choice) are matched on the data they will see.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,19 @@ def mean_gmacs(model: nn.Module, config: MethodConfig, images: torch.Tensor) -> 
     with torch.inference_mode():
         model(images)
     return tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean
+
+
+@contextlib.contextmanager
+def _clamps_unlogged() -> Iterator[None]:
+    """The bisection's candidates are not the user's settings: the engine's warning that one of
+    them is clamped is noise (the setting returned warns again where it is applied)."""
+    engine_logger = logging.getLogger("tokenreduce.patch.engine")
+    level = engine_logger.level
+    engine_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        engine_logger.setLevel(level)
 
 
 def match_gmacs(
@@ -97,7 +112,8 @@ def match_gmacs(
         value = int(value) if strength.integer else float(value)
         if value not in cache:
             config = make_config(base, **{strength.option: value})
-            cache[value] = mean_gmacs(model, config, images)
+            with _clamps_unlogged():
+                cache[value] = mean_gmacs(model, config, images)
         return cache[value]
 
     # `weak` is the end that costs more than the target, `strong` the end that costs less.

@@ -171,6 +171,15 @@ def test_a_ratio_above_a_methods_weakest_cost_runs_its_weakest_setting_with_a_wa
     assert f"more than ats keeps at its weakest: num_tokens={weakest} runs" in caplog.text
 
 
+def test_matching_does_not_log_the_clamps_of_the_settings_it_tries(caplog):
+    model = tiny_vit()
+    caplog.set_level(logging.WARNING, logger="tokenreduce")
+    matched = calibrate.match_gmacs(model, "mctf", 0.5, torch.randn(1, 3, 224, 224))
+    assert "asks more merges" not in caplog.text
+    tokenreduce.apply(model, matched.config)
+    assert "asks more merges" in caplog.text  # r=13 at 50%: MCTF's schedule runs out of tokens
+
+
 def test_gmacs_ratio_says_it_replaces_a_threshold_file(paths, tmp_path, caplog):
     model = tokenreduce.models.load("test_vit", pretrained=False)
     config = make_config("asvit", thresholds=(0.5, 0.6, 0.7))

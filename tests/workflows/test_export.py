@@ -67,6 +67,20 @@ def test_an_exported_program_round_trips_with_a_dynamic_batch(tmp_path):
             torch.testing.assert_close(loaded(images), model(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("ltmp", {"merge_thresholds": 0.2, "prune_thresholds": 0.02}),
+        ("asvit", {"thresholds": (0.3, 0.4, 0.5)}),
+    ],
+)
+def test_a_learned_method_exports_its_masked_path_equal_to_pytorch(method, options, tmp_path):
+    model = tokenreduce.apply(small(), method, batching="masked", **options)
+    path = export(model, tmp_path / f"{method}.onnx")
+    for batch in (1, 3):
+        assert onnx_max_difference(path, model, torch.randn(batch, 3, 64, 64)) <= 1e-4
+
+
 def test_a_learned_method_on_its_host_reading_path_is_refused(tmp_path):
     model = tokenreduce.apply(small(), "ltmp", merge_thresholds=0.2, prune_thresholds=0.02)
     with pytest.raises(InvalidOptionError, match=r"ltmp with batching='auto' reads each .*accep"):

@@ -60,6 +60,8 @@ def row_offsets(batch: int, stride: int, start: int, device: torch.device) -> to
 def index_range(n: int, device: torch.device) -> torch.Tensor:
     """torch.arange(n) on `device` as a view of a cached range (a power of two long, so that the
     varying counts of per-image methods share a few): no kernel per call. Read only."""
+    if not isinstance(n, int):  # symbolic (torch.export's dynamic batch): its length is unknown
+        return torch.arange(n, device=device)
     return _range(1 << max(n - 1, 0).bit_length(), device)[:n]
 
 
