@@ -341,6 +341,15 @@ def _mean_report(
     )
 
 
+def _timing_batches(
+    images: torch.Tensor | None, batch_size: int, img_size: tuple[int, int], device: str
+) -> list[torch.Tensor]:
+    """What each timed round runs on: consecutive batches of `images`, else one random batch."""
+    if images is None:
+        return [torch.randn(batch_size, 3, *img_size, device=device)]
+    return image_batches(images.to(device), batch_size)
+
+
 def bench_model(
     model: nn.Module,
     model_name: str,
@@ -371,10 +380,7 @@ def bench_model(
     for name, options in methods:
         reduced = tokenreduce.apply(copy.deepcopy(model), name, **options)
         for batch_size in batch_sizes:
-            if images is None:
-                batches = [torch.randn(batch_size, 3, *img_size, device=device)]
-            else:
-                batches = image_batches(images.to(device), batch_size)
+            batches = _timing_batches(images, batch_size, img_size, device)
             timed_dense, timed_reduced = model, reduced
             if torch_compile:
                 if batch_size not in compiled_dense:
@@ -531,10 +537,7 @@ def bench_onnxruntime(
             reduced = onnxruntime_forward(path, threads)
             logger.info("  exported %s to ONNX: %.0f s", name, time.perf_counter() - start)
             for batch_size in batch_sizes:
-                if images is None:
-                    batches = [torch.randn(batch_size, 3, *img_size)]
-                else:
-                    batches = image_batches(images.cpu(), batch_size)
+                batches = _timing_batches(images, batch_size, img_size, "cpu")
                 timing = measure_speedup(dense, reduced, batches, num_warm_iter, num_bench_iter)
                 report = _mean_report(reduced_model, batches, False, torch.float32)
                 result = _bench_result(

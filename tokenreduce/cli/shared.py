@@ -54,6 +54,7 @@ __all__ = [
     "method_configs",
     "print_results",
     "readable_images",
+    "readable_images_and_labels",
     "real_weights",
     "replaced_by_matching",
     "warn_untrained",
@@ -384,16 +385,24 @@ def image_folder(args: argparse.Namespace, model: nn.Module, root: str) -> data.
 
 def readable_images(dataset: data.ImageFiles, indices: Sequence[int], purpose: str) -> torch.Tensor:
     """The images at `indices` stacked [K, 3, H, W]; unreadable ones are named and left out."""
+    return readable_images_and_labels(dataset, indices, purpose)[0]
+
+
+def readable_images_and_labels(
+    dataset: data.ImageFiles, indices: Sequence[int], purpose: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`readable_images` and the labels of the same images [K] (each decoded once)."""
     items = [dataset[i] for i in indices]
     for _, _, index, ok in items:
         if not ok:
             logger.warning(
                 "unreadable image left out of %s: %s", purpose, dataset.samples[index][0]
             )
-    images = [image for image, _, _, ok in items if ok]
-    if not images:
+    readable = [(image, label) for image, label, _, ok in items if ok]
+    if not readable:
         raise InvalidOptionError(f"no readable image for {purpose} in {len(items)} tried")
-    return torch.stack(images)
+    images, labels = zip(*readable, strict=True)
+    return torch.stack(images), torch.tensor(labels)
 
 
 def replaced_by_matching(config: MethodConfig, options: dict[str, object]) -> list[str]:

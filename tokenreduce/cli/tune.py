@@ -109,11 +109,9 @@ def run(args: argparse.Namespace) -> TuneResult:
         folder = data.ImageFolder(args.data, transform, args.num_images, classes)
     else:
         folder = data.ImageFiles(args.data, transform, args.num_images)
-    images = shared.readable_images(folder, range(len(folder)), "tune").to(args.device)
-    labels = None
-    if labelled:
-        readable = [i for i in range(len(folder)) if folder[i][3]]
-        labels = torch.tensor([folder.samples[i][1] for i in readable], device=args.device)
+    images, labels = shared.readable_images_and_labels(folder, range(len(folder)), "tune")
+    images = images.to(args.device)
+    labels = labels.to(args.device) if labelled else None
     shared.logger.info(
         "tune: %s (%s) for %s=%s at batch %d, %s, %d threads; %d images",
         args.model,
