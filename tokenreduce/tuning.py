@@ -43,6 +43,7 @@ __all__ = [
     "TuneRow",
     "fidelity",
     "speedup_spread",
+    "speedup_standard_error",
     "tune",
 ]
 
@@ -108,6 +109,10 @@ class Candidate:
     @property
     def spread(self) -> float:
         return speedup_spread(self.timing)
+
+    @property
+    def standard_error(self) -> float:
+        return speedup_standard_error(self.timing)
 
     def pooled(self, other: Candidate) -> Candidate:
         """The same setting with the rounds of another timing of it added."""
@@ -217,16 +222,21 @@ class TuneResult:
 
 
 def speedup_spread(timing: bench.Timing) -> float:
-    """The standard error of the measured speedup: from the interquartile range of the per-round
-    speedups (dense / reduced of the same round and input; IQR / 1.349 estimates their standard
-    deviation without letting one disturbed round dominate) as that of a median, 1.253 sigma /
-    sqrt(rounds). How far a repeat of the measurement may move on this machine now."""
+    """The spread of the measured speedup, reported with it: the standard deviation of the
+    per-round speedups (dense / reduced of the same round and input), from their interquartile
+    range (IQR / 1.349) so that one disturbed round does not dominate. Rounds of one timing share
+    the machine's state, so a separate run moves by about this much, not by the standard error."""
     ratios = [d / r for d, r in zip(timing.dense, timing.reduced, strict=True)]
     if len(ratios) < 2:
         return 0.0
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")
-    sigma = (quartiles[2] - quartiles[0]) / 1.349
-    return 1.253 * sigma / math.sqrt(len(ratios))
+    return (quartiles[2] - quartiles[0]) / 1.349
+
+
+def speedup_standard_error(timing: bench.Timing) -> float:
+    """The standard error of the median per-round speedup, 1.253 x spread / sqrt(rounds): how
+    precisely this timing places the speedup, which the search uses to decide and to stop."""
+    return 1.253 * speedup_spread(timing) / math.sqrt(max(len(timing.dense), 1))
 
 
 def fidelity(
@@ -277,7 +287,7 @@ class _Search:
 
     def measure(self, config: MethodConfig, gmacs_ratio: float | None = None) -> Candidate:
         """`config` timed interleaved with the dense model; timed again (rounds pooled) when
-        the spread of one timing is above `bench.NOISY_SPREAD` of its speedup (a busy
+        the standard error of one timing is above `bench.NOISY_SPREAD` of its speedup (a busy
         machine)."""
         if gmacs_ratio is None:
             gmacs = calibrate.mean_gmacs(self.model, config, self.images_for(config))
@@ -285,7 +295,7 @@ class _Search:
             tokenreduce.remove(self.model)
         reduced = tokenreduce.apply(copy.deepcopy(self.model), config)
         candidate = Candidate(config, gmacs_ratio, self._timing(reduced))
-        if candidate.spread > bench.NOISY_SPREAD * candidate.speedup:
+        if candidate.standard_error > bench.NOISY_SPREAD * candidate.speedup:
             candidate = candidate.pooled(Candidate(config, gmacs_ratio, self._timing(reduced)))
         return candidate
 
@@ -335,8 +345,8 @@ class _Search:
 
 
 def _meets(candidate: Candidate, speedup: float) -> bool:
-    """Whether the measured speedup reaches `speedup` within its spread."""
-    return candidate.speedup + candidate.spread >= speedup
+    """Whether the measured speedup reaches `speedup` within its standard error."""
+    return candidate.speedup + candidate.standard_error >= speedup
 
 
 def _next_ratio(tried: list[Candidate], speedup: float) -> float | None:
@@ -344,7 +354,7 @@ def _next_ratio(tried: list[Candidate], speedup: float) -> float | None:
     meeting = [c for c in tried if _meets(c, speedup)]
     missing = [c for c in tried if not _meets(c, speedup)]
     weakest = max(meeting, key=lambda c: c.gmacs_ratio, default=None)
-    if weakest is not None and abs(weakest.speedup - speedup) <= weakest.spread:
+    if weakest is not None and abs(weakest.speedup - speedup) <= weakest.standard_error:
         return None  # within the noise of the target: a weaker setting would not measure apart
     bracket = [c for c in missing if weakest is None or c.gmacs_ratio > weakest.gmacs_ratio]
     if weakest is not None and bracket:

@@ -19,7 +19,7 @@ from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import model_facts
 from tokenreduce.patch import attached_engine
-from tokenreduce.tuning import Target, fidelity, speedup_spread, tune
+from tokenreduce.tuning import Target, fidelity, speedup_spread, speedup_standard_error, tune
 
 TINY = ("-m", "test_vit", "--weights", "random", "--num-classes", "3")
 FAST = ("--num-warm-iter", "0", "--num-bench-iter", "2", "--no-progress")
@@ -111,12 +111,15 @@ def test_unreachable_speed_is_reported_with_the_best_reached(model, images, monk
     assert "1.100x" in result.unreached_message()
 
 
-def test_speedup_spread_is_the_standard_error_of_the_median_round():
+def test_speedup_spread_is_the_deviation_of_a_round_and_its_median_has_a_standard_error():
     timing = bench.Timing([1.0] * 5, [0.5, 0.5, 0.5, 0.5, 0.5])
     assert speedup_spread(timing) == 0
+    assert speedup_standard_error(timing) == 0
     timing = bench.Timing([1.0] * 5, [1 / 1.8, 1 / 1.9, 1 / 2.0, 1 / 2.1, 1 / 2.2])
     # quartiles 1.9 and 2.1: sigma = 0.2 / 1.349
-    assert speedup_spread(timing) == pytest.approx(1.253 * 0.2 / 1.349 / 5**0.5)
+    assert speedup_spread(timing) == pytest.approx(0.2 / 1.349)
+    assert speedup_standard_error(timing) == pytest.approx(1.253 * 0.2 / 1.349 / 5**0.5)
+    assert speedup_spread(bench.Timing([1.0], [0.5])) == 0
 
 
 @pytest.mark.parametrize(
