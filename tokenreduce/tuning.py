@@ -51,6 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TARGET_KINDS = ("speedup", "latency_ms", "gmacs_ratio")
+ROUND_RANGE = 1.96
+"""The spread reported is this many standard deviations of a round's speedup (95% of rounds)."""
 FIDELITY_METRICS = ("accuracy", "cosine", "patch_cosine")
 """accuracy: top-1 (%) on labelled images; cosine: pooled features against the dense model's;
 patch_cosine: every patch's final feature (`patch_features`) against the dense model's."""
@@ -222,21 +224,23 @@ class TuneResult:
 
 
 def speedup_spread(timing: bench.Timing) -> float:
-    """The spread of the measured speedup, reported with it: the standard deviation of the
-    per-round speedups (dense / reduced of the same round and input), from their interquartile
-    range (IQR / 1.349) so that one disturbed round does not dominate. Rounds of one timing share
-    the machine's state, so a separate run moves by about this much, not by the standard error."""
+    """The spread of the measured speedup, reported with it: the half-width of the range that
+    holds 95% of the per-round speedups (dense / reduced of the same round and input), 1.96
+    sigma, with sigma from their interquartile range (IQR / 1.349) so that one disturbed round
+    does not dominate. The rounds of one timing share the machine's state, and a separate run
+    later moves by more than their standard error: by up to about this much."""
     ratios = [d / r for d, r in zip(timing.dense, timing.reduced, strict=True)]
     if len(ratios) < 2:
         return 0.0
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")
-    return (quartiles[2] - quartiles[0]) / 1.349
+    return ROUND_RANGE * (quartiles[2] - quartiles[0]) / 1.349
 
 
 def speedup_standard_error(timing: bench.Timing) -> float:
-    """The standard error of the median per-round speedup, 1.253 x spread / sqrt(rounds): how
+    """The standard error of the median per-round speedup, 1.253 sigma / sqrt(rounds): how
     precisely this timing places the speedup, which the search uses to decide and to stop."""
-    return 1.253 * speedup_spread(timing) / math.sqrt(max(len(timing.dense), 1))
+    sigma = speedup_spread(timing) / ROUND_RANGE
+    return 1.253 * sigma / math.sqrt(max(len(timing.dense), 1))
 
 
 def fidelity(

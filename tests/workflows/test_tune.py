@@ -116,8 +116,8 @@ def test_speedup_spread_is_the_deviation_of_a_round_and_its_median_has_a_standar
     assert speedup_spread(timing) == 0
     assert speedup_standard_error(timing) == 0
     timing = bench.Timing([1.0] * 5, [1 / 1.8, 1 / 1.9, 1 / 2.0, 1 / 2.1, 1 / 2.2])
-    # quartiles 1.9 and 2.1: sigma = 0.2 / 1.349
-    assert speedup_spread(timing) == pytest.approx(0.2 / 1.349)
+    # quartiles 1.9 and 2.1: sigma = 0.2 / 1.349; 95% of rounds within 1.96 sigma
+    assert speedup_spread(timing) == pytest.approx(1.96 * 0.2 / 1.349)
     assert speedup_standard_error(timing) == pytest.approx(1.253 * 0.2 / 1.349 / 5**0.5)
     assert speedup_spread(bench.Timing([1.0], [0.5])) == 0
 
