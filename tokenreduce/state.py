@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tokenreduce.batching import Batching
-from tokenreduce.ops.attention import padding_bias, size_bias
+from tokenreduce.ops.attention import PooledAttention, padding_bias, size_bias
 
 __all__ = ["AttentionOutputs", "TokenState"]
 
@@ -49,9 +49,9 @@ class TokenState:
         `MethodConfig.initial_state` and its reductions (GTP: the token graph over the non-prefix
         tokens, [B, N - P, N - P]); None for the methods that carry nothing.
     attention: [B, H, N, N] attention probabilities over the current tokens that the block's
-        attention uses instead of its own softmax; set by a reduction before the attention
-        (`MethodConfig.reduces_at` "start": MCTF's fused one-step-ahead attention), cleared by the
-        engine once used; None otherwise.
+        attention uses instead of its own softmax (or a `PooledAttention` that stands for them);
+        set by a reduction before the attention (`MethodConfig.reduces_at` "start": MCTF's fused
+        one-step-ahead attention), cleared by the engine once used; None otherwise.
     """
 
     num_prefix: int
@@ -66,7 +66,7 @@ class TokenState:
     batching: Batching = Batching.AUTO
     counts: tuple[int, ...] | None = None
     carry: torch.Tensor | None = None
-    attention: torch.Tensor | None = None
+    attention: torch.Tensor | PooledAttention | None = None
     _key_biases: dict[tuple[bool, torch.dtype], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

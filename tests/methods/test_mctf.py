@@ -14,6 +14,7 @@ from tests.adapters.test_flops import counted_gmacs
 from tests.conftest import reduced_forward, tiny_vit
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.mctf import merge_count
+from tokenreduce.ops.attention import PooledAttention
 
 HERE = Path(__file__).parent / "fixtures"
 
@@ -210,3 +211,46 @@ def test_too_large_r_warns_once_with_the_merges_made(caplog):
     tokenreduce.apply(tiny_vit(img_size=64), "mctf", r=8)
     assert caplog.text.count("mctf: option r=8") == 1
     assert "using r=[7, 0, 0," in caplog.text
+
+
+def test_pooled_attention_applied_equals_its_matrix():
+    """The fused attention applied without forming it (`PooledAttention.attend`) equals its
+    [B, H, N', N'] matrix times the values, and that matrix's rows still sum to 1."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, tokens, num_out, dim = 2, 3, 9, 5, 4
+    probs = torch.rand(batch, heads, tokens, tokens, generator=generator, dtype=torch.float64)
+    probs = probs / probs.sum(-1, keepdim=True)
+    # every output receives at least one token; images differ
+    destination = torch.stack([torch.arange(tokens) % num_out, torch.arange(tokens).flip(0) // 2])
+    weight = torch.rand(batch, tokens, 1, generator=generator, dtype=torch.float64) + 0.1
+    pooled = PooledAttention(probs, destination, weight, num_out)
+    matrix = pooled.materialized()
+    assert matrix.shape == (batch, heads, num_out, num_out)
+    torch.testing.assert_close(
+        matrix.sum(-1), torch.ones(batch, heads, num_out, dtype=torch.float64)
+    )
+    v = torch.randn(batch, heads, num_out, dim, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(pooled.attend(v), matrix @ v, atol=1e-14, rtol=0)
+
+
+def test_training_dropout_acts_on_the_fused_matrix(fixture_model, images):
+    """With attention dropout in training, the pooled probabilities are formed and dropped out;
+    with p = 0 in training mode the output equals evaluation's."""
+    model = fixture_model
+    tokenreduce.apply(model, "mctf")
+    try:
+        with torch.no_grad():
+            evaluated = model(images)
+            model.train()
+            trained = model(images)
+            for block in model.blocks:
+                block.attn.attn_drop.p = 0.5
+            torch.manual_seed(0)
+            dropped = model(images)
+    finally:
+        for block in model.blocks:
+            block.attn.attn_drop.p = 0.0
+        model.eval()
+        tokenreduce.remove(model)
+    torch.testing.assert_close(trained, evaluated, atol=1e-12, rtol=0)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, evaluated)

@@ -24,6 +24,7 @@ from tokenreduce.methods.base import (
     register,
 )
 from tokenreduce.methods.steps import Tokens, carried
+from tokenreduce.ops.attention import PooledAttention
 from tokenreduce.ops.merging import interleave_destinations, order_index, prefix_first_order
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
@@ -203,16 +204,15 @@ def fused_attention(
     received: torch.Tensor,
     size: torch.Tensor,
     pooling_type: int,
-) -> torch.Tensor:
-    """The attention [B, H, N, N] over the fused tokens, [B, H, N', N'] (official `merge_wavg`
-    with `one_step_ahead`): the probabilities of a fused key are summed; the rows of a fused
-    query are pooled as its features (`pooling_weight`, or their max). size: [B, N, 1] before."""
-    over_keys = fuse_rows_by(attn, fusion, dim=3)
+) -> PooledAttention | torch.Tensor:
+    """The attention [B, H, N, N] over the fused tokens (official `merge_wavg` with
+    `one_step_ahead`): the probabilities of a fused key are summed; the rows of a fused query
+    are pooled as its features (`pooling_weight`: a `PooledAttention`, applied without forming
+    the [B, H, N', N'] matrix), or their max (that matrix). size: [B, N, 1] before."""
     weight = pooling_weight(received, size, pooling_type)
-    if weight is None:
-        return fuse_rows_by(over_keys, fusion, "amax", dim=2)
-    rows = fuse_rows_by(over_keys * weight.unsqueeze(1), fusion, dim=2)
-    return rows / fuse_rows_by(weight, fusion).unsqueeze(1)
+    if weight is not None:
+        return PooledAttention(attn, fusion.destination, weight, fusion.num_out)
+    return fuse_rows_by(fuse_rows_by(attn, fusion, dim=3), fusion, "amax", dim=2)
 
 
 def fused_tokens(
@@ -435,7 +435,9 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         """The cosine similarities of A x B tokens (C channels) where the block fuses any. Before
         the attention (one_step_ahead 1, 2) also the probe, the block's attention on its N
         unfused tokens (every attention linear but the output projection, and the N^2 scores),
-        less (one_step_ahead 1) the N'^2 scores its attention on the fused tokens skips."""
+        less (one_step_ahead 1) the N'^2 scores its attention on the fused tokens skips; its
+        attention's product with the values is over the N unfused tokens where it pools them by
+        weight (`PooledAttention`), N^2 rather than N'^2."""
         return n_in.new_tensor([self._overhead(int(n), dims, step) for n in n_in.tolist()])
 
     def _overhead(self, n: int, dims: ModelDims, r: int | float) -> int:
@@ -448,4 +450,6 @@ class MCTFConfig(MethodConfig[BlockRecord]):
             macs += n * probe_linear + n * n * dims.attn_dim
         if self.one_step_ahead == 1:
             macs -= (n - count) ** 2 * dims.attn_dim
+            if self.pooling_type != 2:  # the pooled attention weighs the N values (N^2, not N'^2)
+                macs += (n * n - (n - count) ** 2) * dims.attn_dim
         return macs

@@ -1,7 +1,10 @@
 """Attention helpers: the proportional-attention bias, the class-attention row, the attention
-each token receives, and attention one image at a time (explicit or fused)."""
+each token receives, attention one image at a time (explicit or fused), and attention
+probabilities whose tokens were pooled."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from tokenreduce.ops.packing import cached_index
 
 __all__ = [
+    "PooledAttention",
     "attention_by_image",
     "class_attention_row",
     "fused_attention_by_image",
@@ -259,3 +263,47 @@ def fused_attention_by_image(
             class_rows[image, :, :count] = row[0]
         start += count
     return out, class_rows
+
+
+class PooledAttention(NamedTuple):
+    """Attention probabilities over N tokens whose tokens were then pooled into N' (MCTF's
+    one-step-ahead attention, docs/methods.md §3.10): the probability of a pooled key is the sum
+    of its members', a pooled query's row the `weight`-weighted mean of its members' rows.
+
+    probs: [B, H, N, N]; destination: [B, N] output token of each token; weight: [B, N, 1]
+    (> 0); num_out: N'. `attend` applies the [B, H, N', N'] matrix without forming it: the keys'
+    sum is each token reading its destination's value, and the rows' mean pools N outputs of
+    d channels instead of N rows of N probabilities.
+    """
+
+    probs: torch.Tensor
+    destination: torch.Tensor
+    weight: torch.Tensor
+    num_out: int
+
+    def _pool(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """rows [B, H, N, M] (dim 2) or [B, H, M, N] (dim 3) summed into the N' outputs."""
+        shape = [rows.shape[0], 1, 1, 1]
+        shape[dim] = rows.shape[dim]
+        index = self.destination.view(shape).expand_as(rows)
+        size = list(rows.shape)
+        size[dim] = self.num_out
+        return rows.new_zeros(size).scatter_add_(dim, index, rows)
+
+    def _row_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's weight [B, 1, N, 1] and each output's total [B, 1, N', 1]."""
+        weight = self.weight.to(self.probs.dtype).unsqueeze(1)
+        return weight, self._pool(weight, 2)
+
+    def attend(self, v: torch.Tensor) -> torch.Tensor:
+        """The pooled attention applied to the pooled tokens' values v [B, H, N', d]:
+        [B, H, N', d]."""
+        index = self.destination[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1])
+        rows = self.probs @ v.gather(2, index)  # [B, H, N, d]
+        weight, total = self._row_weight()
+        return self._pool(rows * weight, 2) / total
+
+    def materialized(self) -> torch.Tensor:
+        """The pooled probabilities [B, H, N', N'] (for attention dropout, which acts on them)."""
+        weight, total = self._row_weight()
+        return self._pool(self._pool(self.probs, 3) * weight, 2) / total

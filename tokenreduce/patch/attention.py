@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenreduce.ops.attention import (
+    PooledAttention,
     attention_by_image,
     class_attention_row,
     fused_attention_by_image,
@@ -74,9 +75,9 @@ class AttentionCall:
     largest fraction `sparsity` of each head's softmax probabilities, zero the rest
     (`ops.attention.sparsify_attention`, GTP's attention sparsification; explicit path); None
     leaves the attention as it is. probs: [B, H, N, N] attention probabilities to use instead
-    of the softmax of the scores (which are then not computed; MCTF's fused attention), or
-    None. probe: compute only the by-products, not the attention output (the adapter's
-    attention half then returns its input unchanged).
+    of the softmax of the scores (which are then not computed; MCTF's fused attention, also as
+    a `PooledAttention`), or None. probe: compute only the by-products, not the attention
+    output (the adapter's attention half then returns its input unchanged).
     """
 
     bias: torch.Tensor | None = None
@@ -87,7 +88,7 @@ class AttentionCall:
     rope: Any = None
     valid: torch.Tensor | None = None
     sparsity: float | None = None
-    probs: torch.Tensor | None = None
+    probs: torch.Tensor | PooledAttention | None = None
     probe: bool = False
 
     @property
@@ -265,13 +266,19 @@ def attend(
 
 
 def attend_given(
-    probs: torch.Tensor, v: torch.Tensor, call: AttentionCall, dropout: float
+    probs: torch.Tensor | PooledAttention, v: torch.Tensor, call: AttentionCall, dropout: float
 ) -> torch.Tensor:
     """Attention output [B, N, H * d] (ragged: flat [M, H * d] rows) of given probabilities
-    probs [B, H, N, N] and values v [B, H, N, d] (ragged: flat [M, H, d] rows)."""
+    probs [B, H, N, N] (or pooled ones, applied without forming them unless dropout acts on
+    them) and values v [B, H, N, d] (ragged: flat [M, H, d] rows)."""
     if v.dim() == 3:
         v = call.layout.pad(v.flatten(1)).unflatten(-1, v.shape[1:]).transpose(1, 2)
-    out = (F.dropout(probs, dropout) if dropout else probs) @ v
+    if isinstance(probs, PooledAttention) and not dropout:
+        out = probs.attend(v)
+    else:
+        if isinstance(probs, PooledAttention):  # dropout acts on the pooled probabilities
+            probs = probs.materialized()
+        out = (F.dropout(probs, dropout) if dropout else probs) @ v
     batch, heads, tokens, head_dim = v.shape
     out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     return out if call.layout is None else call.layout.unpad(out)
