@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 
-ADAPTERS: list[type[ModelAdapter]] = [TimmAdapter, EvaAdapter]
+BUILT_IN = (TimmAdapter, EvaAdapter)
+ADAPTERS: list[type[ModelAdapter]] = list(BUILT_IN)
 """Registered adapter classes, asked in order."""
 
 AdapterT = TypeVar("AdapterT", bound=type[ModelAdapter])
@@ -109,7 +110,10 @@ def adapter_for(model: nn.Module) -> type[ModelAdapter]:
         if adapter.supports(model):
             adapter.check_supported(model)
             return adapter
-    supported = "; ".join(adapter.SUPPORTED for adapter in ADAPTERS)
+    # the built-in families, then the others by name: one line whatever the process imported
+    others = sorted((a for a in ADAPTERS if a not in BUILT_IN), key=lambda a: a.__name__)
+    described = [*BUILT_IN, *others]
+    supported = "; ".join(adapter.SUPPORTED for adapter in described)
     if LAZY_ADAPTERS:
         supported += "; " + "; ".join(
             f"{family} models (tokenreduce[{LAZY_EXTRAS.get(family, family)}])"
