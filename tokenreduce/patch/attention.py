@@ -183,7 +183,7 @@ def attend(
         and "attn" not in call.needs
     )
     fused_by_image = (  # a ragged batch: the fused kernel on each image's rows alone
-        fused and several_on_cpu and flat and call.needs <= {"cls_attn", "key_mean"}
+        fused and several_on_cpu and flat and call.needs <= {"cls_attn", "key_mean", "values"}
     )
     metric_keys = k if metric_keys is None else metric_keys
     if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
@@ -246,10 +246,15 @@ def attend(
         key_mean = metric_keys.mean(dim=-2 if flat else 1)
         if flat:
             key_mean = call.layout.pad(key_mean)
+    values = None
+    if "values" in call.needs:
+        values = v
+        if flat:  # the method reads them per image: [B, H, N, d] like the rest of its inputs
+            values = call.layout.pad(v.flatten(1)).unflatten(-1, v.shape[1:]).transpose(1, 2)
     byproducts = AttentionOutputs(
         cls_attn=cls_attn,
         key_mean=key_mean,
-        values=v if "values" in call.needs else None,
+        values=values,
         attn=full if "attn" in call.needs else None,
         received=received,
         fused=fused,
