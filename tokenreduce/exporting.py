@@ -5,7 +5,8 @@ The forward is traced on the GPU path (`patch.attention.gpu_path`): static shape
 loops, proportional attention's key bias as head dimensions of the fused attention kernel. That
 is one graph that runs on any device, with every reduction inside it: token counts are fixed by
 the method, so the exported model is as fast as the method allows wherever it runs. Only a
-static reduction exports (every fixed-count method; LTMP and AS-ViT with batching="masked").
+static reduction exports (every fixed-count method; LTMP, AS-ViT and ATS with
+batching="masked").
 """
 
 from __future__ import annotations

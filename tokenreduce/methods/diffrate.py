@@ -203,12 +203,12 @@ def similarity_merged(
     prefix first) stay; each later token joins the stayer whose feature x is most similar (cosine
     of the post-residual tokens; prefix tokens never receive one).
 
-    x: plain mean of the destination and the tokens joining it (`scatter_reduce` "mean", sizes
-    ignored, as the official code). size: s_dst + Σ s_src · sim_src, with sim_src the joining
-    token's best cosine similarity (official "optimize proportional attention"). source: OR.
-    position: the members' mean weighted by their sizes before this merge, or with
-    `destination_positions` the destination's. Sizes must be explicit. Output [B, keep, ...],
-    the stayers in input order.
+    x: plain mean of the destination and the tokens joining it (the official `scatter_reduce`
+    "mean", sizes ignored; here their sum over their count). size: s_dst + Σ s_src · sim_src,
+    with sim_src the joining token's best cosine similarity (official "optimize proportional
+    attention"). source: OR. position: the members' mean weighted by their sizes before this
+    merge, or with `destination_positions` the destination's. Sizes must be explicit. Output
+    [B, keep, ...], the stayers in input order.
     """
     x, size = tokens.x, tokens.size
     node_max, node_idx = most_similar_stayer(x, num_prefix, keep)
@@ -232,7 +232,12 @@ def similarity_merged(
     if tokens.owner is not None:
         stay = torch.arange(keep, device=x.device).expand(x.shape[0], -1)
         owner = follow(tokens.owner, torch.cat([stay, node_idx], dim=1))
-    return Tokens(merged(x, x[:, keep:], "mean"), new_size, source, tokens.valid, position, owner)
+    # the mean as sum / members: ONNX has no scatter "mean" (an exported one was wrong)
+    members = merged(
+        x.new_ones(x.shape[0], x.shape[1], 1), x.new_ones(x.shape[0], x.shape[1] - keep, 1), "sum"
+    )
+    mean = merged(x, x[:, keep:], "sum") / members
+    return Tokens(mean, new_size, source, tokens.valid, position, owner)
 
 
 @register

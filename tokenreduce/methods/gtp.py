@@ -146,7 +146,9 @@ def token_graph(
     normed = patches / patches.norm(dim=-1, keepdim=True)
     similarity = normed @ normed.transpose(-1, -2)
     kth = count - num_neighbours if num_prefix else count - 1 - num_neighbours
-    threshold = similarity.kthvalue(kth, dim=-1, keepdim=True).values
+    # the kth smallest is the (count - kth + 1)-th largest: a short top-k (which ONNX has,
+    # unlike kthvalue)
+    threshold = similarity.topk(count - kth + 1, dim=-1).values[..., -1:]
     one, zero = similarity.new_ones(()), similarity.new_zeros(())
     semantic = torch.where(similarity >= threshold, one, zero)
     semantic = semantic - torch.eye(count, dtype=dtype, device=x.device)
