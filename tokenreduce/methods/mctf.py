@@ -433,11 +433,11 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         fused: bool,
     ) -> torch.Tensor:
         """The cosine similarities of A x B tokens (C channels) where the block fuses any. Before
-        the attention (one_step_ahead 1, 2) also the probe, the block's attention on its N
-        unfused tokens (every attention linear but the output projection, and the N^2 scores),
-        less (one_step_ahead 1) the N'^2 scores its attention on the fused tokens skips; its
-        attention's product with the values is over the N unfused tokens where it pools them by
-        weight (`PooledAttention`), N^2 rather than N'^2."""
+        the attention (one_step_ahead 1, 2) also the probe, the block's q and k on its N unfused
+        tokens and their N^2 scores; one_step_ahead 1 then saves the N'^2 scores and the q, k
+        projections of the block's attention on the N' fused tokens (it reads only their
+        values), and that attention's product with the values is over the N unfused tokens where
+        it pools them by weight (`PooledAttention`), N^2 rather than N'^2."""
         return n_in.new_tensor([self._overhead(int(n), dims, step) for n in n_in.tolist()])
 
     def _overhead(self, n: int, dims: ModelDims, r: int | float) -> int:
@@ -445,11 +445,12 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         macs = 0
         if count and self.tau_sim:
             macs += ((n + 1) // 2) * (n // 2) * dims.embed_dim
+        query_key = 2 * dims.attn_dim * dims.embed_dim  # the q and k projections of one token
         if self.one_step_ahead:
-            probe_linear = dims.attn_linear_macs_per_token - dims.attn_dim * dims.embed_dim
-            macs += n * probe_linear + n * n * dims.attn_dim
+            macs += n * query_key + n * n * dims.attn_dim
         if self.one_step_ahead == 1:
-            macs -= (n - count) ** 2 * dims.attn_dim
-            if self.pooling_type != 2:  # the pooled attention weighs the N values (N^2, not N'^2)
-                macs += (n * n - (n - count) ** 2) * dims.attn_dim
+            fused = n - count
+            macs -= fused * query_key + fused**2 * dims.attn_dim
+            if self.pooling_type != 2:
+                macs += (n * n - fused**2) * dims.attn_dim
         return macs

@@ -40,6 +40,8 @@ __all__ = [
     "AttentionSpec",
     "attend",
     "gpu_path",
+    "packed_heads",
+    "packed_rows",
     "project_output",
     "split_heads",
 ]
@@ -98,6 +100,16 @@ class AttentionCall:
         (packed or masked batching) would need a sync to learn them."""
         return self.layout is not None or self.valid is None
 
+    @property
+    def projections(self) -> tuple[bool, bool, bool]:
+        """Which of q, k, v the attention reads: v alone with given probabilities, q and k for a
+        probe (v too where the method reads the values), else all three."""
+        if self.probs is not None:
+            return (False, False, True)
+        if self.probe:
+            return (True, True, "values" in self.needs)
+        return (True, True, True)
+
     def counts(self, batch: int, length: int) -> list[int]:
         """Real tokens per image (of a ragged or unpadded batch)."""
         return self.layout.counts if self.layout is not None else [length] * batch
@@ -150,14 +162,14 @@ def attend(
     Returns the attention output [B, N, H * d] (with a ragged layout: the flat [M, H * d] rows of
     the real tokens; None for a probe) and the by-products.
     """
+    dropout = spec.dropout
+    if call.probs is not None:
+        return attend_given(call.probs, v, call, dropout), AttentionOutputs(fused=False)
     flat = q.dim() == 3
     if flat:
         batch, tokens, heads = call.layout.batch, call.layout.length, q.shape[1]
     else:
         batch, heads, tokens, _ = q.shape
-    dropout = spec.dropout
-    if call.probs is not None:
-        return attend_given(call.probs, v, call, dropout), AttentionOutputs(fused=False)
     bias = call.bias
     if bias is not None and bias.dtype != q.dtype:  # autocast: q in the lower precision
         bias = bias.to(q.dtype)
@@ -187,10 +199,13 @@ def attend(
     )
     metric_keys = k if metric_keys is None else metric_keys
     if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
-        q, k, v, metric_keys = (
-            call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
-            for t in (q, k, v, metric_keys)
-        )
+
+        def padded(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:  # a projection this call does not read
+                return None
+            return call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
+
+        q, k, v, metric_keys = map(padded, (q, k, v, metric_keys))
         flat = False
     if fused_by_image:
         rows, cls_attn = fused_attention_by_image(
@@ -299,6 +314,34 @@ def split_heads(
     if call.layout is not None:
         return list(heads)
     return [t.transpose(1, 2) for t in heads]
+
+
+def packed_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, wanted: tuple[bool, ...]
+) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    """The parts first..last - 1 of a packed projection (weight [parts * a, C]) that cover the
+    `wanted` ones, and the weight and bias rows (views) that project them."""
+    first = wanted.index(True)
+    last = len(wanted) - wanted[::-1].index(True)
+    rows = weight.shape[0] // len(wanted)
+    window = slice(first * rows, last * rows)
+    return first, last, weight[window], None if bias is None else bias[window]
+
+
+def packed_heads(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    call: AttentionCall,
+    head_dim: int,
+) -> list[torch.Tensor | None]:
+    """q, k, v of a packed projection (weight [3 a, C]: timm's qkv, open_clip's in_proj) split
+    into heads as `split_heads`, computing only those `call.projections` asks for (None for the
+    others): given attention probabilities need v alone, a probe q and k."""
+    wanted = call.projections
+    first, last, weight, bias = packed_rows(weight, bias, wanted)
+    heads = split_heads(F.linear(x, weight, bias), call, head_dim, last - first)
+    return [None] * first + heads + [None] * (len(wanted) - last)
 
 
 def project_output(

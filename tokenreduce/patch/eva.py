@@ -23,7 +23,13 @@ from torch import nn
 from tokenreduce.dims import ModelDims
 from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
-from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, project_output
+from tokenreduce.patch.attention import (
+    AttentionCall,
+    AttentionSpec,
+    attend,
+    packed_rows,
+    project_output,
+)
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.grids import strict_patch_embed_size
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
@@ -184,32 +190,32 @@ class EvaAdapter(ModelAdapter):
 
 def project_qkv(
     attn: nn.Module, x: torch.Tensor, call: AttentionCall
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """q, k, v [B, heads, N, d] as EvaAttention / AttentionRope compute them (k and v with the
-    k/v heads of grouped-query attention), padded when x is the flat tokens of a ragged batch."""
+    k/v heads of grouped-query attention), padded when x is the flat tokens of a ragged batch;
+    only those `call.projections` asks for (None for the others)."""
     pad = call.layout.pad if call.layout is not None else (lambda y: y)
+    wanted = call.projections
     if attn.qkv is not None:
         q_bias = getattr(attn, "q_bias", None)
-        if q_bias is None:
-            qkv = attn.qkv(x)
+        bias = attn.qkv.bias if q_bias is None else torch.cat((q_bias, attn.k_bias, attn.v_bias))
+        first, last, weight, bias = packed_rows(attn.qkv.weight, bias, wanted)
+        if q_bias is not None and attn.qkv_bias_separate:
+            qkv = F.linear(x, weight)
+            qkv += bias
         else:
-            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
-            if attn.qkv_bias_separate:
-                qkv = attn.qkv(x)
-                qkv += bias
-            else:
-                qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+            qkv = F.linear(x, weight, bias)
         qkv = pad(qkv)
         batch, tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
+        parts = qkv.reshape(batch, tokens, last - first, attn.num_heads, -1)
+        heads = list(parts.permute(2, 0, 3, 1, 4).unbind(0))
+        return tuple([None] * first + heads + [None] * (len(wanted) - last))
     kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
-    q, k, v = pad(attn.q_proj(x)), pad(attn.k_proj(x)), pad(attn.v_proj(x))
-    batch, tokens, _ = q.shape
-    return (
-        q.reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2),
-        k.reshape(batch, tokens, kv_heads, -1).transpose(1, 2),
-        v.reshape(batch, tokens, kv_heads, -1).transpose(1, 2),
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    heads = (attn.num_heads, kv_heads, kv_heads)
+    return tuple(
+        pad(projection(x)).unflatten(-1, (count, -1)).transpose(1, 2) if needed else None
+        for projection, count, needed in zip(projections, heads, wanted, strict=True)
     )
 
 
@@ -222,19 +228,21 @@ def attention_forward(
     The merging metric (`key_mean`) is the keys before rotation: the tokens' content, so that two
     similar patches far apart are still similar (their merged position is handled separately).
     """
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
     q, k, v = project_qkv(attn, x, call)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if q is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
     metric_keys = k
-    if call.rope is not None:
+    if call.rope is not None and q is not None:
         npt = attn.num_prefix_tokens
         half = getattr(attn, "rotate_half", False)
+        dtype = q.dtype
         rotated_q = apply_rot_embed_cat(q[:, :, npt:, :], call.rope, half=half)
         rotated_k = apply_rot_embed_cat(k[:, :, npt:, :], call.rope, half=half)
-        q = torch.cat([q[:, :, :npt, :], rotated_q], dim=2).type_as(v)
-        k = torch.cat([k[:, :, :npt, :], rotated_k], dim=2).type_as(v)
+        q = torch.cat([q[:, :, :npt, :], rotated_q], dim=2).to(dtype)
+        k = torch.cat([k[:, :, :npt, :], rotated_k], dim=2).to(dtype)
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v = (None if t is None else t.repeat_interleave(groups, dim=1) for t in (k, v))
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call, metric_keys=metric_keys)
     return project_output(attn, out, gate), byproducts

@@ -364,7 +364,10 @@ class HFAdapter(ModelAdapter):
         attn = getattr(block, family.attention)
         hidden = getattr(block, family.norm_before)(x)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        q, k, v = (split_heads(proj(hidden), call, attn.head_dim)[0] for proj in projections)
+        q, k, v = (
+            split_heads(proj(hidden), call, attn.head_dim)[0] if wanted else None
+            for proj, wanted in zip(projections, call.projections, strict=True)
+        )
         out, byproducts = attend(attention_spec(attn), q, k, v, call)
         if call.probe:
             return x, byproducts

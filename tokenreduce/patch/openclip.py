@@ -25,7 +25,7 @@ from torch import nn
 from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
-from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
+from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, packed_heads
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_images
@@ -178,8 +178,8 @@ class OpenCLIPAdapter(ModelAdapter):
         self, block: nn.Module, x: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         attn = block.attn
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = split_heads(qkv, call, attn.head_dim, 3)
+        x_norm = block.ln_1(x)
+        q, k, v = packed_heads(attn.in_proj_weight, attn.in_proj_bias, x_norm, call, attn.head_dim)
         spec = AttentionSpec(True, attn.head_dim**-0.5, attn.dropout if attn.training else 0.0)
         out, byproducts = attend(spec, q, k, v, call)
         if call.probe:

@@ -22,8 +22,8 @@ from tokenreduce.patch.attention import (
     AttentionCall,
     AttentionSpec,
     attend,
+    packed_heads,
     project_output,
-    split_heads,
 )
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
 from tokenreduce.patch.engine import check_plain_forward
@@ -306,8 +306,9 @@ def attention_forward(
     With a ragged `call.layout`, x is the flat [M, C] real tokens; the linear layers run on them,
     q, k, v go to `attend` as flat rows (by-products come back padded, the output flat).
     """
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    q, k, v = split_heads(attn.qkv(x), call, attn.head_dim, 3)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
+    q, k, v = packed_heads(attn.qkv.weight, attn.qkv.bias, x, call, attn.head_dim)
+    if q is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
