@@ -199,13 +199,10 @@ def attend(
     )
     metric_keys = k if metric_keys is None else metric_keys
     if flat and not fused_by_image and not (by_image and call.needs <= {"received", "key_mean"}):
-
-        def padded(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:  # a projection this call does not read
-                return None
-            return call.layout.pad(t.flatten(1)).unflatten(-1, t.shape[1:]).transpose(1, 2)
-
-        q, k, v, metric_keys = map(padded, (q, k, v, metric_keys))
+        # (None: a projection this call does not read)
+        q, k, v, metric_keys = (
+            None if t is None else padded_heads(t, call.layout) for t in (q, k, v, metric_keys)
+        )
         flat = False
     if fused_by_image:
         rows, cls_attn = fused_attention_by_image(
@@ -265,7 +262,7 @@ def attend(
     if "values" in call.needs:
         values = v
         if flat:  # the method reads them per image: [B, H, N, d] like the rest of its inputs
-            values = call.layout.pad(v.flatten(1)).unflatten(-1, v.shape[1:]).transpose(1, 2)
+            values = padded_heads(v, call.layout)
     byproducts = AttentionOutputs(
         cls_attn=cls_attn,
         key_mean=key_mean,
@@ -292,7 +289,7 @@ def attend_given(
     probs [B, H, N, N] (or pooled ones, applied without forming them unless dropout acts on
     them) and values v [B, H, N, d] (ragged: flat [M, H, d] rows)."""
     if v.dim() == 3:
-        v = call.layout.pad(v.flatten(1)).unflatten(-1, v.shape[1:]).transpose(1, 2)
+        v = padded_heads(v, call.layout)
     if isinstance(probs, PooledAttention) and not dropout:
         out = probs.attend(v)
     else:
@@ -302,6 +299,11 @@ def attend_given(
     batch, heads, tokens, head_dim = v.shape
     out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     return out if call.layout is None else call.layout.unpad(out)
+
+
+def padded_heads(rows: torch.Tensor, layout: RaggedLayout) -> torch.Tensor:
+    """The flat [M, H, d] rows of a ragged batch's real tokens as [B, H, N, d], padded."""
+    return layout.pad(rows.flatten(1)).unflatten(-1, rows.shape[1:]).transpose(1, 2)
 
 
 def split_heads(
