@@ -223,24 +223,29 @@ class TuneResult:
         )
 
 
-def speedup_spread(timing: bench.Timing) -> float:
-    """The spread of the measured speedup, reported with it: the half-width of the range that
-    holds 95% of the per-round speedups (dense / reduced of the same round and input), 1.96
-    sigma, with sigma from their interquartile range (IQR / 1.349) so that one disturbed round
-    does not dominate. The rounds of one timing share the machine's state, and a separate run
-    later moves by more than their standard error: by up to about this much."""
+def _round_sigma(timing: bench.Timing) -> float:
+    """The standard deviation of the per-round speedups (dense / reduced of the same round and
+    input), from their interquartile range (IQR / 1.349) so that one disturbed round does not
+    dominate; 0 with fewer than two rounds."""
     ratios = [d / r for d, r in zip(timing.dense, timing.reduced, strict=True)]
     if len(ratios) < 2:
         return 0.0
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")
-    return ROUND_RANGE * (quartiles[2] - quartiles[0]) / 1.349
+    return (quartiles[2] - quartiles[0]) / 1.349
+
+
+def speedup_spread(timing: bench.Timing) -> float:
+    """The spread of the measured speedup, reported with it: the half-width of the range that
+    holds 95% of the rounds, 1.96 sigma (`_round_sigma`). The rounds of one timing share the
+    machine's state, and a separate run later moves by more than their standard error: by up
+    to about this much."""
+    return ROUND_RANGE * _round_sigma(timing)
 
 
 def speedup_standard_error(timing: bench.Timing) -> float:
     """The standard error of the median per-round speedup, 1.253 sigma / sqrt(rounds): how
     precisely this timing places the speedup, which the search uses to decide and to stop."""
-    sigma = speedup_spread(timing) / ROUND_RANGE
-    return 1.253 * sigma / math.sqrt(max(len(timing.dense), 1))
+    return 1.253 * _round_sigma(timing) / math.sqrt(max(len(timing.dense), 1))
 
 
 def fidelity(

@@ -233,9 +233,8 @@ def similarity_merged(
         stay = torch.arange(keep, device=x.device).expand(x.shape[0], -1)
         owner = follow(tokens.owner, torch.cat([stay, node_idx], dim=1))
     # the mean as sum / members: ONNX has no scatter "mean" (an exported one was wrong)
-    members = merged(
-        x.new_ones(x.shape[0], x.shape[1], 1), x.new_ones(x.shape[0], x.shape[1] - keep, 1), "sum"
-    )
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)
+    members = merged(ones, ones[:, keep:], "sum")
     mean = merged(x, x[:, keep:], "sum") / members
     return Tokens(mean, new_size, source, tokens.valid, position, owner)
 

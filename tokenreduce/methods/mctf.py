@@ -25,7 +25,12 @@ from tokenreduce.methods.base import (
 )
 from tokenreduce.methods.steps import Tokens, carried
 from tokenreduce.ops.attention import PooledAttention
-from tokenreduce.ops.merging import interleave_destinations, order_index, prefix_first_order
+from tokenreduce.ops.merging import (
+    interleave_destinations,
+    order_index,
+    prefix_first_order,
+    reduce_by_destination,
+)
 from tokenreduce.ops.owners import follow
 from tokenreduce.state import AttentionOutputs, TokenState
 
@@ -174,14 +179,7 @@ def fuse_rows_by(
     """The N entries of y [B, ...] along `dim` reduced into their N' outputs ("sum" or
     "amax"): y [B, N, C] -> [B, N', C] (dim 1); attention [B, H, N, N] over keys (dim 3) or
     queries (dim 2)."""
-    shape = [1] * y.dim()
-    shape[0], shape[dim] = y.shape[0], y.shape[dim]
-    index = fusion.destination.view(shape).expand_as(y)
-    size = list(y.shape)
-    size[dim] = fusion.num_out
-    if reduce == "sum":
-        return y.new_zeros(size).scatter_add_(dim, index, y)
-    return y.new_full(size, -math.inf).scatter_reduce_(dim, index, y, reduce=reduce)
+    return reduce_by_destination(y, fusion.destination, fusion.num_out, reduce, dim)
 
 
 def pooling_weight(

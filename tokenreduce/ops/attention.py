@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from tokenreduce.ops.merging import reduce_by_destination
 from tokenreduce.ops.packing import cached_index
 
 __all__ = [
@@ -283,12 +284,7 @@ class PooledAttention(NamedTuple):
 
     def _pool(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
         """rows [B, H, N, M] (dim 2) or [B, H, M, N] (dim 3) summed into the N' outputs."""
-        shape = [rows.shape[0], 1, 1, 1]
-        shape[dim] = rows.shape[dim]
-        index = self.destination.view(shape).expand_as(rows)
-        size = list(rows.shape)
-        size[dim] = self.num_out
-        return rows.new_zeros(size).scatter_add_(dim, index, rows)
+        return reduce_by_destination(rows, self.destination, self.num_out, dim=dim)
 
     def _row_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's weight [B, 1, N, 1] and each output's total [B, 1, N', 1]."""

@@ -30,6 +30,7 @@ __all__ = [
     "most_similar_stayer",
     "order_index",
     "prefix_first_order",
+    "reduce_by_destination",
     "rows_in_order",
     "split_rows",
     "split_size_column",
@@ -194,6 +195,22 @@ def interleave_destinations(
     destination[:, ::2] = destination_a
     destination[:, 1::2] = destination_b
     return destination
+
+
+def reduce_by_destination(
+    y: torch.Tensor, destination: torch.Tensor, num_out: int, reduce: str = "sum", dim: int = 1
+) -> torch.Tensor:
+    """The N entries of y [B, ...] along `dim` reduced ("sum" or "amax") into the `num_out`
+    outputs that `destination` [B, N] names: [B, N, C] -> [B, N', C] (dim 1); attention
+    [B, H, N, N] over keys (dim 3) or queries (dim 2)."""
+    shape = [1] * y.dim()
+    shape[0], shape[dim] = y.shape[0], y.shape[dim]
+    index = destination.view(shape).expand_as(y)
+    size = list(y.shape)
+    size[dim] = num_out
+    if reduce == "sum":
+        return y.new_zeros(size).scatter_add_(dim, index, y)
+    return y.new_full(size, -math.inf).scatter_reduce_(dim, index, y, reduce=reduce)
 
 
 @cached_index
