@@ -21,16 +21,18 @@ from torch import nn
 
 from tokenreduce.api import describe
 from tokenreduce.errors import InvalidOptionError, InvalidTypeError, MissingFileError
-from tokenreduce.methods.base import MethodConfig
+from tokenreduce.methods.base import MethodConfig, check_bool
 from tokenreduce.patch import attached_engine
 from tokenreduce.patch.attention import gpu_path
 
 __all__ = [
     "FORMATS",
+    "MAX_DIFFERENCE",
     "MIN_OPSET",
     "ONNX_PACKAGES",
     "TRANSLATIONS",
     "check_exportable",
+    "check_file",
     "check_onnx_packages",
     "check_suffix",
     "export",
@@ -49,6 +51,9 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 MIN_OPSET = 18
 """The oldest ONNX opset written (the translations below use opset-18 operators)."""
+
+MAX_DIFFERENCE = 1e-4
+"""The largest absolute difference (float32) accepted between a written file and PyTorch."""
 
 
 def check_exportable(config: MethodConfig) -> None:
@@ -174,9 +179,11 @@ def export(
     images: torch.Tensor | None = None,
     opset: int = MIN_OPSET,
     max_batch: int = 4096,
+    check: bool = True,
 ) -> Path:
     """Write the model (reduced or dense) to `path`: .onnx (ONNX, opset `opset`) or .pt2 (a
     torch.export ExportedProgram, `torch.export.load` reads it). The batch dimension is dynamic.
+    The file is loaded back and checked against PyTorch (`check_file`) unless `check` is False.
 
     Args:
         model: a model in eval mode, reduced by a static reduction or not reduced.
@@ -184,6 +191,8 @@ def export(
         images: example input [B, 3, H, W] (default: random images of the model's input size).
         opset: the ONNX opset (at least `MIN_OPSET`).
         max_batch: the largest batch the exported model accepts.
+        check: compare the file's outputs with PyTorch's on `images` (and on its first image)
+            and raise when they differ by more than `MAX_DIFFERENCE`; ONNX needs onnxruntime.
     Returns the path written.
     """
     path = Path(path)
@@ -192,11 +201,41 @@ def export(
         raise InvalidOptionError(
             f"export: opset={opset!r} is not accepted; accepted: an int >= {MIN_OPSET}"
         )
-    program = exported_program(model, images, max_batch)
+    check_bool("export", "check", check)
+    if check and path.suffix == ".onnx":
+        check_onnx_packages(f"export to {path} with check=True")
+    example = _example(model, images)
+    program = exported_program(model, example, max_batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".pt2":
         torch.export.save(program, path)
-        return path
+    else:
+        _write_onnx(program, path, opset)
+    logger.info("wrote %s (%s)", path, FORMATS[path.suffix])
+    if check:
+        difference = check_file(path, model, example)
+        logger.info("%s: max abs difference to PyTorch %.3g", path, difference)
+    return path
+
+
+def check_file(path: str | Path, model: nn.Module, images: torch.Tensor) -> float:
+    """The largest absolute difference between the written file, loaded back (ONNX Runtime on
+    the CPU for .onnx, `torch.export.load` for .pt2), and the model in PyTorch, on `images` and
+    on its first image alone (the batch dimension is dynamic).
+
+    Raises RuntimeError when it exceeds `MAX_DIFFERENCE`: the exporter or our translation of the
+    model is wrong, not the caller's input; the file is left for inspection."""
+    compare = onnx_max_difference if Path(path).suffix == ".onnx" else program_max_difference
+    difference = max(compare(path, model, batch) for batch in (images, images[:1]))
+    if not difference <= MAX_DIFFERENCE:
+        raise RuntimeError(
+            f"{path} differs from PyTorch by {difference:.3g} > {MAX_DIFFERENCE:g}; the file is "
+            "left for inspection"
+        )
+    return difference
+
+
+def _write_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) -> None:
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as err:
@@ -213,8 +252,6 @@ def export(
         custom_translation_table=TRANSLATIONS,
         verbose=False,
     )
-    logger.info("wrote %s (%s)", path, FORMATS[path.suffix])
-    return path
 
 
 def onnx_max_difference(path: str | Path, model: nn.Module, images: torch.Tensor) -> float:

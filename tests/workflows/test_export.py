@@ -101,3 +101,25 @@ def test_bad_export_arguments_are_one_line(tmp_path):
         export(model, tmp_path / "m.onnx", images=torch.randn(3, 64, 64))
     with pytest.raises(InvalidOptionError, match=r"training mode; accepted: model.eval\(\)"):
         export(model.train(), tmp_path / "m.onnx")
+
+
+class _TracedDifferently(torch.nn.Module):
+    """Adds 1 only while torch.export traces it: its exported file is wrong by exactly 1."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3)) + (1.0 if torch.compiler.is_exporting() else 0.0)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_export_refuses_a_file_that_differs_from_pytorch_and_leaves_it(suffix, tmp_path):
+    path = tmp_path / f"wrong{suffix}"
+    images = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match=r"differs from PyTorch by 1 > 0.0001; the file is left"):
+        export(_TracedDifferently().eval(), path, images)
+    assert path.exists()
+    assert export(_TracedDifferently().eval(), path, images, check=False) == path
+
+
+def test_export_check_must_be_a_bool(tmp_path):
+    with pytest.raises(InvalidOptionError, match=r"export: option check='no' must be True or"):
+        export(_TracedDifferently(), tmp_path / "m.pt2", torch.randn(2, 3, 8, 8), check="no")
