@@ -30,7 +30,8 @@ MethodSpec = tuple[str, dict[str, Any]]
 def parse_method(spec: str) -> MethodSpec:
     """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
 
-    Values are Python literals; a value that is none (e.g. a file path) is taken as a string.
+    Values are Python literals, and true/false in any case are booleans (as shells and YAML
+    write them); any other value (e.g. a file path) is taken as a string.
     The name and options are checked against the method's config (`make_config`). A recipe file
     (`tokenreduce tune --out`) gives its method and options; the commands check that it was
     tuned for their model once it is loaded.
@@ -51,12 +52,18 @@ def parse_method(spec: str) -> MethodSpec:
             raise InvalidOptionError(f"method option {item!r} in {spec!r} is not key=value")
         if key.strip() in options:
             raise InvalidOptionError(f"method option {key.strip()!r} is given twice in {spec!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
+        options[key.strip()] = _option_value(value.strip())
     make_config(name, **options)
     return name, options
+
+
+def _option_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _split_top_level(text: str) -> list[str]:

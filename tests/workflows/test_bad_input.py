@@ -385,3 +385,13 @@ def test_a_model_with_more_classes_than_the_dataset_is_named_in_a_warning(tmp_pa
     with caplog.at_level(logging.WARNING, logger="tokenreduce"):
         evaluate(model, [], dataset, "tiny", progress=False)
     assert "predicts 5 classes and the dataset has 2" in caplog.text
+
+
+def test_method_options_take_true_and_false_in_any_case():
+    from tokenreduce.options import parse_method
+
+    for spec in ("gtp:token_scale=false", "gtp:token_scale=FALSE", "gtp:token_scale=False"):
+        assert parse_method(spec) == ("gtp", {"token_scale": False})
+    assert parse_method("tome:prop_attn=true") == ("tome", {"prop_attn": True})
+    with pytest.raises(InvalidOptionError, match=r"token_scale='no' must be True or False"):
+        parse_method("gtp:token_scale=no")
