@@ -21,6 +21,8 @@ class ModelDims:
     num_heads: int
     head_dim: int
     attn_dim: int
+    key_dim: int
+    """Width of the keys (and of the values): attn_dim, or fewer with grouped-query attention."""
     num_prefix: int
     num_patches: int
     has_class_token: bool

@@ -139,6 +139,21 @@ def assert_total_gmacs_match(model: torch.nn.Module, counted: float) -> None:
     assert abs(analytic - counted) / counted < 0.01, (analytic, counted)
 
 
+def test_gmacs_match_flop_counter_with_grouped_query_attention():
+    """The probe's k projection is counted at the keys' width (2 key heads for 6 query heads)."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    model = Eva(
+        img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=6, attn_type="rope",
+        num_kv_heads=2, qkv_fused=False, num_classes=10, use_rot_pos_emb=True,
+    ).eval()  # fmt: skip
+    tokenreduce.apply(model, "mctf")
+    counted = counted_gmacs(model, torch.randn(1, 3, 64, 64))
+    analytic = tokenreduce.flops.gmacs(model, tokenreduce.last_info(model)).mean_total
+    assert abs(counted - analytic) / analytic < 0.002, (counted, analytic)
+
+
 def test_gmacs_match_flop_counter_on_transformers_and_open_clip():
     transformers = pytest.importorskip("transformers")
     from torch.utils.flop_counter import FlopCounterMode

@@ -443,7 +443,8 @@ class MCTFConfig(MethodConfig[BlockRecord]):
         macs = 0
         if count and self.tau_sim:
             macs += ((n + 1) // 2) * (n // 2) * dims.embed_dim
-        query_key = 2 * dims.attn_dim * dims.embed_dim  # the q and k projections of one token
+        # the q and k projections of one token (k narrower with grouped-query attention)
+        query_key = (dims.attn_dim + dims.key_dim) * dims.embed_dim
         if self.one_step_ahead:
             macs += n * query_key + n * n * dims.attn_dim
         if self.one_step_ahead == 1:

@@ -100,6 +100,7 @@ class EvaAdapter(ModelAdapter):
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,
             attn_dim=attn.num_heads * attn.head_dim,
+            key_dim=getattr(attn, "num_kv_heads", attn.num_heads) * attn.head_dim,
             num_prefix=model.num_prefix_tokens,
             num_patches=model.patch_embed.num_patches,
             has_class_token=model.cls_token is not None,
