@@ -21,8 +21,6 @@ class ModelDims:
     num_heads: int
     head_dim: int
     attn_dim: int
-    key_dim: int
-    """Width of the keys (and of the values): attn_dim, or fewer with grouped-query attention."""
     num_prefix: int
     num_patches: int
     has_class_token: bool
@@ -44,6 +42,13 @@ class ModelDims:
     """(rows, columns) of its patch grid."""
     rotary: bool = False
     """Whether its attention rotates queries and keys by token position (RoPE)."""
+    key_dim: int | None = None
+    """Width of the keys (and of the values): narrower than attn_dim with grouped-query
+    attention; None means attn_dim (filled in on construction)."""
+
+    def __post_init__(self) -> None:
+        if self.key_dim is None:
+            object.__setattr__(self, "key_dim", self.attn_dim)
 
     @property
     def num_tokens(self) -> int:

@@ -31,7 +31,8 @@ def parse_method(spec: str) -> MethodSpec:
     """'tome:r=13,prop_attn=False' -> ('tome', {'r': 13, 'prop_attn': False}).
 
     Values are Python literals, and true/false in any case are booleans (as shells and YAML
-    write them); any other value (e.g. a file path) is taken as a string.
+    write them); any other value (e.g. a file path) is taken as a string (quote a file named
+    true or false: 'true').
     The name and options are checked against the method's config (`make_config`). A recipe file
     (`tokenreduce tune --out`) gives its method and options; the commands check that it was
     tuned for their model once it is loaded.

@@ -120,6 +120,12 @@ def test_export_refuses_a_file_that_differs_from_pytorch_and_leaves_it(suffix, t
     assert export(_TracedDifferently().eval(), path, images, check=False) == path
 
 
-def test_export_check_must_be_a_bool(tmp_path):
+def test_export_check_must_be_a_bool_and_needs_a_float32_model(tmp_path):
     with pytest.raises(InvalidOptionError, match=r"export: option check='no' must be True or"):
         export(_TracedDifferently(), tmp_path / "m.pt2", torch.randn(2, 3, 8, 8), check="no")
+    model = tokenreduce.apply(small(), "tome", r=3).half()
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"in float32 and the model is torch.float16; accepted: a float32 model, or check=F",
+    ):
+        export(model, tmp_path / "m.pt2")

@@ -18,7 +18,7 @@ from tokenreduce.exporting import (
     MAX_DIFFERENCE,
     MIN_OPSET,
     check_exportable,
-    check_file,
+    check_exported,
     check_onnx_packages,
     check_suffix,
     export,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     path = export(model, args.out, images, opset=args.opset or MIN_OPSET, check=False)
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({FORMATS[path.suffix]}, {size_mb:.1f} MB): {args.model}, {described}")
-    difference = check_file(path, model, images)
+    difference = check_exported(path, model, images)
     checked_in = "ONNX Runtime (CPU)" if onnx else "torch.export.load"
     print(
         f"max abs difference to PyTorch: {difference:.3g} ({checked_in}, {len(images)} real "

@@ -297,7 +297,6 @@ class HFAdapter(ModelAdapter):
             num_heads=heads,
             head_dim=head_dim,
             attn_dim=heads * head_dim,
-            key_dim=heads * head_dim,
             num_prefix=num_prefix,
             num_patches=grid[0] * grid[1],
             has_class_token=num_prefix > 0,

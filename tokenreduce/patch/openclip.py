@@ -118,7 +118,6 @@ class OpenCLIPAdapter(ModelAdapter):
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,
             attn_dim=width,
-            key_dim=width,
             num_prefix=1,
             num_patches=rows * cols,
             has_class_token=True,

@@ -245,7 +245,6 @@ class TimmAdapter(ModelAdapter):
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,
             attn_dim=attn.attn_dim,
-            key_dim=attn.attn_dim,
             num_prefix=model.num_prefix_tokens,
             num_patches=model.patch_embed.num_patches,
             has_class_token=model.cls_token is not None,
