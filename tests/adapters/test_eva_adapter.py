@@ -319,3 +319,20 @@ def test_a_missing_optional_extra_is_named(monkeypatch):
         TypeError, match=r"optional extra 'fake': pip install 'tokenreduce\[fake\]'"
     ):
         tokenreduce.apply(model, "tome")
+
+
+def test_key_heads_that_differ_by_block_are_refused_in_one_line():
+    from timm.models.eva import Eva
+
+    from tokenreduce.errors import UnsupportedModelError
+
+    model = Eva(
+        img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=6, attn_type="rope",
+        num_kv_heads=(6, 2, 6), qkv_fused=False, num_classes=10, use_rot_pos_emb=True,
+    ).eval()  # fmt: skip
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^Eva with key heads that differ by block \(num_kv_heads=\(6, 2, 6\)\) is not "
+        r"supported; accepted: the same num_kv_heads in every block$",
+    ):
+        tokenreduce.apply(model, "tome", r=2)

@@ -84,6 +84,14 @@ class EvaAdapter(ModelAdapter):
                 f"{type(model).__name__} with patch dropout (patch_drop_rate > 0) is not "
                 "supported; accepted: patch_drop_rate=0"
             )
+        # the GMACs model reads one block's widths for every block
+        key_heads = [getattr(b.attn, "num_kv_heads", b.attn.num_heads) for b in model.blocks]
+        if len(set(key_heads)) > 1:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with key heads that differ by block "
+                f"(num_kv_heads={tuple(key_heads)}) is not supported; accepted: the same "
+                "num_kv_heads in every block"
+            )
 
     @classmethod
     def fixed_input_size(cls, model: nn.Module) -> tuple[int, int] | None:
