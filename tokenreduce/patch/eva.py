@@ -85,7 +85,7 @@ class EvaAdapter(ModelAdapter):
                 "supported; accepted: patch_drop_rate=0"
             )
         # the GMACs model reads one block's widths for every block
-        key_heads = [getattr(b.attn, "num_kv_heads", b.attn.num_heads) for b in model.blocks]
+        key_heads = [_key_heads(block.attn) for block in model.blocks]
         if len(set(key_heads)) > 1:
             raise UnsupportedModelError(
                 f"{type(model).__name__} with key heads that differ by block "
@@ -108,7 +108,7 @@ class EvaAdapter(ModelAdapter):
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,
             attn_dim=attn.num_heads * attn.head_dim,
-            key_dim=getattr(attn, "num_kv_heads", attn.num_heads) * attn.head_dim,
+            key_dim=_key_heads(attn) * attn.head_dim,
             num_prefix=model.num_prefix_tokens,
             num_patches=model.patch_embed.num_patches,
             has_class_token=model.cls_token is not None,
@@ -197,6 +197,12 @@ class EvaAdapter(ModelAdapter):
         }
 
 
+def _key_heads(attn: nn.Module) -> int:
+    """The attention's key (and value) heads: fewer than its query heads with grouped-query
+    attention (timm's `num_kv_heads`, AttentionRope only)."""
+    return getattr(attn, "num_kv_heads", attn.num_heads)
+
+
 def project_qkv(
     attn: nn.Module, x: torch.Tensor, call: AttentionCall
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -219,7 +225,7 @@ def project_qkv(
         parts = qkv.reshape(batch, tokens, last - first, attn.num_heads, -1)
         heads = list(parts.permute(2, 0, 3, 1, 4).unbind(0))
         return tuple([None] * first + heads + [None] * (len(wanted) - last))
-    kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    kv_heads = _key_heads(attn)
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     heads = (attn.num_heads, kv_heads, kv_heads)
     return tuple(
