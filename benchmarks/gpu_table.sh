@@ -25,8 +25,13 @@ static=(
   --method tome:r=13 --method evit:keep_rate=0.7 --method topk:keep_rate=0.7 --method ppt
   --method bat --method ltmp:merge_thresholds=0.95,prune_thresholds=0.005,batching=masked
   --method asvit:thresholds=0.6,batching=masked
+  --method pitome --method diffrate --method mctf --method tofu --method gtp
+  --method ats:batching=masked
 )
-ragged=(--method ltmp:merge_thresholds=0.95,prune_thresholds=0.005 --method asvit:thresholds=0.6)
+ragged=(
+  --method ltmp:merge_thresholds=0.95,prune_thresholds=0.005 --method asvit:thresholds=0.6
+  --method ats
+)
 timing=(--device "$device" $amp --num-warm-iter 3 --num-bench-iter 20 --results-format json)
 for model in "${models[@]}"; do
   python3 -m tokenreduce bench -m "$model" --weights random -b "${batches[@]}" "${timing[@]}" \
