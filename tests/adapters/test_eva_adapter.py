@@ -10,10 +10,12 @@ import pytest
 import timm
 import torch
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+from timm.models.eva import Eva
 
 import tokenreduce
 from tests.adapters.test_flops import counted_gmacs
 from tests.conftest import apply_unless_refused, tiny_vit
+from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable
 
 DEPTH = 3
@@ -322,10 +324,6 @@ def test_a_missing_optional_extra_is_named(monkeypatch):
 
 
 def test_key_heads_that_differ_by_block_are_refused_in_one_line():
-    from timm.models.eva import Eva
-
-    from tokenreduce.errors import UnsupportedModelError
-
     model = Eva(
         img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=6, attn_type="rope",
         num_kv_heads=(6, 2, 6), qkv_fused=False, num_classes=10, use_rot_pos_emb=True,
