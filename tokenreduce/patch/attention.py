@@ -33,6 +33,7 @@ from tokenreduce.ops.attention import (
     sparsify_attention,
 )
 from tokenreduce.ops.packing import RaggedLayout
+from tokenreduce.patch.calls import run
 from tokenreduce.state import AttentionOutputs
 
 __all__ = [
@@ -354,7 +355,7 @@ def project_output(
     probe)."""
     if out is None:
         return None
-    out = attn.norm(out)
+    out = run(attn.norm, out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return run(attn.proj_drop, run(attn.proj, out))

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from timm.layers import Attention, AttentionPoolLatent, PatchEmbed
+from timm.layers import Attention, AttentionPoolLatent, Mlp, PatchEmbed
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -26,6 +26,7 @@ from tokenreduce.patch.attention import (
     project_output,
 )
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.calls import plain_call, run
 from tokenreduce.patch.engine import check_plain_forward
 from tokenreduce.patch.grids import (
     check_images,
@@ -275,13 +276,14 @@ class TimmAdapter(ModelAdapter):
     def attention_half(
         self, block: nn.Module, x: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, AttentionOutputs]:
-        out, byproducts = attention_forward(block.attn, block.norm1(x), call)
+        out, byproducts = attention_forward(block.attn, run(block.norm1, x), call)
         if call.probe:
             return x, byproducts
-        return x + block.drop_path1(block.ls1(out)), byproducts
+        return x + run(block.drop_path1, run(block.ls1, out)), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        out = mlp_forward(block.mlp, run(block.norm2, x))
+        return x + run(block.drop_path2, run(block.ls2, out))
 
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
@@ -309,6 +311,14 @@ def attention_forward(
     gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
     q, k, v = packed_heads(attn.qkv.weight, attn.qkv.bias, x, call, attn.head_dim)
     if q is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = run(attn.q_norm, q), run(attn.k_norm, k)
     out, byproducts = attend(AttentionSpec.of_timm(attn), q, k, v, call)
     return project_output(attn, out, gate), byproducts
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)`; timm's `Mlp` runs its own forward's layers through `run`."""
+    if type(mlp) is not Mlp or not plain_call(mlp):
+        return mlp(x)
+    x = run(mlp.drop1, run(mlp.act, run(mlp.fc1, x)))
+    return run(mlp.drop2, run(mlp.fc2, run(mlp.norm, x)))
