@@ -15,6 +15,7 @@ from tokenreduce import data, train
 from tokenreduce.data import ImageFolder
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
+from tokenreduce.methods import ltmp
 from tokenreduce.methods.ltmp import LTMPConfig
 from tokenreduce.ops.attention import received_attention
 from tokenreduce.ops.packing import pack_kept
@@ -113,19 +114,20 @@ def test_every_batching_mode_gives_each_image_its_result_alone(method, batching,
     assert len(set(gmacs.tolist())) > 1  # per-image GMACs
 
 
+@pytest.mark.parametrize("prune", [0.05, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_ltmp_one_image_path_equals_the_slot_maps_bit_for_bit(name, dtype, monkeypatch):
+def test_ltmp_one_image_path_equals_the_slot_maps_bit_for_bit(name, dtype, prune, monkeypatch):
     """One image on the CPU takes LTMP's one-image merge (in place, then gathered); with it
     turned off, the batched slot maps. Tokens, sizes and records are the same bit for bit, with
-    one and with two prefix tokens."""
+    one and with two prefix tokens, and where every patch token is pruned but the best."""
     model = peaky_vit(name, dtype=dtype)
     image = torch.randn(1, 3, 64, 64, dtype=dtype)
-    options = {"merge_thresholds": 0.1, "prune_thresholds": 0.05}
+    options = {"merge_thresholds": 0.1, "prune_thresholds": prune}
     calls = []
-    one_image = LTMPConfig.reduce_one_image
+    one_image = ltmp.merge_and_prune_one_image
     monkeypatch.setattr(
-        LTMPConfig, "reduce_one_image", lambda *args: calls.append(1) or one_image(*args)
+        ltmp, "merge_and_prune_one_image", lambda *args: calls.append(1) or one_image(*args)
     )
     fast, fast_info = reduced_forward(model, image, "ltmp", **options)
     assert len(calls) == len(model.blocks)

@@ -26,7 +26,6 @@ from tokenreduce.methods.learned import (
     ThresholdValues,
     check_threshold_values,
 )
-from tokenreduce.methods.steps import Tokens, kept_rows
 from tokenreduce.ops.merging import (
     bipartite_scores,
     mean_position,
@@ -43,7 +42,13 @@ from tokenreduce.ops.selection import keep_best_
 from tokenreduce.ops.thresholds import threshold_mask
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["LTMPConfig", "LTMPRecord", "best_partners", "merge_into_partners"]
+__all__ = [
+    "LTMPConfig",
+    "LTMPRecord",
+    "best_partners",
+    "merge_and_prune_one_image",
+    "merge_into_partners",
+]
 
 
 def best_partners(
@@ -71,6 +76,60 @@ def merge_into_partners(
         moving = y_a.masked_fill(weight.unsqueeze(-1) <= 0, -math.inf)
         y_b = y_b.scatter_reduce(1, index, moving, reduce="amax")
     return torch.cat([y_a, y_b], dim=1)
+
+
+def merge_and_prune_one_image(
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    importance: torch.Tensor,
+    key_mean: torch.Tensor,
+    merge_threshold: float,
+    prune_threshold: float,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """LTMP's inference merge, then prune, of one image in as few operations as it takes: at
+    batch 1 on a CPU each costs more than its arithmetic.
+
+    Each A token (even positions) whose best cosine similarity to a B token (odd positions) is
+    above `merge_threshold` is added into that token, which takes the larger importance of the
+    two; then a token stays when its importance is above `prune_threshold`, the prefix always,
+    and the best patch token when no other would (docs/methods.md §1.6). The merged A rows are
+    added into their partners' rows in place, then the kept rows are gathered once: the same
+    values bit for bit as `LTMPConfig.reduce`'s batched slot maps (each B row: its own row, then
+    the A rows merged into it in row order).
+
+    x: [1, N, C]; size: [1, N, 1] (None: every size 1); importance: [1, N] the attention each
+    token receives; key_mean: [1, N, d]. Returns x [1, M, C] and size [1, M, 1] in the order
+    [prefix, other A tokens, other B tokens], the number of tokens merged and pruned.
+    """
+    num_tokens = x.shape[1]
+    similarity, partner = best_partners(key_mean, num_prefix, None)
+    merge, partner, importance = similarity[0] > merge_threshold, partner[0], importance[0]
+    importance_a = importance[::2]
+    importance_b = importance[1::2].scatter_reduce(
+        0, partner, torch.where(merge, importance_a, -math.inf), reduce="amax"
+    )
+    importance = torch.cat([importance_a.masked_fill(merge, -math.inf), importance_b])
+    num_a = merge.shape[0]
+    importance.narrow(0, 0, math.ceil(num_prefix / 2)).fill_(math.inf)
+    order = prefix_first_order(num_tokens, num_a, num_prefix)
+    if order is not None:  # prefix tokens at odd positions are in B
+        importance.narrow(0, num_a, num_prefix // 2).fill_(math.inf)
+        importance = importance[order_index(order, x.device)]
+    keep = importance > prune_threshold  # merged away (-inf) never stays
+    weighted = with_size_column(x, size)[0]  # a new tensor: merged into in place
+    moving = merge.nonzero().squeeze(1)
+    weighted[1::2].index_add_(
+        0, partner.index_select(0, moving), weighted[::2].index_select(0, moving)
+    )
+    kept = keep.nonzero().squeeze(1)
+    if kept.shape[0] == num_prefix:  # no patch token kept: the best one stays
+        keep = keep_best_(keep.unsqueeze(0), importance.unsqueeze(0), num_prefix)[0]
+        kept = keep.nonzero().squeeze(1)
+    rows = rows_in_order(num_tokens, order, x.device).index_select(0, kept)
+    x, size = split_size_column(weighted.index_select(0, rows).unsqueeze(0))
+    merged = moving.shape[0]
+    return x, size, merged, num_tokens - kept.shape[0] - merged
 
 
 @dataclass(frozen=True)
@@ -153,6 +212,21 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             zero = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             overflow = None if self.max_tokens is None else zero
             return x, state, LTMPRecord(overflow=overflow, merged=zero, pruned=zero)
+        if self.one_image_on_cpu(x, state):
+            x, size, merged, pruned = merge_and_prune_one_image(
+                x,
+                state.size,
+                attn.received,
+                attn.key_mean,
+                step["merge_thresholds"],
+                step["prune_thresholds"],
+                prefix,
+            )
+            counts = torch.tensor([[merged], [pruned]])
+            state = state.with_tokens(
+                size=size, source=None, valid=None, mask=None, position=None, owner=None
+            )
+            return x, state, LTMPRecord(merged=counts[0], pruned=counts[1])
         valid = None if soft else state.valid
         # each op costs tens of microseconds at batch 1, so the decisions stay on small [B, N]
         # maps and every C-wide row moves once
@@ -227,8 +301,6 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
             return x, state, LTMPRecord()
 
         keep = prune  # importance -inf (merged away, padding) is never above a finite threshold
-        if self.one_image_on_cpu(x, state):
-            return self.reduce_one_image(x, state, merge, partner, keep, importance, order)
         keep_best_(keep, importance, prefix)  # the best patch token stays (docs/methods.md §1.6)
         batch, num_tokens = x.shape[:2]
         packing, overflow = self.pack(keep, importance, prefix, state.batching)
@@ -278,53 +350,18 @@ class LTMPConfig(LearnedConfig[LTMPRecord]):
         return x, state, record
 
     def one_image_on_cpu(self, x: torch.Tensor, state: TokenState) -> bool:
-        """Whether the inference `reduce` takes `reduce_one_image`: one image on the CPU, not
-        masked (static shapes) and nothing traced (sources, positions, owners)."""
+        """Whether `reduce` takes `merge_and_prune_one_image`: inference on one image on the CPU,
+        not masked (static shapes) and nothing traced (sources, positions, owners)."""
         return (
             x.shape[0] == 1
             and x.device.type == "cpu"
+            and state.mask is None
             and not state.batching.static
             and state.valid is None
             and state.source is None
             and state.position is None
             and state.owner is None
         )
-
-    def reduce_one_image(
-        self,
-        x: torch.Tensor,
-        state: TokenState,
-        merge: torch.Tensor,
-        partner: torch.Tensor,
-        keep: torch.Tensor,
-        importance: torch.Tensor,
-        order: tuple[int, ...] | None,
-    ) -> tuple[torch.Tensor, TokenState, LTMPRecord]:
-        """The merge and prune of `reduce` for one image on the CPU, untraced and not masked:
-        the merged A rows are added into their partners' B rows in place, then the kept rows
-        are gathered. x: [1, N, C]; merge, partner: [1, N_A]; keep, importance: [1, N] in
-        output order.
-
-        The same values bit for bit as the batched slot maps (each B row: its own row, then the
-        A rows merged into it in row order), in about half as many operations, which at batch 1
-        cost more than their arithmetic."""
-        num_tokens = x.shape[1]
-        weighted = with_size_column(x, state.size)  # a new tensor: merged into in place
-        rows_a, rows_b = weighted[0, ::2], weighted[0, 1::2]
-        moving = merge[0].nonzero().squeeze(1)
-        rows_b.index_add_(0, partner[0].index_select(0, moving), rows_a.index_select(0, moving))
-        kept = keep[0].nonzero().squeeze(1)
-        if kept.shape[0] == state.num_prefix:  # no patch token kept: the best one stays
-            kept = keep_best_(keep, importance, state.num_prefix)[0].nonzero().squeeze(1)
-        rows = rows_in_order(num_tokens, order, x.device).index_select(0, kept)
-        # the size rides as x's last column, so that one gather moves both; nothing else is
-        # carried on this path
-        tokens = kept_rows(Tokens(weighted, None, None, None, None, None), rows.unsqueeze(0))
-        x, size = split_size_column(tokens.x)
-        merged = moving.shape[0]
-        counts = torch.tensor([[merged], [num_tokens - kept.shape[0] - merged]])
-        state = tokens._replace(x=x, size=size).in_state(state)
-        return x, state, LTMPRecord(merged=counts[0], pruned=counts[1])
 
     def overhead_macs(
         self, n_in: torch.Tensor, dims: ModelDims, step: Step, record: LTMPRecord, fused: bool
