@@ -13,9 +13,9 @@ import tokenreduce
 from tests.conftest import make_image_folder, peaky_vit, reduced_forward, tiny_vit
 from tokenreduce import data, train
 from tokenreduce.data import ImageFolder
+from tokenreduce.methods import ltmp
 from tokenreduce.methods.base import make_config
 from tokenreduce.methods.learned import ThresholdParameters, write_threshold_file
-from tokenreduce.methods import ltmp
 from tokenreduce.methods.ltmp import LTMPConfig
 from tokenreduce.ops.attention import received_attention
 from tokenreduce.ops.packing import pack_kept
