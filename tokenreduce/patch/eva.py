@@ -31,6 +31,7 @@ from tokenreduce.patch.attention import (
     project_output,
 )
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.calls import run
 from tokenreduce.patch.grids import strict_patch_embed_size
 from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_module
 from tokenreduce.patch.timm import (
@@ -144,21 +145,21 @@ class EvaAdapter(ModelAdapter):
             out, byproducts = attention_forward(block.attn, x, call)
             if call.probe:
                 return x, byproducts
-            return x + block.drop_path1(block.norm1(out)), byproducts
-        out, byproducts = attention_forward(block.attn, block.norm1(x), call)
+            return x + run(block.drop_path1, run(block.norm1, out)), byproducts
+        out, byproducts = attention_forward(block.attn, run(block.norm1, x), call)
         if call.probe:
             return x, byproducts
         if block.gamma_1 is not None:
             out = block.gamma_1 * out
-        return x + block.drop_path1(out), byproducts
+        return x + run(block.drop_path1, out), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(block, EvaBlockPostNorm):
-            return x + block.drop_path2(block.norm2(block.mlp(x)))
-        out = block.mlp(block.norm2(x))
+            return x + run(block.drop_path2, run(block.norm2, run(block.mlp, x)))
+        out = run(block.mlp, run(block.norm2, x))
         if block.gamma_2 is not None:
             out = block.gamma_2 * out
-        return x + block.drop_path2(out)
+        return x + run(block.drop_path2, out)
 
     def rotary(
         self, index: int, state: TokenState, rotary: RotaryTable, moved: bool
@@ -229,7 +230,7 @@ def project_qkv(
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     heads = (attn.num_heads, kv_heads, kv_heads)
     return tuple(
-        pad(projection(x)).unflatten(-1, (count, -1)).transpose(1, 2) if needed else None
+        pad(run(projection, x)).unflatten(-1, (count, -1)).transpose(1, 2) if needed else None
         for projection, count, needed in zip(projections, heads, wanted, strict=True)
     )
 
@@ -246,7 +247,7 @@ def attention_forward(
     gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
     q, k, v = project_qkv(attn, x, call)
     if q is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = run(attn.q_norm, q), run(attn.k_norm, k)
     metric_keys = k
     if call.rope is not None and q is not None:
         npt = attn.num_prefix_tokens

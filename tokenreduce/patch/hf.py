@@ -34,6 +34,7 @@ from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, split_heads
 from tokenreduce.patch.base import ModelAdapter, linear_macs
+from tokenreduce.patch.calls import run
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_images
 from tokenreduce.patch.pooling import pooling_weights, weighted_mean
@@ -362,29 +363,29 @@ class HFAdapter(ModelAdapter):
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         family = self.family
         attn = getattr(block, family.attention)
-        hidden = getattr(block, family.norm_before)(x)
+        hidden = run(getattr(block, family.norm_before), x)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         q, k, v = (
-            split_heads(proj(hidden), call, attn.head_dim)[0] if wanted else None
+            split_heads(run(proj, hidden), call, attn.head_dim)[0] if wanted else None
             for proj, wanted in zip(projections, call.projections, strict=True)
         )
         out, byproducts = attend(attention_spec(attn), q, k, v, call)
         if call.probe:
             return x, byproducts
-        out = getattr(attn, family.out_proj)(out)
+        out = run(getattr(attn, family.out_proj), out)
         return x + self.residual(block, out, family.scale_before), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         family = self.family
-        out = block.mlp(getattr(block, family.norm_after)(x))
+        out = run(block.mlp, run(getattr(block, family.norm_after), x))
         return x + self.residual(block, out, family.scale_after)
 
     def residual(self, block: nn.Module, out: torch.Tensor, scale: str | None) -> torch.Tensor:
         """A residual branch after its LayerScale and dropout / drop path."""
         if scale is not None:
-            out = getattr(block, scale)(out)
+            out = run(getattr(block, scale), out)
         if self.family.residual_drop is not None:
-            out = getattr(block, self.family.residual_drop)(out)
+            out = run(getattr(block, self.family.residual_drop), out)
         return out
 
     def reduced_modules(self, model: nn.Module) -> list[nn.Module]:

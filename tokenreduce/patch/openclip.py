@@ -27,6 +27,7 @@ from tokenreduce.errors import InvalidOptionError, UnsupportedModelError
 from tokenreduce.patch.attach import engine_of
 from tokenreduce.patch.attention import AttentionCall, AttentionSpec, attend, packed_heads
 from tokenreduce.patch.base import ModelAdapter, check_block_types, linear_macs
+from tokenreduce.patch.calls import run
 from tokenreduce.patch.engine import Engine
 from tokenreduce.patch.grids import check_images
 from tokenreduce.patch.pooling import (
@@ -178,16 +179,16 @@ class OpenCLIPAdapter(ModelAdapter):
         self, block: nn.Module, x: torch.Tensor, call: AttentionCall
     ) -> tuple[torch.Tensor, AttentionOutputs]:
         attn = block.attn
-        x_norm = block.ln_1(x)
+        x_norm = run(block.ln_1, x)
         q, k, v = packed_heads(attn.in_proj_weight, attn.in_proj_bias, x_norm, call, attn.head_dim)
         spec = AttentionSpec(True, attn.head_dim**-0.5, attn.dropout if attn.training else 0.0)
         out, byproducts = attend(spec, q, k, v, call)
         if call.probe:
             return x, byproducts
-        return x + block.ls_1(attn.out_proj(out)), byproducts
+        return x + run(block.ls_1, run(attn.out_proj, out)), byproducts
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x + run(block.ls_2, run(block.mlp, run(block.ln_2, x)))
 
     @classmethod
     def reducing_members(cls, model_class: type[nn.Module]) -> dict[str, Callable]:
