@@ -28,23 +28,92 @@ def test_dropout_in_training_still_drops():
     assert (out == 0).any() and (out == 2).any()
 
 
-def test_a_hook_or_a_compiled_module_takes_the_module_call():
-    module = nn.Identity()
+def _forward_hook(module: nn.Module):
+    return module.register_forward_hook(lambda m, args, out: None)
+
+
+def _forward_pre_hook(module: nn.Module):
+    return module.register_forward_pre_hook(lambda m, args: None)
+
+
+def _backward_hook(module: nn.Module):
+    return module.register_full_backward_hook(lambda m, grad_in, grad_out: None)
+
+
+def _backward_pre_hook(module: nn.Module):
+    return module.register_full_backward_pre_hook(lambda m, grad_out: None)
+
+
+def _global_forward_hook(module: nn.Module):
+    return nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+
+
+def _global_forward_pre_hook(module: nn.Module):
+    return nn.modules.module.register_module_forward_pre_hook(lambda m, args: None)
+
+
+def _global_backward_hook(module: nn.Module):
+    return nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+
+
+def _global_backward_pre_hook(module: nn.Module):
+    return nn.modules.module.register_module_full_backward_pre_hook(lambda m, go: None)
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        _forward_hook,
+        _forward_pre_hook,
+        _backward_hook,
+        _backward_pre_hook,
+        _global_forward_hook,
+        _global_forward_pre_hook,
+        _global_backward_hook,
+        _global_backward_pre_hook,
+    ],
+)
+def test_any_hook_takes_the_module_call(register):
+    module = nn.Linear(3, 3)
     assert plain_call(module)
-    seen = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append(1))
-    assert not plain_call(module)
-    run(module, torch.zeros(3))
-    assert seen == [1]
-    handle.remove()
-    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(2))
+    handle = register(module)
     try:
         assert not plain_call(module)
     finally:
         handle.remove()
     assert plain_call(module)
+
+
+def test_a_forward_hook_sees_the_call_and_changes_the_output():
+    module = nn.Identity()
+    handle = module.register_forward_hook(lambda m, args, out: out + 1)
+    assert torch.equal(run(module, torch.zeros(3)), torch.ones(3))
+    handle.remove()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # still in torch
+def test_a_compiled_module_an_overridden_call_and_tracers_take_the_module_call():
+    module = nn.Linear(3, 3)
     module.compile()
     assert not plain_call(module)
+
+    class Wrapped(nn.Linear):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    assert not plain_call(Wrapped(3, 3))
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(plain_call(self))
+            return x
+
+    probe = Probe()
+    torch.jit.trace(probe, torch.zeros(3), check_trace=False)
+    torch.fx.symbolic_trace(probe)
+    assert seen == [False, False]
+    assert plain_call(probe)
 
 
 @pytest.mark.parametrize("method", ["tome", "ltmp"])
@@ -65,15 +134,15 @@ def test_hooks_on_every_submodule_of_a_reduced_block_are_called(method):
             )
             for block in model.blocks
             for name, module in block.named_modules()
-            # q, k and v come from the packed projection's weights; attention drops no probability
-            if name not in ("", "attn", "attn.qkv", "attn.attn_drop")
+            # q, k and v come from the packed projection's weights; attention drops no
+            # probability; the MLP is left unhooked so that its layers run one by one
+            if name not in ("", "attn", "attn.qkv", "attn.attn_drop", "mlp")
         ]
         hooked = model(images)
     for handle in handles:
         handle.remove()
     tokenreduce.remove(model)
-    assert {"norm1", "ls1", "drop_path1", "mlp", "mlp.fc1", "mlp.drop2", "attn.proj_drop"} <= set(
-        seen
-    )
+    expected = {"norm1", "ls1", "drop_path1", "attn.proj_drop", "mlp.fc1", "mlp.act", "mlp.drop2"}
+    assert expected <= set(seen)
     assert all(count == len(model.blocks) for count in seen.values()), seen
     assert torch.equal(hooked, plain)

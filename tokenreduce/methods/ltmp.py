@@ -83,8 +83,8 @@ def merge_and_prune_one_image(
     size: torch.Tensor | None,
     importance: torch.Tensor,
     key_mean: torch.Tensor,
-    merge_threshold: float,
-    prune_threshold: float,
+    merge_threshold: float | torch.Tensor,
+    prune_threshold: float | torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """LTMP's inference merge, then prune, of one image in as few operations as it takes: at
@@ -113,7 +113,7 @@ def merge_and_prune_one_image(
     num_a = merge.shape[0]
     importance.narrow(0, 0, math.ceil(num_prefix / 2)).fill_(math.inf)
     order = prefix_first_order(num_tokens, num_a, num_prefix)
-    if order is not None:  # prefix tokens at odd positions are in B
+    if num_prefix > 1:  # prefix tokens at odd positions are in B
         importance.narrow(0, num_a, num_prefix // 2).fill_(math.inf)
         importance = importance[order_index(order, x.device)]
     keep = importance > prune_threshold  # merged away (-inf) never stays

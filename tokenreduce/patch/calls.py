@@ -7,7 +7,8 @@ about 1.3 µs of hook checks to each call, and an `nn.Dropout` outside training 
 return its input: some 40 µs per block of a timm ViT, as much as a dozen small tensor
 operations. `run` takes the same result by the shortest way, and `module(x)` itself wherever
 anything could see the difference: a hook on the module or a global one, a compiled module, a
-TorchScript trace.
+TorchScript trace, a tracer that replaces `nn.Module.__call__` (torch.fx, and with it
+`torch.export`, which record each module call).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from torch.nn.modules import module as torch_module
 
 __all__ = ["plain_call", "run"]
 
+_MODULE_CALL = nn.Module.__call__
+
 
 def plain_call(module: nn.Module) -> bool:
     """Whether `module(x)` is exactly `module.forward(x)`: no hook on the module or registered
-    globally, not compiled (`nn.Module.compile`), and no TorchScript trace running (the checks
-    of `nn.Module.__call__`)."""
+    globally, not compiled (`nn.Module.compile`), no TorchScript trace running (the checks of
+    `nn.Module.__call__`), and `__call__` itself neither overridden by the module's class nor
+    replaced by a tracer (torch.fx)."""
     return not (
-        module._forward_hooks
+        type(module).__call__ is not _MODULE_CALL
+        or module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks

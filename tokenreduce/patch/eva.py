@@ -37,6 +37,7 @@ from tokenreduce.patch.rope import RotaryPositions, RotaryTable, check_rotary_mo
 from tokenreduce.patch.timm import (
     attention_pool_facts,
     check_patch_embed,
+    mlp_forward,
     model_name,
     patch_embed_macs,
     reducing_forward_features,
@@ -155,8 +156,8 @@ class EvaAdapter(ModelAdapter):
 
     def mlp_half(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(block, EvaBlockPostNorm):
-            return x + run(block.drop_path2, run(block.norm2, run(block.mlp, x)))
-        out = run(block.mlp, run(block.norm2, x))
+            return x + run(block.drop_path2, run(block.norm2, mlp_forward(block.mlp, x)))
+        out = mlp_forward(block.mlp, run(block.norm2, x))
         if block.gamma_2 is not None:
             out = block.gamma_2 * out
         return x + run(block.drop_path2, out)
@@ -244,7 +245,7 @@ def attention_forward(
     The merging metric (`key_mean`) is the keys before rotation: the tokens' content, so that two
     similar patches far apart are still similar (their merged position is handled separately).
     """
-    gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
+    gate = run(attn.gate, x).sigmoid() if attn.gate is not None and not call.probe else None
     q, k, v = project_qkv(attn, x, call)
     if q is not None:
         q, k = run(attn.q_norm, q), run(attn.k_norm, k)

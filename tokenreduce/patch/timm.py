@@ -308,7 +308,7 @@ def attention_forward(
     With a ragged `call.layout`, x is the flat [M, C] real tokens; the linear layers run on them,
     q, k, v go to `attend` as flat rows (by-products come back padded, the output flat).
     """
-    gate = attn.gate(x).sigmoid() if attn.gate is not None and not call.probe else None
+    gate = run(attn.gate, x).sigmoid() if attn.gate is not None and not call.probe else None
     q, k, v = packed_heads(attn.qkv.weight, attn.qkv.bias, x, call, attn.head_dim)
     if q is not None:
         q, k = run(attn.q_norm, q), run(attn.k_norm, k)
@@ -319,6 +319,6 @@ def attention_forward(
 def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`mlp(x)`; timm's `Mlp` runs its own forward's layers through `run`."""
     if type(mlp) is not Mlp or not plain_call(mlp):
-        return mlp(x)
+        return run(mlp, x)
     x = run(mlp.drop1, run(mlp.act, run(mlp.fc1, x)))
     return run(mlp.drop2, run(mlp.fc2, run(mlp.norm, x)))
