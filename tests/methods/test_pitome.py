@@ -38,6 +38,7 @@ def images():
     return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
+@pytest.mark.parametrize("trace_source", [True, False])
 @pytest.mark.parametrize(
     ("case", "ratio", "class_token"),
     [
@@ -46,27 +47,56 @@ def images():
         ("pitome_nocls_r0.9125", None, False),
     ],
 )
-def test_pitome_matches_official(images, case, ratio, class_token):
-    """Token counts, every block's merges and token order, final sizes, the final tokens and
-    (with a class token) the logits. Without a class token the logits differ by design: the
-    official model pools the plain mean of its tokens, tokenreduce the size-weighted mean
-    (docs/methods.md §1.3), so the plain mean of the final tokens is compared instead."""
+def test_pitome_matches_official(images, case, ratio, class_token, trace_source):
+    """Token counts, every block's merges and token order (traced sources), final sizes, the
+    final tokens and (with a class token) the logits; with and without traced sources, which
+    take the two merge paths (`merged_tokens`; `pitome_rows` and `gather_and_add`). Without a
+    class token the logits differ by design: the official model pools the plain mean of its
+    tokens, tokenreduce the size-weighted mean (docs/methods.md §1.3), so the plain mean of the
+    final tokens is compared instead."""
     ref = load_file(RECORDED / f"{case}.safetensors")
     options = {} if ratio is None else {"ratio": ratio}
     model = fixture_model(class_token)
-    tokenreduce.apply(model, "pitome", trace_source=True, **options)
+    tokenreduce.apply(model, "pitome", trace_source=trace_source, **options)
     with torch.no_grad():
         features = model.forward_features(images)
         logits = model(images)
     info = tokenreduce.last_info(model)
     assert torch.equal(info.tokens_per_block, ref["tokens_per_block"])
-    for block in range(12):
+    for block in range(12 if trace_source else 0):
         owner = info.source_blk[block].to(torch.int8).argmax(dim=1)
         assert torch.equal(owner, ref[f"owner_blk{block}"].long()), f"block {block}"
     torch.testing.assert_close(info.final_size, ref["size_final"], atol=1e-12, rtol=0)
     torch.testing.assert_close(features.mean(dim=1), ref["features_mean"], atol=1e-10, rtol=0)
     if class_token:
         torch.testing.assert_close(logits, ref["logits"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("deit_tiny_patch16_224", {}),
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("deit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    ],
+)
+def test_the_two_merge_paths_agree_bit_for_bit(name, options, dtype, batch):
+    """Untraced, PiToMe takes its rows in output order at once (`pitome_rows`,
+    `gather_and_add`); with traced sources, the energy-ordered tokens and the matching
+    (`merged_tokens`). Logits, token counts and every block's sizes are the same bits, with
+    zero, one and two prefix tokens, in its bipartite and its protected blocks."""
+    model = tiny_vit(name, img_size=64, **options).to(dtype)
+    images = torch.randn(batch, 3, 64, 64, dtype=dtype)
+    lean, lean_info = reduced_forward(model, images, "pitome", ratio=0.8)
+    traced, info = reduced_forward(model, images, "pitome", ratio=0.8, trace_source=True)
+    assert torch.equal(lean, traced)
+    assert torch.equal(lean_info.tokens_per_block, info.tokens_per_block)
+    assert lean_info.tokens_per_block[0, -1] < info.tokens_in
+    for size, size_traced in zip(lean_info.sizes, info.sizes, strict=True):
+        assert (size is None) == (size_traced is None)
+        assert size is None or torch.equal(size, size_traced)
 
 
 def test_schedule_rules():

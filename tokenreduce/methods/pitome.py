@@ -15,12 +15,24 @@ import torch.nn.functional as F
 from tokenreduce.dims import ModelDims
 from tokenreduce.errors import InvalidOptionError
 from tokenreduce.methods.base import BlockRecord, MethodConfig, Strength, check_bool, register
-from tokenreduce.methods.steps import carried, kept_rows, merged_tokens
-from tokenreduce.ops.merging import Matching
+from tokenreduce.methods.steps import Tokens, carried, kept_rows, merged_tokens
+from tokenreduce.ops.merging import (
+    Matching,
+    gather_and_add,
+    split_size_column,
+    with_size_column,
+)
 from tokenreduce.ops.packing import cached_index
 from tokenreduce.state import AttentionOutputs, TokenState
 
-__all__ = ["PiToMeConfig", "PiToMeStep", "energy_order", "merge_count", "pitome_matching"]
+__all__ = [
+    "PiToMeConfig",
+    "PiToMeStep",
+    "energy_order",
+    "merge_count",
+    "pitome_matching",
+    "pitome_rows",
+]
 
 
 class PiToMeStep(NamedTuple):
@@ -122,6 +134,29 @@ def pitome_matching(
     return Matching(torch.cat([unmerged, prefix], dim=1), src_idx, dst_idx, permutation)
 
 
+def pitome_rows(
+    sim: torch.Tensor, order: torch.Tensor, r: int, num_prefix: int, bsm: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pitome_matching`'s merges as rows of the input sequence [prefix, T tokens]: the output's
+    rows in PiToMe's order (prefix, kept tokens, merge destinations), the merged rows and the
+    output row each is added into. Returns (kept [B, N - r], moving [B, r], slots [B, r])."""
+    batch, tokens = order.shape
+    rows = order + num_prefix
+    prefix = _prefix_rows(num_prefix, batch, order.device)
+    if bsm:
+        node_max, node_idx = _pair_scores(sim, order[:, ::2], order[:, 1::2]).max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+        rows_a = rows[:, ::2]
+        kept = torch.cat([prefix, rows_a.gather(1, edge_idx[:, r:]), rows[:, 1::2]], dim=1)
+        moving = rows_a.gather(1, edge_idx[:, :r])
+        slots = node_idx.gather(1, edge_idx[:, :r]) + (num_prefix + (tokens + 1) // 2 - r)
+        return kept, moving, slots
+    scores = _pair_scores(sim, order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2])
+    slots = scores.max(dim=-1).indices + (num_prefix + tokens - 2 * r)
+    kept = torch.cat([prefix, rows[:, 2 * r :], rows[:, 1 : 2 * r : 2]], dim=1)
+    return kept, rows[:, : 2 * r : 2], slots
+
+
 @cached_index
 def _range_rows(start: int, stop: int, batch: int, device: torch.device) -> torch.Tensor:
     """[B, stop - start]: start, ..., stop - 1 in every row."""
@@ -201,6 +236,12 @@ class PiToMeConfig(MethodConfig[BlockRecord]):
             return x, state, BlockRecord()
         # the matching is a decision: nothing in it takes a gradient
         order, sim = energy_order(attn.key_mean[:, num_prefix:].detach(), step.margin, self.alpha)
+        if state.source is None and state.position is None and state.owner is None:
+            # nothing but sizes to carry: every row taken in output order at once
+            kept, moving, slots = pitome_rows(sim, order, r, num_prefix, step.bsm)
+            weighted = gather_and_add(with_size_column(x, state.size), kept, moving, slots)
+            x, size = split_size_column(weighted)
+            return x, Tokens(x, size, None, None, None, None).in_state(state), BlockRecord()
         # the energy-ordered tokens first, the prefix after them: the official A/B split is by
         # parity in energy order, and the matching's order puts the prefix back in front
         rows = torch.cat([order + num_prefix, _prefix_rows(num_prefix, batch, x.device)], dim=1)

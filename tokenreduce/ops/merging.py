@@ -18,6 +18,7 @@ __all__ = [
     "Matching",
     "bipartite_scores",
     "bipartite_soft_matching",
+    "gather_and_add",
     "interleave_destinations",
     "matching_destinations",
     "max_merges",
@@ -161,6 +162,29 @@ def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
     if m.order is not None:
         out = out[:, order_index(m.order, out.device)]
     return out
+
+
+def gather_and_add(
+    y: torch.Tensor, kept: torch.Tensor, moving: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """Rows `kept` [B, K] of y [B, N, C], with the rows `moving` [B, r] of y added into the
+    output rows `slots` [B, r] (`index_add_` in the order of `moving`): [B, K, C].
+
+    A merge whose output order is known up front takes its rows in that order at once: one
+    gather for the kept rows, one for the moving ones, one addition, and no concatenation or
+    permutation after (each a copy of every row)."""
+    batch, tokens, channels = y.shape
+    if batch == 1:
+        out = y[0].index_select(0, kept[0])
+        out.index_add_(0, slots[0], y[0].index_select(0, moving[0]))
+        return out.unsqueeze(0)
+    flat = y.reshape(batch * tokens, channels)
+    first_rows = row_offsets(batch, tokens, 0, y.device)
+    out = flat.index_select(0, (kept + first_rows).view(-1))
+    width = kept.shape[1]
+    target = (slots + row_offsets(batch, width, 0, y.device)).view(-1)
+    out.index_add_(0, target, flat.index_select(0, (moving + first_rows).view(-1)))
+    return out.view(batch, width, channels)
 
 
 def matching_destinations(m: Matching, num_tokens: int) -> torch.Tensor:
