@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 import tokenreduce
 from tests.conftest import FIXTURES, pixels, reduced_forward, require_shared, tiny_vit
 from tokenreduce.errors import InvalidOptionError
-from tokenreduce.methods.pitome import PiToMeConfig, merge_count, output_order
+from tokenreduce.methods.pitome import (
+    PiToMeConfig,
+    merge_count,
+    output_order,
+    pitome_matching,
+    pitome_rows,
+)
+from tokenreduce.ops.merging import gather_and_add, merge_sum
+from tokenreduce.ops.packing import gather_rows
 from tokenreduce.patch.timm import TimmAdapter
 
 RECORDED = Path(__file__).parent / "fixtures"
@@ -48,8 +56,8 @@ def images():
     ],
 )
 def test_pitome_matches_official(images, case, ratio, class_token, trace_source):
-    """Token counts, every block's merges and token order (traced sources), final sizes, the
-    final tokens and (with a class token) the logits; with and without traced sources, which
+    """Token counts, every block's merges and token order (traced sources only), final sizes,
+    the final tokens and (with a class token) the logits; with and without traced sources, which
     take the two merge paths (`merged_tokens`; `pitome_rows` and `gather_and_add`). Without a
     class token the logits differ by design: the official model pools the plain mean of its
     tokens, tokenreduce the size-weighted mean (docs/methods.md §1.3), so the plain mean of the
@@ -97,6 +105,27 @@ def test_the_two_merge_paths_agree_bit_for_bit(name, options, dtype, batch):
     for size, size_traced in zip(lean_info.sizes, info.sizes, strict=True):
         assert (size is None) == (size_traced is None)
         assert size is None or torch.equal(size, size_traced)
+
+
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("prefix", [0, 1, 2, 3])
+def test_rows_in_output_order_equal_the_matching_bit_for_bit(prefix, bsm):
+    """`pitome_rows` + `gather_and_add` on the input rows [prefix, T tokens] against the generic
+    path (the tokens in energy order with the prefix last, `pitome_matching`, `merge_sum` and
+    its permutation): the same rows in the same order, each destination's additions in the same
+    order, for every r and both parities of T, one image and three."""
+    torch.manual_seed(prefix)
+    for tokens in range(4, 12):
+        for r in range(1, tokens // 2 + 1):
+            for batch in (1, 3):
+                sim = torch.randn(batch, tokens, tokens)
+                order = torch.rand(batch, tokens).argsort(dim=1)
+                y = torch.randn(batch, prefix + tokens, 5)
+                prefix_rows = torch.arange(prefix).expand(batch, prefix)
+                ordered = gather_rows(y, torch.cat([order + prefix, prefix_rows], dim=1))
+                generic = merge_sum(ordered, pitome_matching(sim, order, r, prefix, bsm))
+                lean = gather_and_add(y, *pitome_rows(sim, order, r, prefix, bsm))
+                assert torch.equal(lean, generic), (tokens, r, batch)
 
 
 def test_schedule_rules():
