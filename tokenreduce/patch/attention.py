@@ -232,15 +232,15 @@ def attend(
         if "cls_attn" in call.needs:
             cls_attn = class_attention_row(q, k, spec.scale, bias)
     else:
-        # the keys' heads copied row by row and read transposed by the product: a transposing
-        # copy of strided heads costs a third more (both the same bits)
-        keys = k.flatten(0, 1).transpose(-2, -1)
-        if bias is None:
-            scores = torch.bmm((q * spec.scale).flatten(0, 1), keys)
+        if bias is None:  # timm's own expression: the same bits as the model's attention
+            scores = (q * spec.scale) @ k.transpose(-2, -1)
         else:  # bias and scale inside the product: no extra pass over q or the N x N scores
+            # the keys' heads copied row by row and read transposed by the product: a
+            # transposing copy of strided heads costs a third more
+            keys = k.flatten(0, 1).transpose(-2, -1)
             bias_rows = bias.expand(batch, heads, 1, tokens).flatten(0, 1)
             scores = torch.baddbmm(bias_rows, q.flatten(0, 1), keys, alpha=spec.scale)
-        scores = scores.unflatten(0, (batch, heads))
+            scores = scores.unflatten(0, (batch, heads))
         if call.key_mask is None:
             full = scores.softmax(dim=-1)
         elif call.key_mask_softmax == "policy":
