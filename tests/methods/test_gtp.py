@@ -172,6 +172,21 @@ def test_sparsify_attention_zeroes_the_k_minus_one_smallest():
     assert sparsify_attention(attn, 0.99) is attn  # k = 0: nothing filtered
 
 
+def test_sparsify_attention_in_place_gives_the_same_bits_and_spares_attention_under_grad():
+    attn = torch.rand(2, 3, 7, 7).softmax(-1)
+    expected = sparsify_attention(attn, 0.6)
+    work = attn.clone()
+    assert sparsify_attention(work, 0.6, in_place=True) is work
+    assert torch.equal(work, expected)
+    graded = attn.clone().requires_grad_()
+    out = sparsify_attention(graded, 0.6, in_place=True)
+    assert out is not graded and torch.equal(graded.detach(), attn)
+    out.sum().backward()
+    assert torch.equal(
+        graded.grad, (attn >= attn.flatten(2).kthvalue(19, -1).values[..., None, None]).float()
+    )
+
+
 def test_sparsity_acts_in_blocks_that_do_not_reduce():
     model = tiny_vit("vit_tiny_patch16_224", depth=4, img_size=64)
     x = torch.randn(2, 3, 64, 64)

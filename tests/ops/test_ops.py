@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenreduce.ops import bipartite_soft_matching, class_attention_row, merge_wavg
+from tokenreduce.ops.attention import softmax_in_place
 from tokenreduce.ops.merging import merge_source
 
 
@@ -21,6 +22,23 @@ def test_fused_class_attention_equals_explicit_row(with_bias):
         logits = logits + bias
     explicit = logits.softmax(-1)[:, :, 0]
     torch.testing.assert_close(class_attention_row(q, k, scale, bias), explicit, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_softmax_in_place_gives_the_bits_of_softmax_and_keeps_autograd_inputs(dtype):
+    scores = torch.randn(2, 3, 33, 33).mul(6).to(dtype)
+    expected = scores.softmax(-1)
+    work = scores.clone()
+    assert softmax_in_place(work) is work
+    assert torch.equal(work, expected)
+    graded = scores.clone().requires_grad_()
+    out = softmax_in_place(graded)
+    assert out is not graded and torch.equal(out, expected)
+    out[..., 0].sum().backward()  # autograd still has what the backward needs
+    assert graded.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = scores.clone()
+        assert softmax_in_place(kept) is not kept and torch.equal(kept, scores)
 
 
 def reference_tome(metric, x, size, r, num_prefix):

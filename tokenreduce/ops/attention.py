@@ -25,13 +25,37 @@ __all__ = [
     "received_attention",
     "size_bias",
     "softmax_dtype",
+    "softmax_in_place",
     "sparsify_attention",
+    "writable",
 ]
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax precision for attention scores: at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def writable(scores: torch.Tensor) -> bool:
+    """Whether an attention helper may overwrite `scores`, a temporary its caller drops: nothing
+    records it for a gradient, no tracer is compiling the code and no autocast would change the
+    precision of the out-of-place op it replaces."""
+    return not (
+        (scores.requires_grad and torch.is_grad_enabled())
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled(scores.device.type)
+    )
+
+
+def softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
+    """scores.softmax(-1), over `scores` itself where `writable` allows (the same bits).
+
+    On a CPU each N x N buffer past the allocator's mmap threshold (32 MiB, e.g. 192 heads at
+    N >= 209) comes as fresh pages whose first writes cost more than the softmax itself.
+    """
+    if writable(scores):
+        return torch.softmax(scores, dim=-1, out=scores)
+    return scores.softmax(dim=-1)
 
 
 def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -143,11 +167,12 @@ def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6
     return attn.to(logits.dtype)
 
 
-def sparsify_attention(attn: torch.Tensor, sparsity: float) -> torch.Tensor:
+def sparsify_attention(attn: torch.Tensor, sparsity: float, in_place: bool = False) -> torch.Tensor:
     """GTP's attention sparsification (docs/methods.md §3.13): in each head, the probabilities
     below the k-th smallest of its N x N, k = int(N * N * (1 - sparsity)), become 0 (not
     renormalised), as the official code filters them. attn: [B, H, N, N] softmax probabilities;
-    returns a new tensor of the same shape (the input is left as it is). k = 0 filters nothing.
+    returns a tensor of the same shape: a new one, or with `in_place` (where `writable` allows)
+    attn itself. k = 0 filters nothing.
     """
     batch, heads, tokens, _ = attn.shape
     k = int(tokens * tokens * (1 - sparsity))
@@ -157,6 +182,8 @@ def sparsify_attention(attn: torch.Tensor, sparsity: float) -> torch.Tensor:
     # the largest of the k smallest is the k-th smallest; topk selects it faster than kthvalue
     smallest = flat.topk(k, dim=-1, largest=False, sorted=False).values
     threshold = smallest.amax(dim=-1, keepdim=True).unsqueeze(-1)  # [B, H, 1, 1]
+    if in_place and writable(attn):
+        return attn.masked_fill_(attn < threshold, 0)
     return attn * (attn >= threshold)
 
 

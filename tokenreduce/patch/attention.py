@@ -30,6 +30,7 @@ from tokenreduce.ops.attention import (
     policy_softmax,
     received_attention,
     softmax_dtype,
+    softmax_in_place,
     sparsify_attention,
 )
 from tokenreduce.ops.packing import RaggedLayout
@@ -242,13 +243,13 @@ def attend(
             scores = torch.baddbmm(bias_rows, q.flatten(0, 1), keys, alpha=spec.scale)
             scores = scores.unflatten(0, (batch, heads))
         if call.key_mask is None:
-            full = scores.softmax(dim=-1)
+            full = softmax_in_place(scores)
         elif call.key_mask_softmax == "policy":
             full = policy_softmax(scores, call.key_mask.to(scores.dtype))
         else:
             full = masked_softmax(scores, call.key_mask.to(scores.dtype))
         if call.sparsity is not None:
-            full = sparsify_attention(full, call.sparsity)
+            full = sparsify_attention(full, call.sparsity, in_place=True)
         out = None if call.probe else (F.dropout(full, dropout) if dropout else full) @ v
         if "cls_attn" in call.needs:
             cls_attn = full[:, :, 0].to(softmax_dtype(full.dtype))
