@@ -105,6 +105,20 @@ def output_order(num_tokens: int, r: int, num_prefix: int, bsm: bool) -> tuple[i
     return tuple(prefix + kept + list(range(b_start, b_start + r)))
 
 
+def _ranked_partners(
+    sim: torch.Tensor, order: torch.Tensor, r: int, bsm: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The merge decision that `pitome_matching` and `pitome_rows` express: each candidate A
+    token's best B partner (index into B) and, with bsm, the A tokens by descending best score
+    (stable). bsm: every A token is a candidate [B, ceil(T/2)]; otherwise the r A tokens among
+    the 2r highest-energy tokens [B, r], which all merge (rank None)."""
+    if bsm:
+        best, partner = _pair_scores(sim, order[:, ::2], order[:, 1::2]).max(dim=-1)
+        return partner, best.argsort(dim=-1, descending=True, stable=True)
+    scores = _pair_scores(sim, order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2])
+    return scores.max(dim=-1).indices, None
+
+
 def pitome_matching(
     sim: torch.Tensor, order: torch.Tensor, r: int, num_prefix: int, bsm: bool
 ) -> Matching:
@@ -117,14 +131,12 @@ def pitome_matching(
     tokens into its best B among them; the other T - 2r tokens are protected."""
     batch, tokens = order.shape
     device = order.device
-    if bsm:
-        node_max, node_idx = _pair_scores(sim, order[:, ::2], order[:, 1::2]).max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-        src_idx, unmerged = edge_idx[:, :r], edge_idx[:, r:]
-        dst_idx = node_idx.gather(-1, src_idx)
+    partner, rank = _ranked_partners(sim, order, r, bsm)
+    if rank is not None:
+        src_idx, unmerged = rank[:, :r], rank[:, r:]
+        dst_idx = partner.gather(-1, src_idx)
     else:
-        scores = _pair_scores(sim, order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2])
-        dst_idx = scores.max(dim=-1).indices
+        dst_idx = partner
         src_idx = _range_rows(0, r, batch, device)
         unmerged = _range_rows(r, (tokens + 1) // 2, batch, device)
     prefix = _prefix_rows_of_a(tokens, num_prefix, device).expand(batch, -1)
@@ -143,16 +155,14 @@ def pitome_rows(
     batch, tokens = order.shape
     rows = order + num_prefix
     prefix = _prefix_rows(num_prefix, batch, order.device)
-    if bsm:
-        node_max, node_idx = _pair_scores(sim, order[:, ::2], order[:, 1::2]).max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    partner, rank = _ranked_partners(sim, order, r, bsm)
+    if rank is not None:
         rows_a = rows[:, ::2]
-        kept = torch.cat([prefix, rows_a.gather(1, edge_idx[:, r:]), rows[:, 1::2]], dim=1)
-        moving = rows_a.gather(1, edge_idx[:, :r])
-        slots = node_idx.gather(1, edge_idx[:, :r]) + (num_prefix + (tokens + 1) // 2 - r)
+        kept = torch.cat([prefix, rows_a.gather(1, rank[:, r:]), rows[:, 1::2]], dim=1)
+        moving = rows_a.gather(1, rank[:, :r])
+        slots = partner.gather(1, rank[:, :r]) + (num_prefix + (tokens + 1) // 2 - r)
         return kept, moving, slots
-    scores = _pair_scores(sim, order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2])
-    slots = scores.max(dim=-1).indices + (num_prefix + tokens - 2 * r)
+    slots = partner + (num_prefix + tokens - 2 * r)
     kept = torch.cat([prefix, rows[:, 2 * r :], rows[:, 1 : 2 * r : 2]], dim=1)
     return kept, rows[:, : 2 * r : 2], slots
 

@@ -152,12 +152,11 @@ def merge_sum(y: torch.Tensor, m: Matching) -> torch.Tensor:
         first_rows = row_offsets(batch, tokens, 0, y.device)
         unmerged = torch.add(first_rows, m.unm_idx, alpha=2)
         rows = torch.cat([unmerged, odd_rows_of_batch(batch, tokens, y.device)], dim=1)
-        flat = y.reshape(batch * tokens, channels)
-        out = flat.index_select(0, rows.view(-1))
-        moving = flat.index_select(0, torch.add(first_rows, m.src_idx, alpha=2).view(-1))
+        moving = torch.add(first_rows, m.src_idx, alpha=2)
         kept = rows.shape[1]
-        target = (m.dst_idx + row_offsets(batch, kept, num_unmerged, y.device)).view(-1)
-        out.index_add_(0, target, moving)
+        target = m.dst_idx + row_offsets(batch, kept, num_unmerged, y.device)
+        flat = y.reshape(batch * tokens, channels)
+        out = _select_and_add(flat, rows.view(-1), moving.view(-1), target.view(-1))
         out = out.view(batch, kept, channels)
     if m.order is not None:
         out = out[:, order_index(m.order, out.device)]
@@ -175,16 +174,26 @@ def gather_and_add(
     permutation after (each a copy of every row)."""
     batch, tokens, channels = y.shape
     if batch == 1:
-        out = y[0].index_select(0, kept[0])
-        out.index_add_(0, slots[0], y[0].index_select(0, moving[0]))
-        return out.unsqueeze(0)
-    flat = y.reshape(batch * tokens, channels)
+        return _select_and_add(y[0], kept[0], moving[0], slots[0]).unsqueeze(0)
     first_rows = row_offsets(batch, tokens, 0, y.device)
-    out = flat.index_select(0, (kept + first_rows).view(-1))
     width = kept.shape[1]
-    target = (slots + row_offsets(batch, width, 0, y.device)).view(-1)
-    out.index_add_(0, target, flat.index_select(0, (moving + first_rows).view(-1)))
+    target = slots + row_offsets(batch, width, 0, y.device)
+    flat = y.reshape(batch * tokens, channels)
+    out = _select_and_add(
+        flat, (kept + first_rows).view(-1), (moving + first_rows).view(-1), target.view(-1)
+    )
     return out.view(batch, width, channels)
+
+
+def _select_and_add(
+    rows: torch.Tensor, kept: torch.Tensor, moving: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The rows `kept` [K] of rows [M, C], with the rows `moving` [r] added into the output rows
+    `target` [r] (`index_add_`, in the order of `moving`): [K, C]. A batch is one flat
+    [B * N, C] with each image's indices offset by its first row."""
+    out = rows.index_select(0, kept)
+    out.index_add_(0, target, rows.index_select(0, moving))
+    return out
 
 
 def matching_destinations(m: Matching, num_tokens: int) -> torch.Tensor:
