@@ -18,26 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tokenreduce
-from tests.conftest import FIXTURES, reduced_forward, require_shared, tiny_vit
+from tests.conftest import reduced_forward, tiny_vit
 from tokenreduce.methods.diffrate import PRESETS, DiffRateConfig, kept_counts
 
 OURS = Path(__file__).parent / "fixtures"
 SETTINGS = ["s2.9", "t1.0", "custom"]
-
-
-@pytest.fixture(scope="module")
-def fixture_model():
-    from timm import create_model
-
-    weights = require_shared(FIXTURES / "deit_tiny_random.safetensors")
-    model = create_model("deit_tiny_patch16_224", pretrained=False)
-    model.load_state_dict(load_file(weights))
-    return model.double().eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
 
 
 def recorded(name: str) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:

@@ -41,11 +41,6 @@ def fixture_model(class_token: bool) -> torch.nn.Module:
     return model.double().eval()
 
 
-@pytest.fixture(scope="module")
-def images():
-    return load_file(require_shared(FIXTURES / "images.safetensors"))["x"].double()
-
-
 @pytest.mark.parametrize("trace_source", [True, False])
 @pytest.mark.parametrize(
     ("case", "ratio", "class_token"),
