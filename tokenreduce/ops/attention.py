@@ -51,7 +51,7 @@ def softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
     """scores.softmax(-1), over `scores` itself where `writable` allows (the same bits).
 
     On a CPU each N x N buffer past the allocator's mmap threshold (32 MiB, e.g. 192 heads at
-    N >= 209) comes as fresh pages whose first writes cost more than the softmax itself.
+    N >= 210) comes as fresh pages whose first writes cost more than the softmax itself.
     """
     if writable(scores):
         return torch.softmax(scores, dim=-1, out=scores)
